@@ -1,0 +1,47 @@
+"""compressor: take a trained PyTorch model to a small, fast INT8 ONNX artifact, with a report."""
+
+from .data import DataSpec as DataSpec
+from .distillation import Distillation as Distillation
+from .errors import CompressorError as CompressorError
+from .errors import DataError as DataError
+from .errors import ExportError as ExportError
+from .errors import ModelError as ModelError
+from .errors import RecipeError as RecipeError
+from .errors import UserError as UserError
+from .export import export_onnx as export_onnx
+from .pipeline import Pipeline as Pipeline
+from .pipeline import PipelineResult as PipelineResult
+from .pipeline import RunContext as RunContext
+from .pipeline import State as State
+from .pruning import StructuredPruning as StructuredPruning
+from .quantization import Int8Quantization as Int8Quantization
+from .recipe import register_stage as register_stage
+from .report import Report as Report
+from .report import Row as Row
+from .sparsity import SparsityTraining as SparsityTraining
+from .stage import Stage as Stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressorError",
+    "DataError",
+    "DataSpec",
+    "Distillation",
+    "ExportError",
+    "Int8Quantization",
+    "ModelError",
+    "Pipeline",
+    "PipelineResult",
+    "RecipeError",
+    "Report",
+    "Row",
+    "RunContext",
+    "SparsityTraining",
+    "Stage",
+    "State",
+    "StructuredPruning",
+    "UserError",
+    "export_onnx",
+    "register_stage",
+]

@@ -1,0 +1,102 @@
+"""Recipes: the stage registry, and YAML/dict recipes <-> lists of stages.
+
+A recipe is ``{"stages": [{"structured_pruning": {"ratio": 0.5}}, ...]}``; each entry names
+one registered stage and its options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import RecipeError
+from .stage import Stage
+
+STAGES: dict[str, type[Stage]] = {}
+
+S = TypeVar("S", bound=type[Stage])
+
+
+def register_stage(name: str) -> Callable[[S], S]:
+    """Class decorator: make a stage available to recipes under ``name``."""
+
+    def register(cls: S) -> S:
+        if name in STAGES:
+            msg = f"a stage named {name!r} is already registered ({STAGES[name].__qualname__})"
+            raise RecipeError(msg)
+        STAGES[name] = cls
+        return cls
+
+    return register
+
+
+def stage_from_dict(name: str, options: Mapping[str, Any] | None = None) -> Stage:
+    """Build the registered stage ``name`` with ``options``."""
+    _load_builtin_stages()
+    if name not in STAGES:
+        msg = f"unknown stage {name!r} (allowed: {', '.join(STAGES)})"
+        raise RecipeError(msg)
+    if options is not None and not isinstance(options, Mapping):
+        msg = f"options of stage {name!r} must be a mapping (got: {options!r})"
+        raise RecipeError(msg)
+    return STAGES[name].from_dict(options)
+
+
+def stages_from_recipe(recipe: Mapping[str, Any]) -> list[Stage]:
+    """Turn a recipe mapping (``{"stages": [...]}``) into stages, validating every entry."""
+    if not isinstance(recipe, Mapping):
+        msg = f"a recipe must be a mapping with a 'stages' list (got: {type(recipe).__name__})"
+        raise RecipeError(msg)
+    unknown = sorted(set(recipe) - {"stages"})
+    if unknown:
+        msg = f"unknown recipe key {unknown[0]!r} (allowed: stages)"
+        raise RecipeError(msg)
+    entries = recipe.get("stages")
+    if not isinstance(entries, list) or not entries:
+        msg = f"recipe 'stages' must be a non-empty list (got: {entries!r})"
+        raise RecipeError(msg)
+    stages = []
+    for entry in entries:
+        if isinstance(entry, str):
+            stages.append(stage_from_dict(entry))
+        elif isinstance(entry, Mapping) and len(entry) == 1:
+            ((name, options),) = entry.items()
+            stages.append(stage_from_dict(name, options))
+        else:
+            msg = f"each recipe stage must be a name or a one-key mapping (got: {entry!r})"
+            raise RecipeError(msg)
+    return stages
+
+
+def load_recipe(path: str | Path) -> list[Stage]:
+    """Read a YAML recipe file and return its stages."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"cannot read recipe {str(path)!r}: {exc.strerror or exc}"
+        raise RecipeError(msg) from exc
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = f"recipe {str(path)!r} is not valid YAML: {exc}".replace("\n", " ")
+        raise RecipeError(msg) from exc
+    return stages_from_recipe(recipe)
+
+
+def recipe_to_dict(stages: Iterable[Stage]) -> dict[str, Any]:
+    """The recipe mapping for ``stages`` (every option filled in)."""
+    return {"stages": [{stage.name: stage.to_dict()} for stage in stages]}
+
+
+def recipe_to_yaml(stages: Iterable[Stage]) -> str:
+    """The recipe for ``stages`` as YAML text."""
+    return yaml.safe_dump(recipe_to_dict(stages), sort_keys=False)
+
+
+def _load_builtin_stages() -> None:
+    # Importing the stage modules registers them; done lazily to keep import cycles out.
+    from . import distillation, pruning, quantization, sparsity  # noqa: F401
