@@ -1,0 +1,79 @@
+"""One checkpoint file per finished stage, loadable with ``weights_only=True``.
+
+A pruned model has other tensor shapes than the model it came from, so a plain
+state_dict cannot be loaded into a fresh copy. Beside the state_dict we store the few
+integer attributes that describe each layer's width; `load_checkpoint` applies both to a
+copy of the original model, so no pickled module is ever needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._io import atomic_path
+
+FORMAT = 1
+_WIDTH_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "groups",
+    "in_features",
+    "out_features",
+    "num_features",
+    "normalized_shape",
+    "embed_dim",
+    "num_heads",
+    "head_dim",
+)
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, *, step: str, stage: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """Write ``model``'s weights and layer widths, the stage's options and ``extra``."""
+    widths: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        attrs = {a: getattr(module, a) for a in _WIDTH_ATTRS if hasattr(module, a)}
+        attrs = {a: (list(v) if isinstance(v, tuple) else v) for a, v in attrs.items()}
+        if attrs:
+            widths[name] = attrs
+    payload = {
+        "format": FORMAT,
+        "step": step,
+        "stage": stage,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "widths": widths,
+        "extra": extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the checkpointed model from a copy of ``template`` (the original model).
+
+    Returns the model and the checkpoint's payload (step, stage options, extra).
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = copy.deepcopy(template)
+    modules = dict(model.named_modules())
+    for name, attrs in payload["widths"].items():
+        module = modules[name]
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    state = payload["state_dict"]
+    for key, tensor in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = modules[owner_name]
+        current = getattr(owner, leaf)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(tensor.clone(), requires_grad=current.requires_grad))
+        elif isinstance(current, torch.Tensor):
+            owner._buffers[leaf] = tensor.clone()
+    model.load_state_dict(state)
+    return model, payload

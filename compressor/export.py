@@ -1,0 +1,130 @@
+"""The one torch -> ONNX export path, and the parity check that follows every export."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._io import atomic_path
+from .errors import ExportError, ModelError
+from .layers import call_naming_layer
+from .measure import ort_predictor, ort_session, torch_predictor, torch_threads
+
+DEFAULT_OPSET = 17
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely ONNX Runtime reproduced torch on the check inputs."""
+
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float
+    samples: int
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain data for the report."""
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "top1_agreement": self.top1_agreement,
+            "samples": self.samples,
+        }
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    *,
+    check_inputs: torch.Tensor | None = None,
+    opset: int = DEFAULT_OPSET,
+    threads: int = 1,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> Parity:
+    """Export ``model`` (on the CPU, eval mode) to ``path`` and check it in ONNX Runtime.
+
+    The file has one input ``input`` and a dynamic batch axis. It is written only if
+    ONNX Runtime's output matches torch's on ``check_inputs`` (default: the example).
+
+    Raises:
+        ExportError: the exporter failed (naming the layer or op) or the outputs differ.
+    """
+    model = model.cpu().eval()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+
+        def export() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model,
+                    (example_input.cpu(),),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["input"],
+                    output_names=["output"],
+                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                    do_constant_folding=True,
+                )
+
+        try:
+            call_naming_layer(model, export, "ONNX export")
+        except ModelError as exc:
+            raise ExportError(str(exc)) from exc
+        except Exception as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            msg = f"ONNX export of {type(model).__name__} failed: {first}"
+            raise ExportError(msg) from exc
+        inputs = example_input if check_inputs is None else check_inputs
+        parity = check_parity(model, tmp, inputs, threads=threads, atol=atol, rtol=rtol)
+    return parity
+
+
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | Path,
+    inputs: torch.Tensor,
+    *,
+    threads: int = 1,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    min_agreement: float = 0.99,
+) -> Parity:
+    """Compare ONNX Runtime's output on ``inputs`` with torch's.
+
+    Raises:
+        ExportError: shapes differ, the max abs difference exceeds ``atol + rtol * max|torch|``
+            or top-1 agreement is below ``min_agreement``.
+    """
+    with torch_threads(threads):
+        ref = torch_predictor(model)(inputs).float()
+    try:
+        out = ort_predictor(ort_session(onnx_path, threads))(inputs).float()
+    except Exception as exc:
+        msg = f"ONNX Runtime cannot run the exported model: {str(exc).strip().splitlines()[0]}"
+        raise ExportError(msg) from exc
+    if out.shape != ref.shape:
+        msg = f"ONNX output shape {tuple(out.shape)} differs from torch's {tuple(ref.shape)}"
+        raise ExportError(msg)
+    diff = float((out - ref).abs().max()) if ref.numel() else 0.0
+    tolerance = atol + rtol * float(ref.abs().max()) if ref.numel() else atol
+    agreement = 1.0
+    if ref.dim() >= 2 and ref.shape[0] > 0:
+        agreement = float((out.argmax(dim=1) == ref.argmax(dim=1)).float().mean())
+    parity = Parity(diff, tolerance, agreement, int(ref.shape[0]) if ref.dim() else 1)
+    if diff > tolerance or agreement < min_agreement:
+        msg = (
+            f"ONNX Runtime disagrees with torch on the exported model: max abs diff {diff:.3g} "
+            f"(allowed {tolerance:.3g}), top-1 agreement {agreement:.3f} "
+            f"(required {min_agreement}) over {parity.samples} samples"
+        )
+        raise ExportError(msg)
+    return parity
