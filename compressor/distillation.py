@@ -1,0 +1,102 @@
+"""Distillation: fine-tune the current model against the original one as teacher."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .recipe import register_stage
+from .stage import Stage, check_float, check_int
+from .training import logits_of, train
+
+if TYPE_CHECKING:
+    from .pipeline import LossFn, RunContext, State
+
+
+def kd_loss(
+    logits_s: torch.Tensor,
+    logits_t: torch.Tensor,
+    targets: Any,
+    *,
+    temperature: float,
+    alpha: float,
+    hard_loss: LossFn,
+) -> torch.Tensor:
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss(student, targets)``.
+
+    The soft-target gradients scale as 1/T^2, so multiplying by T^2 keeps the soft and hard
+    terms' relative contributions unchanged when T changes (Hinton et al. 2015,
+    https://arxiv.org/abs/1503.02531).
+    """
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(logits_s / t, dim=1),
+        F.log_softmax(logits_t / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return alpha * t * t * soft + (1 - alpha) * hard_loss(logits_s, targets)
+
+
+@register_stage("distillation")
+@dataclass(frozen=True)
+class Distillation(Stage):
+    """Knowledge distillation from the original model (frozen) into the current one.
+
+    Args:
+        epochs: passes over the training data.
+        temperature: softmax temperature of the soft targets (> 0).
+        alpha: weight of the soft-target term, in [0, 1]; ``1 - alpha`` weighs the hard loss.
+        lr: initial learning rate (SGD, cosine decay).
+    """
+
+    epochs: int = 3
+    temperature: float = 4.0
+    alpha: float = 0.7
+    lr: float = 0.01
+
+    name = "distillation"
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "epochs", self.epochs, minimum=1)
+        check_float(self.name, "temperature", self.temperature, low=0.0, low_open=True)
+        check_float(self.name, "alpha", self.alpha, low=0.0, high=1.0)
+        check_float(self.name, "lr", self.lr, low=0.0, low_open=True)
+
+    def apply(self, state: State, ctx: RunContext) -> State:
+        """Distil ``state.teacher`` into a copy of ``state.model``."""
+        student = copy.deepcopy(state.model)
+        # Match the student's channels-last layout in `train` (4-D inputs), else every
+        # teacher conv pays for a layout conversion.
+        layout = torch.channels_last if state.example_input.dim() == 4 else torch.preserve_format
+        teacher = state.teacher.to(ctx.device, memory_format=layout).eval()
+
+        def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
+            with torch.no_grad():
+                logits_t = logits_of(teacher(inputs))
+            return kd_loss(
+                logits_of(m(inputs)),
+                logits_t,
+                targets,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                hard_loss=ctx.loss_fn,
+            )
+
+        try:
+            history = train(
+                student,
+                ctx,
+                epochs=self.epochs,
+                lr=self.lr,
+                compute_loss=compute_loss,
+                desc=ctx.step,
+            )
+        finally:
+            teacher.to("cpu", memory_format=torch.contiguous_format)
+        return state.replace(model=student, details={"train_loss": history})

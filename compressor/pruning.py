@@ -1,0 +1,265 @@
+"""StructuredPruning: remove whole channels through torch-pruning's dependency graph."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .data import DataSpec
+from .errors import ModelError, RecipeError
+from .layers import call_naming_layer, find_head, has_batchnorm
+from .measure import count_params_macs
+from .recipe import register_stage
+from .stage import Stage, check_bool, check_choice, check_float, check_int
+
+if TYPE_CHECKING:
+    from .pipeline import RunContext, State
+
+IMPORTANCES = ("auto", "bn_scale", "l1", "l2", "lamp", "fpgm", "random")
+
+
+@register_stage("structured_pruning")
+@dataclass(frozen=True)
+class StructuredPruning(Stage):
+    """Remove the least important channels for real: tensors shrink, params and MACs fall.
+
+    Coupled layers (residual adds, concatenations, depthwise convs, flatten -> Linear) are
+    pruned together through torch-pruning's DepGraph (Fang et al. 2023,
+    https://arxiv.org/abs/2301.12900). The output head is always left whole.
+
+    Args:
+        ratio: fraction of channels removed from each prunable layer (or overall, with
+            ``global_pruning``); params and MACs fall by about ``1 - (1 - ratio)**2``.
+        importance: how channels are ranked. ``auto`` is ``bn_scale`` (|BatchNorm gamma|) when
+            the model has BatchNorm and ``l2`` (group weight norm) otherwise, the quantities
+            `SparsityTraining` drives toward zero; also ``l1``, ``lamp``, ``fpgm``, ``random``.
+        ignored_layers: names of further layers to leave whole (e.g. ``["features.0"]``).
+        round_to: keep channel counts a multiple of this (INT8 kernels run faster at multiples
+            of 8 or 16); ``null`` for no rounding. A layer that would keep fewer channels than
+            ``round_to`` is left whole.
+        global_pruning: rank channels across all layers instead of per layer.
+        bn_recalibration_batches: after pruning, re-estimate BatchNorm statistics on this
+            many training batches (0: don't). Removing channels shifts every later layer's
+            input distribution, and stale statistics alone can drop a pruned model to chance.
+    """
+
+    ratio: float = 0.5
+    importance: str = "auto"
+    ignored_layers: tuple[str, ...] = ()
+    round_to: int | None = 16
+    global_pruning: bool = False
+    bn_recalibration_batches: int = 32
+
+    name = "structured_pruning"
+
+    def __post_init__(self) -> None:
+        check_float(
+            self.name, "ratio", self.ratio, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        check_choice(self.name, "importance", self.importance, IMPORTANCES)
+        if isinstance(self.ignored_layers, str) or not all(
+            isinstance(n, str) for n in self.ignored_layers
+        ):
+            msg = (
+                f"{self.name}.ignored_layers must be a list of layer names "
+                f"(got: {self.ignored_layers!r})"
+            )
+            raise RecipeError(msg)
+        object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
+        if self.round_to is not None:
+            check_int(self.name, "round_to", self.round_to, minimum=1)
+        check_bool(self.name, "global_pruning", self.global_pruning)
+        check_int(self.name, "bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
+
+    def apply(self, state: State, ctx: RunContext) -> State:
+        """Prune a copy of ``state.model``."""
+        model = copy.deepcopy(state.model).cpu().eval()
+        example = state.example_input
+        pruned, details = prune(model, example, self)
+        if self.bn_recalibration_batches and has_batchnorm(pruned):
+            seen = recalibrate_batchnorm(pruned, ctx.train_data, self.bn_recalibration_batches)
+            details["pruning"]["bn_recalibration_samples"] = seen
+        return state.replace(model=pruned, details=details)
+
+
+def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
+
+    Weights are not touched. Returns the number of samples seen.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    seen = 0
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in data.iter_batches(batches):
+                inputs = data.input_fn(batch).cpu()
+                model(inputs)
+                seen += inputs.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+class BatchNormScaleImportance:
+    """Channel importance = mean |gamma| over the group's BatchNorm layers (network slimming).
+
+    Same score as ``tp.importance.BNScaleImportance``, which in torch-pruning 1.6 scores a
+    group through a concatenation (BatchNorms covering only part of the root's channels)
+    as unprunable and so leaves it whole; here every BatchNorm adds into the channels it
+    covers, however they map to the root.
+    """
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        import torch_pruning as tp
+
+        width = 1 + max(r for item in group for r in item.root_idxs if r is not None)
+        total = torch.zeros(width)
+        count = torch.zeros(width)
+        for i, (dep, idxs) in enumerate(group):
+            layer, root_idxs = dep.layer, group[i].root_idxs
+            if dep.pruning_fn != tp.prune_batchnorm_out_channels or not layer.affine:
+                continue
+            if any(r is None for r in root_idxs):
+                continue
+            where = torch.tensor(root_idxs)
+            total.scatter_add_(0, where, layer.weight.detach().abs()[idxs].float().cpu())
+            count.scatter_add_(0, where, torch.ones(len(idxs)))
+        if not bool((count > 0).any()):
+            return None
+        score = total / count.clamp(min=1)
+        return score / score[count > 0].mean().clamp(min=1e-12)
+
+
+def resolve_importance(name: str, model: nn.Module) -> tuple[str, Any]:
+    """The torch-pruning importance object for ``name`` (``auto`` resolved for ``model``)."""
+    import torch_pruning as tp
+
+    if name == "auto":
+        name = "bn_scale" if has_batchnorm(model) else "l2"
+    if name == "bn_scale" and not has_batchnorm(model):
+        msg = (
+            "structured_pruning.importance 'bn_scale' needs BatchNorm layers; "
+            "this model has none (use 'l2')"
+        )
+        raise RecipeError(msg)
+    factories = {
+        "bn_scale": lambda: BatchNormScaleImportance(),
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "lamp": lambda: tp.importance.LAMPImportance(p=2),
+        "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+        "random": lambda: tp.importance.RandomImportance(),
+    }
+    return name, factories[name]()
+
+
+def prune(
+    model: nn.Module, example_input: torch.Tensor, options: StructuredPruning
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``model`` in place as ``options`` say; return it and the report details.
+
+    Raises:
+        RecipeError: an ignored layer name that the model does not have.
+        ModelError: torch-pruning cannot handle the model, or the pruned model fails to run.
+    """
+    import torch_pruning as tp
+
+    modules = dict(model.named_modules())
+    unknown = [n for n in options.ignored_layers if n not in modules]
+    if unknown:
+        sample = ", ".join(n for n in list(modules)[1:8])
+        msg = (
+            f"structured_pruning.ignored_layers: the model has no layer {unknown[0]!r} "
+            f"(layers are named like: {sample}, ...)"
+        )
+        raise RecipeError(msg)
+    head = find_head(model, example_input)
+    ignored_names = list(dict.fromkeys([*options.ignored_layers, *([head] if head else [])]))
+    importance_name, importance = resolve_importance(options.importance, model)
+    params_before, macs_before = count_params_macs(model, example_input)
+    with torch.no_grad():
+        out_before = model(example_input)
+    narrow = [
+        n for n in _narrow_layers(model, options.round_to, options.ratio) if n not in ignored_names
+    ]
+
+    def build_and_step() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.BasePruner(
+                model,
+                example_input,
+                importance=importance,
+                pruning_ratio=options.ratio,
+                global_pruning=options.global_pruning,
+                ignored_layers=[modules[n] for n in ignored_names] + [modules[n] for n in narrow],
+                round_to=options.round_to,
+            )
+            pruner.step()
+
+    try:
+        call_naming_layer(model, build_and_step, "torch-pruning")
+    except ModelError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"torch-pruning cannot prune {type(model).__name__}: {first}"
+        raise ModelError(msg) from exc
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return model(example_input)
+
+    out_after = call_naming_layer(model, forward, "the pruned model's forward pass")
+    if _shape(out_after) != _shape(out_before):
+        msg = f"pruning changed the output shape from {_shape(out_before)} to {_shape(out_after)}"
+        raise ModelError(msg)
+    params_after, macs_after = count_params_macs(model, example_input)
+    details = {
+        "pruning": {
+            "importance": importance_name,
+            "ratio": options.ratio,
+            "round_to": options.round_to,
+            "left_whole": ignored_names + narrow,
+            "params_before": params_before,
+            "macs_before": macs_before,
+            "params_ratio": round(params_after / params_before, 4) if params_before else None,
+            "macs_ratio": round(macs_after / macs_before, 4) if macs_before else None,
+        }
+    }
+    return model, details
+
+
+def _narrow_layers(model: nn.Module, round_to: int | None, ratio: float) -> list[str]:
+    # torch-pruning rounds the *kept* channels down to a multiple of round_to, so a layer
+    # that would keep fewer than round_to channels would lose them all; leave it whole.
+    if not round_to or round_to <= 1:
+        return []
+    narrow = []
+    for name, m in model.named_modules():
+        width = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
+        weighted = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        if weighted and width is not None and width * (1 - ratio) < round_to:
+            narrow.append(name)
+    return narrow
+
+
+def _shape(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(_shape(o) for o in out)
+    return type(out).__name__
