@@ -1,0 +1,308 @@
+"""The pipeline: the state record stages share, the run context, and `Pipeline.run`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .checkpoints import save_checkpoint
+from .data import DataSpec, as_data_spec
+from .errors import ModelError, RecipeError, UserError
+from .export import export_onnx
+from .layers import call_naming_layer
+from .measure import (
+    EvalFn,
+    count_params_macs,
+    default_threads,
+    environment,
+    measure_onnx,
+    measure_torch,
+    sample_batch,
+    top1,
+)
+from .recipe import load_recipe, recipe_to_dict, stages_from_recipe
+from .report import Report, Row
+from .stage import Stage
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class State:
+    """What one stage hands the next; small and plain so a run can be checkpointed.
+
+    Attributes:
+        model: the current torch model (CPU), owned by the pipeline, never the user's.
+        teacher: a frozen copy of the model as given (the distillation teacher).
+        example_input: one input sample with a batch axis of 1 (tracing, export, MACs).
+        onnx_path: the latest ONNX artifact a stage produced, if any.
+        rows: the measurements taken so far (baseline first).
+        details: what the running stage reports about itself; it goes into its report row.
+    """
+
+    model: nn.Module
+    teacher: nn.Module
+    example_input: torch.Tensor
+    onnx_path: Path | None = None
+    rows: tuple[Row, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> State:
+        """A copy of the state with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run's fixed inputs and settings, passed to every stage beside the state."""
+
+    train_data: DataSpec
+    eval_data: DataSpec
+    output_dir: Path
+    loss_fn: LossFn
+    eval_fn: EvalFn
+    device: torch.device
+    seed: int = 0
+    threads: int = 1
+    progress: bool = True
+    limit_train_batches: int | None = None
+    throughput_batch: int = 32
+    step: str = ""
+
+    def log(self, message: str) -> None:
+        """Print a progress line to stderr unless progress is off."""
+        if self.progress:
+            print(f"[compressor] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What `Pipeline.run` returns."""
+
+    model: nn.Module
+    onnx_path: Path | None
+    report: Report
+    output_dir: Path
+
+
+class Pipeline:
+    """An ordered list of stages that takes a trained model to an INT8 ONNX artifact.
+
+    Example:
+        >>> import compressor as cz
+        >>> pipeline = cz.Pipeline([cz.StructuredPruning(ratio=0.5), cz.Int8Quantization()])
+        >>> [s.name for s in pipeline.stages]
+        ['structured_pruning', 'int8_quantization']
+    """
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        stages = list(stages)
+        for stage in stages:
+            if not isinstance(stage, Stage):
+                msg = f"pipeline stages must be Stage instances (got: {stage!r})"
+                raise RecipeError(msg)
+        self.stages = stages
+
+    @classmethod
+    def from_recipe(cls, recipe: Mapping[str, Any] | str | Path) -> Pipeline:
+        """Build a pipeline from a recipe mapping or a YAML recipe file."""
+        if isinstance(recipe, Mapping):
+            return cls(stages_from_recipe(recipe))
+        return cls(load_recipe(recipe))
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The recipe mapping of this pipeline, every option filled in."""
+        return recipe_to_dict(self.stages)
+
+    def step_names(self) -> list[str]:
+        """Report row names: the stage names, numbered from the second repeat on."""
+        seen: dict[str, int] = {}
+        names = []
+        for stage in self.stages:
+            seen[stage.name] = seen.get(stage.name, 0) + 1
+            count = seen[stage.name]
+            names.append(stage.name if count == 1 else f"{stage.name}_{count}")
+        return names
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.stages!r})"
+
+    def run(
+        self,
+        model: nn.Module,
+        train_data: Any,
+        eval_data: Any,
+        *,
+        output_dir: str | Path,
+        loss_fn: LossFn | None = None,
+        eval_fn: EvalFn | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        threads: int | None = None,
+        progress: bool = True,
+        limit_train_batches: int | None = None,
+        throughput_batch: int = 32,
+    ) -> PipelineResult:
+        """Compress ``model``; write the artifacts and report into ``output_dir``.
+
+        Args:
+            model: the trained float model. It is never modified; a frozen copy is the teacher.
+            train_data: batches for training and calibration: a DataLoader of
+                ``(inputs, targets)`` or a `DataSpec`.
+            eval_data: batches for every accuracy in the report (same forms).
+            output_dir: where model.onnx, model.int8.onnx, report.* and checkpoints/ go.
+            loss_fn: ``loss_fn(outputs, targets) -> loss``; cross-entropy by default.
+            eval_fn: ``eval_fn(predict, eval_data) -> float``, higher is better; ``predict``
+                maps an input batch to outputs for torch and ONNX Runtime alike. Top-1 by default.
+            device: where training runs; CUDA when available by default. Measuring is on the CPU.
+            seed: seeds every training stage.
+            threads: CPU threads for every measurement (torch and ONNX Runtime alike).
+            progress: show progress bars and stage messages on stderr.
+            limit_train_batches: stop each training epoch after this many batches.
+            throughput_batch: batch size of the throughput measurement.
+
+        Returns:
+            `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
+
+        Raises:
+            UserError: a bad argument, data set or model (the message says which and why).
+        """
+        if not isinstance(model, nn.Module):
+            msg = f"model must be a torch.nn.Module (got: {type(model).__name__})"
+            raise UserError(msg)
+        ctx = RunContext(
+            train_data=as_data_spec(train_data, "train_data"),
+            eval_data=as_data_spec(eval_data, "eval_data"),
+            output_dir=_prepare_output_dir(output_dir),
+            loss_fn=loss_fn or _cross_entropy,
+            eval_fn=eval_fn or top1,
+            device=resolve_device(device),
+            seed=seed,
+            threads=threads or default_threads(),
+            progress=progress,
+            limit_train_batches=limit_train_batches,
+            throughput_batch=throughput_batch,
+        )
+        state = self._start(model, ctx)
+        for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
+            ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
+            step_ctx = dataclasses.replace(ctx, step=step)
+            state = stage.apply(state.replace(details={}), step_ctx)
+            row = self._measure(stage, step, state, ctx)
+            state = state.replace(rows=(*state.rows, row))
+            save_checkpoint(
+                ctx.output_dir / "checkpoints" / f"{index + 1:02d}_{step}.pt",
+                state.model,
+                step=step,
+                stage={stage.name: stage.to_dict()},
+                extra={
+                    "rows": [r.to_dict() for r in state.rows],
+                    "onnx_path": state.onnx_path.name if state.onnx_path else None,
+                },
+            )
+        report = Report(rows=list(state.rows), environment=environment(ctx.threads))
+        report.save(ctx.output_dir)
+        ctx.log(f"done: {ctx.output_dir}")
+        return PipelineResult(
+            model=state.model, onnx_path=state.onnx_path, report=report, output_dir=ctx.output_dir
+        )
+
+    def _start(self, model: nn.Module, ctx: RunContext) -> State:
+        example = ctx.train_data.example_input()
+        student = copy.deepcopy(model).cpu().eval()
+        try:
+            call_naming_layer(student, lambda: student(example), "a forward pass on the data")
+        except ModelError:
+            raise
+        except Exception as exc:
+            msg = f"the model cannot run on the data (input shape {tuple(example.shape)}): {exc}"
+            raise ModelError(msg) from exc
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        ctx.log("baseline: exporting model.onnx and measuring it in torch and ONNX Runtime")
+        parity = export_onnx(
+            teacher,
+            example,
+            ctx.output_dir / "model.onnx",
+            check_inputs=sample_batch(ctx.eval_data, 64),
+            threads=ctx.threads,
+        )
+        common = {"data": ctx.eval_data, "eval_fn": ctx.eval_fn, "threads": ctx.threads}
+        common["throughput_batch"] = ctx.throughput_batch
+        torch_row = measure_torch(teacher, name="baseline", example_input=example, **common)
+        onnx_row = measure_onnx(
+            ctx.output_dir / "model.onnx",
+            name="baseline",
+            precision="fp32",
+            params=torch_row.params,
+            macs=torch_row.macs,
+            details={"parity": parity.to_dict()},
+            **common,
+        )
+        return State(
+            model=student, teacher=teacher, example_input=example, rows=(torch_row, onnx_row)
+        )
+
+    @staticmethod
+    def _measure(stage: Stage, step: str, state: State, ctx: RunContext) -> Row:
+        ctx.log(f"{step}: measuring")
+        common = {"data": ctx.eval_data, "eval_fn": ctx.eval_fn, "threads": ctx.threads}
+        common["throughput_batch"] = ctx.throughput_batch
+        if stage.runtime == "onnxruntime":
+            if state.onnx_path is None:
+                msg = f"stage {step!r} runs in onnxruntime but produced no ONNX file"
+                raise RuntimeError(msg)
+            params, macs = count_params_macs(state.model, state.example_input)
+            return measure_onnx(
+                state.onnx_path,
+                name=step,
+                precision=stage.precision,
+                params=params,
+                macs=macs,
+                details=state.details,
+                **common,
+            )
+        return measure_torch(
+            state.model,
+            name=step,
+            example_input=state.example_input,
+            details=state.details,
+            **common,
+        )
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; CUDA when available if None."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        msg = f"unknown device {device!r} (allowed: 'cpu', 'cuda', 'cuda:N')"
+        raise UserError(msg) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {device!r} was asked for, but CUDA is not available here (use 'cpu')"
+        raise UserError(msg)
+    return resolved
+
+
+def _prepare_output_dir(output_dir: str | Path) -> Path:
+    path = Path(output_dir).expanduser()
+    try:
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create output folder {str(path)!r}: {exc.strerror or exc}"
+        raise UserError(msg) from exc
+    return path
