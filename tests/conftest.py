@@ -1,0 +1,152 @@
+"""Tiny models and synthetic data: real torch-pruning and ONNX Runtime, in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _spread_bn_scales(model: nn.Module) -> None:
+    # Fresh BatchNorms all have gamma = 1, a tie no trained model has; spread them out.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.2, 1.0)
+
+
+class TinyResNet(nn.Module):
+    """conv-BN-ReLU stem, one residual block (add), linear head: BN gammas to slim."""
+
+    def __init__(self, num_classes: int = 4, width: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.down = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+        _spread_bn_scales(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.pool(self.down(x)), 1))
+
+
+class TinyConcatNet(nn.Module):
+    """Concatenation of two branches and a depthwise conv."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.dw = nn.Sequential(
+            nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        self.pw = nn.Sequential(nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, num_classes)
+        _spread_bn_scales(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw(self.dw(torch.cat([self.a(x), self.b(x)], dim=1)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class TinyNoBNNet(nn.Module):
+    """No BatchNorm; conv -> flatten -> Linear head (the flatten couples channels to features)."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def synthetic_classification(
+    n: int = 256, num_classes: int = 4, seed: int = 0, size: int = 16
+) -> TensorDataset:
+    """Images whose class sets a per-channel mean and a spatial pattern: learnable, not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    means = torch.randn(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(123))
+    patterns = torch.randn(num_classes, 1, size, size, generator=torch.Generator().manual_seed(7))
+    images = (
+        torch.randn(n, 3, size, size, generator=g) + 0.8 * means[labels] + 0.8 * patterns[labels]
+    )
+    return TensorDataset(images, labels)
+
+
+def loaders(
+    n_train: int = 256, n_val: int = 128, batch_size: int = 32
+) -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(
+        synthetic_classification(n_train, seed=0),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    val = DataLoader(synthetic_classification(n_val, seed=1), batch_size=batch_size)
+    return train, val
+
+
+def fit(model: nn.Module, train: DataLoader, epochs: int = 3) -> nn.Module:
+    """Quickly train a tiny model so accuracy means something."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for x, y in train:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def data() -> tuple[DataLoader, DataLoader]:
+    return loaders()
+
+
+@pytest.fixture(scope="session")
+def trained_resnet(data: tuple[DataLoader, DataLoader]) -> TinyResNet:
+    torch.manual_seed(0)
+    return fit(TinyResNet(), data[0])
+
+
+@pytest.fixture(scope="session")
+def trained_nobn(data: tuple[DataLoader, DataLoader]) -> TinyNoBNNet:
+    torch.manual_seed(0)
+    return fit(TinyNoBNNet(), data[0])
+
+
+@pytest.fixture
+def example() -> torch.Tensor:
+    return torch.randn(1, 3, 16, 16)

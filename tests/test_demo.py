@@ -1,0 +1,20 @@
+import json
+
+import pytest
+
+from compressor.cli import main
+
+
+@pytest.mark.slow
+def test_the_demo_shows_real_compression(tmp_path):
+    """`compressor compress` with no options: the acceptance numbers of the demo."""
+    out = tmp_path / "demo"
+    assert main(["compress", "--output", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["name"], r["runtime"]): r for r in report["rows"]}
+    base_onnx = rows[("baseline", "onnxruntime")]
+    final = rows[("int8_quantization", "onnxruntime")]
+    assert (out / "model.onnx").stat().st_size >= 4 * (out / "model.int8.onnx").stat().st_size
+    assert final["latency_ms"]["p50"] < base_onnx["latency_ms"]["p50"]
+    assert report["summary"]["accuracy_drop"] <= 0.02
+    assert rows[("baseline", "torch")]["accuracy"] > 0.8  # the demo data means something

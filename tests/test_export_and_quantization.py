@@ -1,0 +1,86 @@
+import onnx
+import pytest
+import torch
+from conftest import TinyResNet
+from torch import nn
+from torch.nn import functional as F
+
+import compressor as cz
+from compressor.export import check_parity, export_onnx
+from compressor.measure import ort_predictor, ort_session, top1
+from compressor.pipeline import RunContext, State
+from compressor.quantization import choose_types
+
+
+def test_export_matches_torch_and_has_a_dynamic_batch(trained_resnet, example, tmp_path):
+    path = tmp_path / "m.onnx"
+    batch = torch.randn(5, 3, 16, 16)
+    parity = export_onnx(trained_resnet, example, path, check_inputs=batch)
+    assert parity.max_abs_diff <= parity.tolerance
+    assert parity.top1_agreement == 1.0 and parity.samples == 5
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version >= 17
+    out = ort_predictor(ort_session(path, 1))(torch.randn(7, 3, 16, 16))
+    assert out.shape == (7, 4)
+
+
+def test_parity_mismatch_is_an_error(trained_resnet, example, tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(trained_resnet, example, path)
+    other = TinyResNet().eval()
+    with pytest.raises(cz.ExportError, match=r"ONNX Runtime disagrees with torch.*max abs diff"):
+        check_parity(other, path, torch.randn(16, 3, 16, 16))
+
+
+def test_unsupported_op_is_named_and_nothing_is_written(example, tmp_path):
+    class FFTNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.fft.fft(self.conv(x)).real.mean(dim=(2, 3))
+
+    path = tmp_path / "fft.onnx"
+    with pytest.raises(cz.ExportError, match=r"aten::fft_fft"):
+        export_onnx(FFTNet().eval(), example, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("machine", "features", "act", "rr"),
+    [
+        ("x86_64", ["avx2"], "uint8", True),
+        ("x86_64", ["avx2", "avx512f", "avx512_vnni"], "uint8", False),
+        ("aarch64", ["asimddp"], "int8", False),
+    ],
+    ids=["x86-avx2", "x86-vnni", "arm64"],
+)
+def test_quantization_types_follow_the_cpu(machine, features, act, rr):
+    types = choose_types(machine=machine, features=features)
+    assert (types.activation_type, types.weight_type, types.reduce_range) == (act, "int8", rr)
+    assert types.reason
+    forced = choose_types("int8", reduce_range=False, machine=machine, features=features)
+    assert (forced.activation_type, forced.reduce_range) == ("int8", False)
+
+
+def test_int8_quantization_writes_a_real_int8_model(trained_resnet, data, example, tmp_path):
+    ctx = RunContext(
+        train_data=cz.DataSpec(data[0]), eval_data=cz.DataSpec(data[1]), output_dir=tmp_path,
+        loss_fn=F.cross_entropy, eval_fn=top1, device=torch.device("cpu"), progress=False,
+        step="int8_quantization",
+    )  # fmt: skip
+    state = State(model=trained_resnet, teacher=trained_resnet, example_input=example)
+    out = cz.Int8Quantization(calibration_samples=64).apply(state, ctx)
+    assert out.onnx_path == tmp_path / "model.int8.onnx"
+    ops = {n.op_type for n in onnx.load(str(out.onnx_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    q = out.details["quantization"]
+    assert q["calibration_samples"] == 64
+    assert q["int8_compute_ops"] >= 4  # every conv and the linear head run in INT8
+    assert q["float_compute_ops"] == []
+    fp32 = top1(lambda x: trained_resnet.eval()(x), ctx.eval_data)
+    int8 = top1(ort_predictor(ort_session(out.onnx_path, 1)), ctx.eval_data)
+    assert fp32 > 0.6
+    assert int8 >= fp32 - 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]

@@ -1,0 +1,162 @@
+import copy
+import json
+
+import pytest
+import torch
+from conftest import TinyNoBNNet, TinyResNet, fit
+from torch import nn
+from torch.nn import functional as F
+
+import compressor as cz
+from compressor.checkpoints import load_checkpoint
+
+ROW_KEYS = {
+    "name",
+    "runtime",
+    "precision",
+    "accuracy",
+    "params",
+    "macs",
+    "size_bytes",
+    "latency_ms",
+    "throughput",
+}
+
+
+def four_stages() -> cz.Pipeline:
+    return cz.Pipeline([
+        cz.SparsityTraining(epochs=1, l1=1e-3),
+        cz.StructuredPruning(ratio=0.5, round_to=8),
+        cz.Distillation(epochs=2, lr=0.02),
+        cz.Int8Quantization(calibration_samples=64),
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cls", [TinyResNet, TinyNoBNNet], ids=["bn-residual", "no-bn-flatten-head"]
+)
+def test_all_four_stages_end_to_end(cls, data, tmp_path):
+    torch.manual_seed(0)
+    model = fit(cls(), data[0])
+    before = copy.deepcopy(model.state_dict())
+    params_before = [id(p) for p in model.parameters()]
+    result = four_stages().run(
+        model, data[0], data[1], output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
+    )
+
+    # the user's model is untouched
+    assert [id(p) for p in model.parameters()] == params_before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not model.training
+
+    # the output folder contract
+    assert result.onnx_path == tmp_path / "model.int8.onnx"
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"model.onnx", "model.int8.onnx", "report.json", "report.md", "checkpoints"} <= names
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 4
+
+    # report.json schema
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert {"torch", "onnxruntime", "cpu", "threads"} <= set(report["environment"])
+    rows = report["rows"]
+    assert [(r["name"], r["runtime"], r["precision"]) for r in rows] == [
+        ("baseline", "torch", "fp32"), ("baseline", "onnxruntime", "fp32"),
+        ("sparsity_training", "torch", "fp32"), ("structured_pruning", "torch", "fp32"),
+        ("distillation", "torch", "fp32"), ("int8_quantization", "onnxruntime", "int8"),
+    ]  # fmt: skip
+    for row in rows:
+        assert set(row) >= ROW_KEYS
+        assert row["latency_ms"]["batch_size"] == 1 and row["latency_ms"]["p50"] > 0
+        assert row["throughput"]["batch_size"] == 8 and row["throughput"]["samples_per_s"] > 0
+    assert rows[3]["params"] < 0.5 * rows[0]["params"]
+    assert rows[3]["macs"] < 0.5 * rows[0]["macs"]
+    assert rows[5]["size_bytes"] == (tmp_path / "model.int8.onnx").stat().st_size
+    assert rows[1]["size_bytes"] == (tmp_path / "model.onnx").stat().st_size
+    s = report["summary"]
+    assert s["size_ratio"] == pytest.approx(rows[1]["size_bytes"] / rows[5]["size_bytes"], rel=1e-3)
+    assert s["accuracy_drop"] == pytest.approx(rows[0]["accuracy"] - rows[5]["accuracy"], abs=1e-6)
+    assert s["size_ratio"] > 4
+    assert rows[5]["accuracy"] > 0.5  # still learned something after all four stages
+    assert "| int8_quantization | onnxruntime | int8 |" in (tmp_path / "report.md").read_text()
+    assert isinstance(result.model, nn.Module)
+
+
+def test_checkpoints_rebuild_the_pruned_model(trained_resnet, data, tmp_path):
+    pipeline = cz.Pipeline([cz.StructuredPruning(ratio=0.5, round_to=None)])
+    result = pipeline.run(
+        trained_resnet, data[0], data[1], output_dir=tmp_path, progress=False, threads=1
+    )
+    rebuilt, payload = load_checkpoint(
+        tmp_path / "checkpoints" / "01_structured_pruning.pt", trained_resnet
+    )
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.allclose(rebuilt.eval()(x), result.model.eval()(x))
+    assert payload["stage"] == {"structured_pruning": pipeline.stages[0].to_dict()}
+    assert [r["name"] for r in payload["extra"]["rows"]][-1] == "structured_pruning"
+    assert trained_resnet.conv1.out_channels == 32  # the template was copied, not changed
+
+
+def test_custom_loss_and_metric_are_used(trained_resnet, data, tmp_path):
+    calls = {"loss": 0, "eval": 0}
+
+    def loss_fn(outputs, targets):
+        calls["loss"] += 1
+        return F.cross_entropy(outputs, targets, label_smoothing=0.1)
+
+    def eval_fn(predict, batches):
+        calls["eval"] += 1
+        return 0.25
+
+    pipeline = cz.Pipeline([cz.Distillation(epochs=1)])
+    result = pipeline.run(
+        trained_resnet,
+        data[0],
+        data[1],
+        output_dir=tmp_path,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        progress=False,
+        threads=1,
+    )
+    assert calls["loss"] == 8 and calls["eval"] == 3
+    assert all(r.accuracy == 0.25 for r in result.report.rows)
+
+
+def test_dataspec_with_custom_batches(trained_resnet, data, tmp_path):
+    dict_batches = [{"image": x, "label": y} for x, y in data[0]]
+    spec = cz.DataSpec(dict_batches, input_fn=lambda b: b["image"], target_fn=lambda b: b["label"])
+    result = cz.Pipeline([cz.StructuredPruning(ratio=0.25, round_to=None)]).run(
+        trained_resnet, spec, spec, output_dir=tmp_path, progress=False, threads=1
+    )
+    assert result.report.rows[-1].name == "structured_pruning"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "resnet"}, cz.UserError, "model must be a torch.nn.Module"),
+        ({"train_data": []}, cz.DataError, "the data set is empty"),
+        ({"train_data": 5}, cz.DataError, "train_data must be an iterable of batches"),
+        ({"device": "tpu"}, cz.UserError, "unknown device 'tpu'"),
+        (
+            {"train_data": [(torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long))]},
+            cz.ModelError,
+            r"failed in layer 'stem.0' \(Conv2d\)",
+        ),
+    ],
+    ids=["not-a-module", "empty-data", "not-iterable", "bad-device", "wrong-channels"],
+)
+def test_bad_inputs_fail_before_any_work(kwargs, error, match, trained_resnet, data, tmp_path):
+    args = {"model": trained_resnet, "train_data": data[0], "eval_data": data[1]}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        four_stages().run(
+            args.pop("model"),
+            args.pop("train_data"),
+            args.pop("eval_data"),
+            output_dir=tmp_path / "out",
+            progress=False,
+            **args,
+        )
+    assert not (tmp_path / "out" / "model.onnx").exists()

@@ -1,0 +1,80 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyNoBNNet, TinyResNet
+from torch.nn import functional as F
+
+import compressor as cz
+from compressor.distillation import kd_loss
+from compressor.measure import top1
+from compressor.pipeline import RunContext, State
+
+
+def context(data, tmp_path: Path, **kw) -> RunContext:
+    return RunContext(
+        train_data=cz.DataSpec(data[0]), eval_data=cz.DataSpec(data[1]), output_dir=tmp_path,
+        loss_fn=F.cross_entropy, eval_fn=top1, device=torch.device("cpu"), progress=False,
+        step="test", **kw,
+    )  # fmt: skip
+
+
+def state_for(model, example) -> State:
+    return State(
+        model=copy.deepcopy(model),
+        teacher=copy.deepcopy(model).requires_grad_(False),
+        example_input=example,
+    )
+
+
+@pytest.mark.parametrize("cls", [TinyResNet, TinyNoBNNet], ids=lambda c: c.__name__)
+def test_l1_penalty_shrinks_channel_scales(cls, data, tmp_path, example):
+    torch.manual_seed(0)
+    model = cls()
+    ctx = context(data, tmp_path)
+    plain = cz.SparsityTraining(epochs=2, l1=0.0, lr=0.01).apply(state_for(model, example), ctx)
+    sparse = cz.SparsityTraining(epochs=2, l1=0.5, lr=0.01).apply(state_for(model, example), ctx)
+    s_plain, s_sparse = plain.details["sparsity"], sparse.details["sparsity"]
+    assert s_sparse["penalty_on"] == ("batchnorm_scale" if cls is TinyResNet else "channel_l2_norm")
+    assert s_sparse["mean_scale"] < 0.9 * s_plain["mean_scale"]
+    assert 0.0 <= s_sparse["near_zero_fraction"] <= 1.0
+
+
+def test_kd_loss_matches_its_formula():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    T, alpha = 3.0, 0.6
+    p_t = F.softmax(t / T, dim=1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, dim=1))).sum(dim=1).mean()
+    expected = alpha * T * T * kl + (1 - alpha) * F.cross_entropy(s, y)
+    got = kd_loss(s, t, y, temperature=T, alpha=alpha, hard_loss=F.cross_entropy)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(
+        kd_loss(s, t, y, temperature=T, alpha=0.0, hard_loss=F.cross_entropy), F.cross_entropy(s, y)
+    )
+    assert float(
+        kd_loss(t, t, y, temperature=T, alpha=1.0, hard_loss=F.cross_entropy)
+    ) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_trains_the_student_and_freezes_the_teacher(
+    trained_resnet, data, tmp_path, example
+):
+    state = state_for(trained_resnet, example)
+    state = state.replace(model=TinyResNet(width=16))
+    teacher_before = copy.deepcopy(state.teacher.state_dict())
+    ctx = context(data, tmp_path)
+    acc_before = top1(lambda x: state.model.eval()(x), ctx.eval_data)
+    out = cz.Distillation(epochs=3, lr=0.05).apply(state, ctx)
+    assert all(torch.equal(v, out.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert top1(lambda x: out.model.eval()(x), ctx.eval_data) > max(acc_before, 0.5)
+    assert out.details["train_loss"][-1] < out.details["train_loss"][0]
+    assert not out.model.training
+
+
+def test_training_stops_on_a_diverging_loss(data, tmp_path, example):
+    with pytest.raises(cz.UserError, match=r"lower the learning rate \(lr=1e\+20\)"):
+        cz.SparsityTraining(epochs=1, lr=1e20).apply(
+            state_for(TinyResNet(), example), context(data, tmp_path)
+        )
