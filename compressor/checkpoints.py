@@ -74,6 +74,6 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
         if isinstance(current, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(tensor.clone(), requires_grad=current.requires_grad))
         elif isinstance(current, torch.Tensor):
-            owner._buffers[leaf] = tensor.clone()
+            owner.register_buffer(leaf, tensor.clone())
     model.load_state_dict(state)
     return model, payload

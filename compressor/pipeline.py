@@ -78,6 +78,15 @@ class RunContext:
     throughput_batch: int = 32
     step: str = ""
 
+    def measure_settings(self) -> dict[str, Any]:
+        """The keyword arguments every row's measurement shares (same data, threads, batch)."""
+        return {
+            "data": self.eval_data,
+            "eval_fn": self.eval_fn,
+            "threads": self.threads,
+            "throughput_batch": self.throughput_batch,
+        }
+
     def log(self, message: str) -> None:
         """Print a progress line to stderr unless progress is off."""
         if self.progress:
@@ -235,8 +244,7 @@ class Pipeline:
             check_inputs=sample_batch(ctx.eval_data, 64),
             threads=ctx.threads,
         )
-        common = {"data": ctx.eval_data, "eval_fn": ctx.eval_fn, "threads": ctx.threads}
-        common["throughput_batch"] = ctx.throughput_batch
+        common = ctx.measure_settings()
         torch_row = measure_torch(teacher, name="baseline", example_input=example, **common)
         onnx_row = measure_onnx(
             ctx.output_dir / "model.onnx",
@@ -254,8 +262,7 @@ class Pipeline:
     @staticmethod
     def _measure(stage: Stage, step: str, state: State, ctx: RunContext) -> Row:
         ctx.log(f"{step}: measuring")
-        common = {"data": ctx.eval_data, "eval_fn": ctx.eval_fn, "threads": ctx.threads}
-        common["throughput_batch"] = ctx.throughput_batch
+        common = ctx.measure_settings()
         if stage.runtime == "onnxruntime":
             if state.onnx_path is None:
                 msg = f"stage {step!r} runs in onnxruntime but produced no ONNX file"
