@@ -8,6 +8,12 @@ escapes is a bug in compressor (or in a library under it) and keeps its tracebac
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class CompressorError(Exception):
     """Base class of every error compressor raises on purpose."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
-from .errors import ExportError, ModelError
+from .errors import ExportError, ModelError, first_line
 from .layers import call_naming_layer
 from .measure import ort_predictor, ort_session, torch_predictor, torch_threads
 
@@ -28,12 +29,7 @@ class Parity:
 
     def to_dict(self) -> dict[str, float]:
         """Plain data for the report."""
-        return {
-            "max_abs_diff": self.max_abs_diff,
-            "tolerance": self.tolerance,
-            "top1_agreement": self.top1_agreement,
-            "samples": self.samples,
-        }
+        return dataclasses.asdict(self)
 
 
 def export_onnx(
@@ -79,9 +75,7 @@ def export_onnx(
         except ModelError as exc:
             raise ExportError(str(exc)) from exc
         except Exception as exc:
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
-            msg = f"ONNX export of {type(model).__name__} failed: {first}"
+            msg = f"ONNX export of {type(model).__name__} failed: {first_line(exc)}"
             raise ExportError(msg) from exc
         inputs = example_input if check_inputs is None else check_inputs
         parity = check_parity(model, tmp, inputs, threads=threads, atol=atol, rtol=rtol)
@@ -109,7 +103,7 @@ def check_parity(
     try:
         out = ort_predictor(ort_session(onnx_path, threads))(inputs).float()
     except Exception as exc:
-        msg = f"ONNX Runtime cannot run the exported model: {str(exc).strip().splitlines()[0]}"
+        msg = f"ONNX Runtime cannot run the exported model: {first_line(exc)}"
         raise ExportError(msg) from exc
     if out.shape != ref.shape:
         msg = f"ONNX output shape {tuple(out.shape)} differs from torch's {tuple(ref.shape)}"

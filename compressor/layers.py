@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -24,7 +24,7 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     handles = [
         m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n))
         for n, m in model.named_modules()
-        if isinstance(m, _WEIGHTED)
+        if isinstance(m, WEIGHTED_LAYERS)
     ]
     was_training = model.training
     try:
@@ -74,8 +74,7 @@ def call_naming_layer(model: nn.Module, fn: Callable[[], Any], what: str) -> Any
             raise
         layer = stack[-1]
         kind = type(model.get_submodule(layer)).__name__
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"{what} failed in layer {layer!r} ({kind}): {first_line}"
+        msg = f"{what} failed in layer {layer!r} ({kind}): {first_line(exc)}"
         raise ModelError(msg) from exc
     finally:
         for h in handles:

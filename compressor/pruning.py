@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .data import DataSpec
-from .errors import ModelError, RecipeError
-from .layers import call_naming_layer, find_head, has_batchnorm
+from .errors import ModelError, RecipeError, first_line
+from .layers import WEIGHTED_LAYERS, call_naming_layer, find_head, has_batchnorm
 from .measure import count_params_macs
 from .recipe import register_stage
 from .stage import Stage, check_bool, check_choice, check_float, check_int
@@ -215,8 +215,7 @@ def prune(
     except ModelError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"torch-pruning cannot prune {type(model).__name__}: {first}"
+        msg = f"torch-pruning cannot prune {type(model).__name__}: {first_line(exc)}"
         raise ModelError(msg) from exc
 
     def forward() -> Any:
@@ -251,7 +250,7 @@ def _narrow_layers(model: nn.Module, round_to: int | None, ratio: float) -> list
     narrow = []
     for name, m in model.named_modules():
         width = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
-        weighted = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        weighted = isinstance(m, WEIGHTED_LAYERS)
         if weighted and width is not None and width * (1 - ratio) < round_to:
             narrow.append(name)
     return narrow

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .layers import find_head, has_batchnorm
+from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .recipe import register_stage
 from .stage import Stage, check_float, check_int
 from .training import logits_of, train
@@ -17,7 +17,6 @@ from .training import logits_of, train
 if TYPE_CHECKING:
     from .pipeline import RunContext, State
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NEAR_ZERO = 0.01  # a channel is "near zero" below 1% of its layer's largest channel scale
 
 
@@ -88,7 +87,7 @@ def channel_scale_layers(model: nn.Module, example_input: torch.Tensor) -> list[
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
         ]
     head = find_head(model, example_input)
-    return [m for n, m in model.named_modules() if isinstance(m, _WEIGHTED) and n != head]
+    return [m for n, m in model.named_modules() if isinstance(m, WEIGHTED_LAYERS) and n != head]
 
 
 def channel_scales(layers: list[nn.Module], *, detach: bool = True) -> list[torch.Tensor]:
