@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from .recipe import register_stage
 from .stage import Stage, check_float, check_int
-from .training import logits_of, train
+from .training import LossAndLogits, logits_of, train
 
 if TYPE_CHECKING:
     from .pipeline import LossFn, RunContext, State
@@ -76,17 +76,19 @@ class Distillation(Stage):
         layout = torch.channels_last if state.example_input.dim() == 4 else torch.preserve_format
         teacher = state.teacher.to(ctx.device, memory_format=layout).eval()
 
-        def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
             with torch.no_grad():
                 logits_t = logits_of(teacher(inputs))
-            return kd_loss(
-                logits_of(m(inputs)),
+            logits = logits_of(m(inputs))
+            loss = kd_loss(
+                logits,
                 logits_t,
                 targets,
                 temperature=self.temperature,
                 alpha=self.alpha,
                 hard_loss=ctx.loss_fn,
             )
+            return loss, logits
 
         try:
             history = train(

@@ -12,7 +12,7 @@ from torch import nn
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .recipe import register_stage
 from .stage import Stage, check_float, check_int
-from .training import logits_of, train
+from .training import LossAndLogits, logits_of, train
 
 if TYPE_CHECKING:
     from .pipeline import RunContext, State
@@ -54,10 +54,11 @@ class SparsityTraining(Stage):
         use_bn = has_batchnorm(model)
         before = channel_scales(layers)
 
-        def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> torch.Tensor:
-            loss = ctx.loss_fn(logits_of(m(inputs)), targets)
+        def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
+            logits = logits_of(m(inputs))
+            loss = ctx.loss_fn(logits, targets)
             penalty = sum(scales.sum() for scales in channel_scales(layers, detach=False))
-            return loss + self.l1 * penalty
+            return loss + self.l1 * penalty, logits
 
         history = train(
             model, ctx, epochs=self.epochs, lr=self.lr, compute_loss=compute_loss, desc=ctx.step

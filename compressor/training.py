@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .errors import DataError, UserError
@@ -15,7 +17,8 @@ from .errors import DataError, UserError
 if TYPE_CHECKING:
     from .pipeline import RunContext
 
-ComputeLoss = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
+LossAndLogits = tuple[torch.Tensor, torch.Tensor]
+ComputeLoss = Callable[[nn.Module, torch.Tensor, Any], "torch.Tensor | LossAndLogits"]
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
@@ -53,8 +56,9 @@ def train(
 
     SGD with Nesterov momentum and a cosine learning-rate decay to zero, on ``ctx.device``
     (4-D inputs run channels-last, which is about twice as fast for convs on the CPU).
-    ``compute_loss(model, inputs, targets)`` gives the loss of one batch. The model comes
-    back on the CPU, in eval mode, with contiguous tensors.
+    ``compute_loss(model, inputs, targets)`` gives the loss of one batch, or ``(loss,
+    logits)``; with logits and class-index targets the progress bar also shows the running
+    training accuracy. The model comes back on the CPU, in eval mode, with contiguous tensors.
 
     Raises:
         DataError: the training data yields no batch.
@@ -85,13 +89,18 @@ def train(
                 leave=False,
                 unit="batch",
             )
-            loss_sum, batches = 0.0, 0
+            loss_sum, batches, correct, seen = 0.0, 0, 0, 0
             for batch in bar:
                 inputs = _to_device(data.input_fn(batch), device)
                 targets = _to_device(data.target_fn(batch), device)
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 loss = compute_loss(model, inputs, targets)
+                if isinstance(loss, tuple):
+                    loss, logits = loss
+                    hits = _correct(logits, targets)
+                    if hits is not None:
+                        correct, seen = correct + hits, seen + int(targets.shape[0])
                 if not torch.isfinite(loss):
                     msg = (
                         f"{desc}: the loss became {float(loss.detach())} in epoch {epoch + 1}; "
@@ -104,13 +113,70 @@ def train(
                 scheduler.step()
                 loss_sum += float(loss.detach())
                 batches += 1
-                bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+                postfix = {"loss": f"{loss_sum / batches:.4f}"}
+                if seen:
+                    postfix["acc"] = f"{correct / seen:.3f}"
+                bar.set_postfix(postfix)
             if batches == 0:
                 msg = f"{desc}: the training data yielded no batch in epoch {epoch + 1}"
                 raise DataError(msg)
             history.append(loss_sum / batches)
             if ctx.progress:
-                ctx.log(f"{desc} epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}")
+                acc = f", train accuracy {correct / seen:.4f}" if seen else ""
+                ctx.log(f"{desc} epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}{acc}")
     finally:
         model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return history
+
+
+def _correct(logits: torch.Tensor, targets: Any) -> int | None:
+    """Top-1 hits in a batch, when the targets are class indices for these logits."""
+    if (
+        isinstance(targets, torch.Tensor)
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        and logits.dim() == 2
+        and logits.shape[0] == targets.shape[0]
+    ):
+        return int((logits.detach().argmax(dim=1) == targets).sum())
+    return None
+
+
+def fit_baseline(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    limit_train_batches: int | None = None,
+) -> list[float]:
+    """Train ``model`` in place with cross-entropy (the CLI's ``--baseline-epochs``).
+
+    For models that arrive untrained (the demo, or ``--model`` without ``--weights``):
+    compressing a model that has learned nothing measures nothing but speed and size.
+    """
+    from .data import as_data_spec
+    from .measure import top1
+    from .pipeline import RunContext, resolve_device
+
+    data = as_data_spec(train_data, "train_data")
+    ctx = RunContext(
+        train_data=data,
+        eval_data=data,
+        output_dir=Path("."),
+        loss_fn=F.cross_entropy,
+        eval_fn=top1,
+        device=resolve_device(device),
+        seed=seed,
+        progress=progress,
+        limit_train_batches=limit_train_batches,
+    )
+
+    def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
+        logits = logits_of(m(inputs))
+        return F.cross_entropy(logits, targets), logits
+
+    return train(model, ctx, epochs=epochs, lr=lr, compute_loss=compute_loss, desc="baseline")
