@@ -7,13 +7,17 @@ callable with warm-up, a fixed thread count and medians.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import io
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,29 +99,53 @@ def ort_predictor(session: Any) -> Predict:
     return predict
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of repeated calls, and whether their median had settled."""
+
+    times: list[float]
+    stable: bool
+
+    @property
+    def median(self) -> float:
+        """The median wall time in seconds."""
+        return statistics.median(self.times)
+
+
 def timed_runs(
     run: Callable[[], Any],
     *,
-    min_time_s: float = 1.0,
-    min_repeats: int = 10,
-    max_repeats: int = 2000,
     warmup: int = 5,
-) -> list[float]:
-    """Wall times (seconds) of ``run()`` after ``warmup`` calls.
+    min_repeats: int = 20,
+    min_time_s: float = 0.5,
+    max_time_s: float = 10.0,
+    rel_tol: float = 0.02,
+) -> Timing:
+    """Time ``run()`` after ``warmup`` calls until the median is stable.
 
-    Repeats until both ``min_repeats`` and ``min_time_s`` are reached, or ``max_repeats``.
+    After ``min_repeats`` calls and ``min_time_s`` seconds, each round adds about a quarter
+    more calls; timing stops once the median moves by at most ``rel_tol`` between rounds,
+    or after ``max_time_s`` seconds (then ``stable`` is False).
     """
     for _ in range(warmup):
         run()
     times: list[float] = []
+    previous: float | None = None
     start = time.perf_counter()
-    while len(times) < max_repeats:
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= min_repeats and time.perf_counter() - start >= min_time_s:
-            break
-    return times
+    while True:
+        for _ in range(max(min_repeats - len(times), len(times) // 4, 1)):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if elapsed < min_time_s and elapsed < max_time_s:
+            continue
+        median = statistics.median(times)
+        if previous is not None and abs(median - previous) <= rel_tol * previous:
+            return Timing(times, stable=True)
+        if elapsed >= max_time_s:
+            return Timing(times, stable=False)
+        previous = median
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -139,23 +167,87 @@ def sample_batch(data: DataSpec, batch_size: int) -> torch.Tensor:
     return pool.repeat(reps, *([1] * (pool.dim() - 1)))[:batch_size].contiguous()
 
 
-def speed(predict: Predict, data: DataSpec, *, batch_size: int, throughput_batch: int) -> dict:
-    """p50/p95 latency at ``batch_size`` and throughput at ``throughput_batch``."""
+def speed(
+    predict: Predict,
+    data: DataSpec,
+    *,
+    batch_size: int = 1,
+    throughput_batches: Sequence[int] = (32,),
+) -> dict[str, Any]:
+    """p50/p95 latency at ``batch_size``, and throughput at each of ``throughput_batches``.
+
+    Returns the row fields ``latency_ms``, ``throughput`` (the first throughput batch size)
+    and ``throughput_by_batch`` (all of them).
+    """
     x1 = sample_batch(data, batch_size)
-    times = timed_runs(lambda: predict(x1))
-    xt = sample_batch(data, throughput_batch)
-    times_t = timed_runs(lambda: predict(xt), min_repeats=5)
+    timing = timed_runs(lambda: predict(x1))
+    by_batch = []
+    for size in throughput_batches:
+        xt = sample_batch(data, size)
+        median = timed_runs(lambda x=xt: predict(x), min_repeats=5, rel_tol=0.03).median
+        by_batch.append({"batch_size": size, "samples_per_s": round(size / median, 2)})
     return {
         "latency_ms": {
             "batch_size": batch_size,
-            "p50": round(statistics.median(times) * 1e3, 4),
-            "p95": round(_percentile(times, 95) * 1e3, 4),
+            "p50": round(timing.median * 1e3, 4),
+            "p95": round(_percentile(timing.times, 95) * 1e3, 4),
+            "repeats": len(timing.times),
+            "stable": timing.stable,
         },
-        "throughput": {
-            "batch_size": throughput_batch,
-            "samples_per_s": round(throughput_batch / statistics.median(times_t), 2),
-        },
+        "throughput": by_batch[0],
+        "throughput_by_batch": by_batch,
     }
+
+
+class PeakMemory:
+    """The process's peak resident memory while a block runs (Linux; elsewhere ``None``).
+
+    Linux keeps a high-water mark of resident memory (VmHWM) that writing ``5`` to
+    /proc/self/clear_refs resets; the block's peak is read after it. Freed heap is first
+    handed back to the OS (glibc ``malloc_trim``), so that memory an earlier row freed but
+    the allocator kept does not hide this block's increase.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        _malloc_trim()
+        self.start_bytes = _rss_bytes("VmRSS")
+        self.peak_bytes: int | None = None
+        try:
+            Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+        except OSError:
+            self.start_bytes = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.start_bytes is not None:
+            self.peak_bytes = _rss_bytes("VmHWM")
+
+    def to_dict(self) -> dict[str, int] | None:
+        """``peak_rss_bytes`` and ``increase_bytes`` (peak minus resident memory at the start)."""
+        if self.start_bytes is None or self.peak_bytes is None:
+            return None
+        return {
+            "peak_rss_bytes": self.peak_bytes,
+            "increase_bytes": max(0, self.peak_bytes - self.start_bytes),
+        }
+
+
+def _malloc_trim() -> None:
+    # Not glibc (no malloc_trim): the increase may then read low, never high.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_bytes(field_name: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def count_params_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -183,19 +275,19 @@ def measure_torch(
     *,
     name: str,
     data: DataSpec,
-    eval_fn: EvalFn,
+    eval_fn: EvalFn | None,
     example_input: torch.Tensor,
     threads: int,
-    throughput_batch: int = 32,
+    throughput_batches: Sequence[int] = (32,),
     details: dict[str, Any] | None = None,
 ) -> Row:
-    """Measure a torch model on the CPU: accuracy, size, params, MACs, latency."""
+    """Measure a torch model on the CPU: accuracy, size, params, MACs, latency, memory."""
     model = model.cpu().eval()
     params, macs = count_params_macs(model, example_input)
-    with torch_threads(threads):
+    with torch_threads(threads), PeakMemory() as memory:
         predict = torch_predictor(model)
-        accuracy = float(eval_fn(predict, data))
-        timing = speed(predict, data, batch_size=1, throughput_batch=throughput_batch)
+        accuracy = float(eval_fn(predict, data)) if eval_fn else None
+        timing = speed(predict, data, throughput_batches=throughput_batches)
     return Row(
         name=name,
         runtime="torch",
@@ -204,6 +296,7 @@ def measure_torch(
         params=params,
         macs=macs,
         size_bytes=state_dict_bytes(model),
+        memory=memory.to_dict(),
         details=details or {},
         **timing,
     )
@@ -215,17 +308,24 @@ def measure_onnx(
     name: str,
     precision: str,
     data: DataSpec,
-    eval_fn: EvalFn,
-    params: int,
-    macs: int,
+    eval_fn: EvalFn | None,
+    params: int | None,
+    macs: int | None,
     threads: int,
-    throughput_batch: int = 32,
+    throughput_batches: Sequence[int] = (32,),
+    latency_batch: int = 1,
     details: dict[str, Any] | None = None,
 ) -> Row:
-    """Measure an ONNX file in ONNX Runtime: accuracy from running it, file size, latency."""
-    predict = ort_predictor(ort_session(path, threads))
-    accuracy = float(eval_fn(predict, data))
-    timing = speed(predict, data, batch_size=1, throughput_batch=throughput_batch)
+    """Measure an ONNX file in ONNX Runtime: accuracy from running it, file size, latency.
+
+    ``eval_fn=None`` leaves accuracy out (``compressor bench`` has no labelled data).
+    """
+    with PeakMemory() as memory:
+        predict = ort_predictor(ort_session(path, threads))
+        accuracy = float(eval_fn(predict, data)) if eval_fn else None
+        timing = speed(
+            predict, data, batch_size=latency_batch, throughput_batches=throughput_batches
+        )
     return Row(
         name=name,
         runtime="onnxruntime",
@@ -234,9 +334,37 @@ def measure_onnx(
         params=params,
         macs=macs,
         size_bytes=Path(path).stat().st_size,
+        memory=memory.to_dict(),
         details=details or {},
         **timing,
     )
+
+
+def compare_outputs(reference: Predict, candidate: Predict, data: DataSpec) -> dict[str, Any]:
+    """Top-1 agreement and output differences of two predictors over all of ``data``."""
+    agree = total = 0
+    max_diff = sum_diff = 0.0
+    elements = 0
+    for batch in data:
+        inputs = data.input_fn(batch)
+        ref = reference(inputs).float()
+        out = candidate(inputs).float()
+        if out.shape != ref.shape:
+            msg = f"output shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}"
+            raise ValueError(msg)
+        diff = (out - ref).abs()
+        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+        sum_diff += float(diff.sum())
+        elements += diff.numel()
+        if ref.dim() >= 2:
+            agree += int((out.argmax(dim=1) == ref.argmax(dim=1)).sum())
+        total += int(ref.shape[0]) if ref.dim() else 1
+    return {
+        "top1_agreement": round(agree / total, 6) if total else None,
+        "max_abs_diff": round(max_diff, 6),
+        "mean_abs_diff": round(sum_diff / elements, 6) if elements else None,
+        "samples": total,
+    }
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -261,19 +389,44 @@ def cpu_info() -> tuple[str, list[str]]:
     return name, features
 
 
+def int8_support(machine: str, features: Sequence[str]) -> str:
+    """In words: which INT8 dot-product instructions the CPU has (from `cpu_info`)."""
+    found = [
+        label
+        for flag, label in (
+            ("amx_int8", "AMX-INT8"),
+            ("avx512_vnni", "AVX-512 VNNI"),
+            ("avx_vnni", "AVX-VNNI"),
+            ("asimddp", "ARM dot product"),
+            ("i8mm", "ARM I8MM"),
+        )
+        if flag in features
+    ]
+    if found:
+        return ", ".join(found)
+    if "avx2" in features:
+        return "none (AVX2 only: INT8 runs on VPMADDUBSW, about 2x FP32 at best)"
+    return f"none found ({machine})"
+
+
 def environment(threads: int) -> dict[str, Any]:
-    """Versions, CPU and threads, recorded in every report."""
+    """Versions, CPU and its INT8 instructions, and threads, recorded in every report."""
     import onnx
     import onnxruntime
 
+    from . import __version__
+
     cpu, features = cpu_info()
     return {
+        "compressor": __version__,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "cpu": cpu,
         "cpu_features": features,
+        "int8_instructions": int8_support(platform.machine(), features),
         "threads": threads,
     }

@@ -21,11 +21,14 @@ from .export import export_onnx
 from .layers import call_naming_layer
 from .measure import (
     EvalFn,
+    compare_outputs,
     count_params_macs,
     default_threads,
     environment,
     measure_onnx,
     measure_torch,
+    ort_predictor,
+    ort_session,
     sample_batch,
     top1,
 )
@@ -75,7 +78,7 @@ class RunContext:
     threads: int = 1
     progress: bool = True
     limit_train_batches: int | None = None
-    throughput_batch: int = 32
+    throughput_batches: tuple[int, ...] = (32,)
     step: str = ""
 
     def measure_settings(self) -> dict[str, Any]:
@@ -84,7 +87,7 @@ class RunContext:
             "data": self.eval_data,
             "eval_fn": self.eval_fn,
             "threads": self.threads,
-            "throughput_batch": self.throughput_batch,
+            "throughput_batches": self.throughput_batches,
         }
 
     def log(self, message: str) -> None:
@@ -159,7 +162,7 @@ class Pipeline:
         threads: int | None = None,
         progress: bool = True,
         limit_train_batches: int | None = None,
-        throughput_batch: int = 32,
+        throughput_batch: int | Sequence[int] = 32,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
 
@@ -177,7 +180,8 @@ class Pipeline:
             threads: CPU threads for every measurement (torch and ONNX Runtime alike).
             progress: show progress bars and stage messages on stderr.
             limit_train_batches: stop each training epoch after this many batches.
-            throughput_batch: batch size of the throughput measurement.
+            throughput_batch: batch size(s) of the throughput measurement; the first is the
+                row's ``throughput``, all are in its ``throughput_by_batch``.
 
         Returns:
             `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
@@ -199,7 +203,7 @@ class Pipeline:
             threads=threads or default_threads(),
             progress=progress,
             limit_train_batches=limit_train_batches,
-            throughput_batch=throughput_batch,
+            throughput_batches=_batch_sizes(throughput_batch),
         )
         state = self._start(model, ctx)
         for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
@@ -218,7 +222,11 @@ class Pipeline:
                     "onnx_path": state.onnx_path.name if state.onnx_path else None,
                 },
             )
-        report = Report(rows=list(state.rows), environment=environment(ctx.threads))
+        report = Report(
+            rows=list(state.rows),
+            environment=environment(ctx.threads),
+            parity=_final_parity(state, ctx),
+        )
         report.save(ctx.output_dir)
         ctx.log(f"done: {ctx.output_dir}")
         return PipelineResult(
@@ -284,6 +292,30 @@ class Pipeline:
             details=state.details,
             **common,
         )
+
+
+def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
+    """The final ONNX file's outputs against the FP32 baseline file's over the eval data."""
+    baseline = ctx.output_dir / "model.onnx"
+    if state.onnx_path is None or state.onnx_path == baseline:
+        return None
+    ctx.log(f"comparing {state.onnx_path.name} with model.onnx over the eval data")
+    reference = ort_predictor(ort_session(baseline, ctx.threads))
+    candidate = ort_predictor(ort_session(state.onnx_path, ctx.threads))
+    try:
+        parity = compare_outputs(reference, candidate, ctx.eval_data)
+    except ValueError as exc:  # a stage changed the output shape; nothing to compare
+        ctx.log(f"parity not measured: {exc}")
+        return None
+    return {"reference": baseline.name, "artifact": state.onnx_path.name, **parity}
+
+
+def _batch_sizes(value: int | Sequence[int]) -> tuple[int, ...]:
+    sizes = (value,) if isinstance(value, int) else tuple(value)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        msg = f"throughput_batch must be a positive int or a list of them (got: {value!r})"
+        raise UserError(msg)
+    return sizes
 
 
 def _cross_entropy(outputs: torch.Tensor, targets: Any) -> torch.Tensor:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ._io import write_text
+from .diagnosis import ACCURACY_THRESHOLD, diagnose
+from .errors import UserError, first_line
 
 SCHEMA_VERSION = 1
 
@@ -23,13 +25,20 @@ class Row:
     name: str
     runtime: str
     precision: str
-    accuracy: float
-    params: int
-    macs: int
+    accuracy: float | None
+    params: int | None
+    macs: int | None
     size_bytes: int
-    latency_ms: dict[str, float]
+    latency_ms: dict[str, Any]
     throughput: dict[str, float]
+    throughput_by_batch: list[dict[str, float]] = field(default_factory=list)
+    memory: dict[str, int] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``name (runtime precision)``, as tables and charts name the row."""
+        return f"{self.name} ({self.runtime} {self.precision})"
 
     def to_dict(self) -> dict[str, Any]:
         """The row as report.json holds it."""
@@ -62,24 +71,43 @@ def summarize(rows: list[Row]) -> dict[str, float | str | None]:
             (base_onnx or base_torch).size_bytes,
             final.size_bytes,
         ),
-        "accuracy_drop": round(base_torch.accuracy - final.accuracy, 6),
+        "accuracy_drop": (
+            round(base_torch.accuracy - final.accuracy, 6)
+            if final.accuracy is not None and base_torch.accuracy is not None
+            else None
+        ),
     }
 
 
 @dataclass
 class Report:
-    """Rows per stage plus the environment they were measured in, and a summary.
+    """Rows per stage, the environment they were measured in, a summary and a diagnosis.
 
-    ``str(report)`` is the Markdown table; `save` writes report.json and report.md.
+    ``str(report)`` is the Markdown table; `save` writes report.json, report.md and
+    report.html.
+
+    Attributes:
+        rows: the baseline (torch and ONNX Runtime) first, then one row per stage.
+        environment: versions, CPU, INT8 instructions and threads (see `measure.environment`).
+        parity: the final ONNX file's outputs against the FP32 baseline file's, over the
+            eval data (top-1 agreement, max and mean abs difference), when there is one.
+        accuracy_threshold: the accuracy drop (a fraction) above which `diagnosis` warns.
     """
 
     rows: list[Row]
     environment: dict[str, Any]
+    parity: dict[str, Any] | None = None
+    accuracy_threshold: float = ACCURACY_THRESHOLD
 
     @property
     def summary(self) -> dict[str, Any]:
         """Final artifact vs baseline: speedups, size ratio, accuracy drop."""
         return summarize(self.rows)
+
+    @property
+    def diagnosis(self) -> dict[str, Any]:
+        """Problems of the final artifact and their causes (see `compressor.diagnosis`)."""
+        return diagnose(self.rows, self.environment, accuracy_threshold=self.accuracy_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         """The report.json document."""
@@ -88,6 +116,8 @@ class Report:
             "environment": self.environment,
             "rows": [r.to_dict() for r in self.rows],
             "summary": self.summary,
+            "parity": self.parity,
+            "diagnosis": self.diagnosis,
         }
 
     def to_json(self) -> str:
@@ -96,61 +126,159 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        """Read a report.json document."""
-        return cls(rows=[Row.from_dict(r) for r in data["rows"]], environment=data["environment"])
+        """Read a report.json document (summary and diagnosis are recomputed)."""
+        try:
+            rows = [Row.from_dict(r) for r in data["rows"]]
+            environment = dict(data.get("environment") or {})
+        except (KeyError, TypeError, AttributeError) as exc:
+            msg = f"not a compressor report: {first_line(exc)}"
+            raise UserError(msg) from exc
+        threshold = (data.get("diagnosis") or {}).get("accuracy_threshold", ACCURACY_THRESHOLD)
+        return cls(rows, environment, parity=data.get("parity"), accuracy_threshold=threshold)
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
         """Read report.json from ``path``."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            msg = f"cannot read report {str(path)!r}: {exc.strerror or exc}"
+            raise UserError(msg) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            msg = f"{str(path)!r} is not JSON: {first_line(exc)}"
+            raise UserError(msg) from exc
+        if not isinstance(data, dict) or "rows" not in data:
+            msg = f"{str(path)!r} is not a compressor report.json (no 'rows')"
+            raise UserError(msg)
+        return cls.from_dict(data)
+
+    def throughput_batches(self) -> list[int]:
+        """The batch sizes every row's throughput was measured at."""
+        sizes: list[int] = []
+        for row in self.rows:
+            for entry in row.throughput_by_batch or [row.throughput]:
+                if entry.get("batch_size") not in sizes:
+                    sizes.append(entry["batch_size"])
+        return sizes
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """The comparison table as header cells and formatted row cells."""
+        sizes = self.throughput_batches()
+        latency_batch = self.rows[0].latency_ms.get("batch_size", 1) if self.rows else 1
+        header = [
+            "stage",
+            "runtime",
+            "precision",
+            "accuracy",
+            "params",
+            "MACs",
+            "size",
+            f"p50 ms (bs {latency_batch})",
+            f"p95 ms (bs {latency_batch})",
+            *[f"samples/s (bs {b})" for b in sizes],
+            "memory +MB",
+        ]
+        body = []
+        for r in self.rows:
+            by_batch = {e["batch_size"]: e["samples_per_s"] for e in r.throughput_by_batch}
+            by_batch.setdefault(r.throughput.get("batch_size"), r.throughput.get("samples_per_s"))
+            body.append(
+                [
+                    r.name,
+                    r.runtime,
+                    r.precision,
+                    "n/a" if r.accuracy is None else f"{r.accuracy:.4f}",
+                    _count(r.params),
+                    _count(r.macs),
+                    _size(r.size_bytes),
+                    f"{r.latency_ms['p50']:.3f}",
+                    f"{r.latency_ms['p95']:.3f}",
+                    *[_number(by_batch.get(b), ".1f") for b in sizes],
+                    _number((r.memory or {}).get("increase_bytes"), ".1f", scale=1e-6),
+                ]
+            )
+        return header, body
+
+    def summary_line(self) -> str | None:
+        """One sentence comparing the final artifact with the baseline."""
+        s = self.summary
+        if not s:
+            return None
+        drop = s["accuracy_drop"]
+        return (
+            f"Final ({s['final']}) vs baseline: "
+            f"{_x(s['speedup_vs_torch'])} faster than torch FP32, "
+            f"{_x(s['speedup_vs_onnx'])} faster than ONNX Runtime FP32, "
+            f"{_x(s['size_ratio'])} smaller, "
+            + ("accuracy drop n/a." if drop is None else f"accuracy drop {drop * 100:+.2f} points.")
+        )
+
+    def environment_line(self) -> str:
+        """Where and with what the rows were measured, in one sentence."""
+        env = self.environment
+        return (
+            f"Measured on {env.get('cpu')} (INT8 instructions: "
+            f"{env.get('int8_instructions', ', '.join(env.get('cpu_features', [])) or 'n/a')}), "
+            f"{env.get('threads')} threads; torch {env.get('torch')}, "
+            f"onnxruntime {env.get('onnxruntime')}."
+        )
+
+    def parity_line(self) -> str | None:
+        """The final file's agreement with the FP32 baseline file, in one sentence."""
+        p = self.parity
+        if not p:
+            return None
+        return (
+            f"Parity of {p.get('artifact')} with {p.get('reference')} over {p.get('samples')} "
+            f"eval samples: top-1 agreement {p.get('top1_agreement')}, max abs diff "
+            f"{p.get('max_abs_diff')}, mean abs diff {p.get('mean_abs_diff')}."
+        )
+
+    def notes(self) -> list[str]:
+        """The notes stages attached to their rows."""
+        return [n for r in self.rows for n in r.details.get("notes", [])]
 
     def to_markdown(self) -> str:
-        """The comparison table, with the summary and environment under it."""
-        head = (
-            "| stage | runtime | precision | top-1 | params | MACs | size | "
-            "p50 ms (bs 1) | p95 ms (bs 1) | samples/s (bs {tb}) |"
-        )
-        tb = self.rows[0].throughput.get("batch_size", "") if self.rows else ""
-        lines = [head.format(tb=tb), "|" + "---|" * 10]
-        for r in self.rows:
-            lines.append(
-                f"| {r.name} | {r.runtime} | {r.precision} | {r.accuracy:.4f} | "
-                f"{_count(r.params)} | {_count(r.macs)} | {_size(r.size_bytes)} | "
-                f"{r.latency_ms['p50']:.3f} | {r.latency_ms['p95']:.3f} | "
-                f"{r.throughput['samples_per_s']:.1f} |"
-            )
-        s = self.summary
-        if s:
-            lines += [
-                "",
-                f"Final ({s['final']}) vs baseline: "
-                f"{_x(s['speedup_vs_torch'])} faster than torch FP32, "
-                f"{_x(s['speedup_vs_onnx'])} faster than ONNX Runtime FP32, "
-                f"{_x(s['size_ratio'])} smaller, "
-                f"top-1 drop {s['accuracy_drop'] * 100:+.2f} points.",
-            ]
-        notes = [n for r in self.rows for n in r.details.get("notes", [])]
-        lines += [f"\nNote: {n}" for n in notes]
-        env = self.environment
-        features = ", ".join(env.get("cpu_features", [])) or "no INT8 features found"
-        lines += [
-            "",
-            f"Measured on {env.get('cpu')} ({features}), {env.get('threads')} threads; "
-            f"torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}.",
-        ]
+        """Diagnosis (if any), the comparison table, summary, parity, notes, environment."""
+        lines: list[str] = []
+        diagnosis = self.diagnosis
+        if diagnosis["problems"]:
+            lines += ["**Warning:**", ""]
+            lines += [f"- {p}" for p in diagnosis["problems"]]
+            lines += [f"- Cause: {c}" for c in diagnosis["causes"]]
+            lines.append("")
+        header, body = self.table()
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        lines.append("")
+        for line in (self.summary_line(), self.parity_line()):
+            if line:
+                lines += [line, ""]
+        lines += [f"Note: {n}\n" for n in self.notes()]
+        lines.append(self.environment_line())
         return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        """report.html: one self-contained page with the table and the charts."""
+        from .report_html import render_html
+
+        return render_html(self)
 
     def __str__(self) -> str:
         return self.to_markdown()
 
     def save(self, directory: str | Path) -> None:
-        """Write report.json and report.md into ``directory`` (atomically)."""
+        """Write report.json, report.md and report.html into ``directory`` (atomically)."""
         directory = Path(directory)
         write_text(directory / "report.json", self.to_json())
         write_text(directory / "report.md", self.to_markdown())
+        write_text(directory / "report.html", self.to_html())
 
 
-def _count(n: int) -> str:
+def _count(n: int | None) -> str:
+    if n is None:
+        return "n/a"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -162,6 +290,10 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def _number(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, spec)
 
 
 def _x(value: float | None) -> str:

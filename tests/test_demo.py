@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from browser import assert_report_renders
 
 from compressor.cli import main
 
@@ -18,3 +19,5 @@ def test_the_demo_shows_real_compression(tmp_path):
     assert final["latency_ms"]["p50"] < base_onnx["latency_ms"]["p50"]
     assert report["summary"]["accuracy_drop"] <= 0.02
     assert rows[("baseline", "torch")]["accuracy"] > 0.8  # the demo data means something
+    assert report["parity"]["top1_agreement"] > 0.85
+    assert_report_renders(out / "report.html", tmp_path, rows=len(report["rows"]))

@@ -52,7 +52,7 @@ def test_all_four_stages_end_to_end(cls, data, tmp_path):
     # the output folder contract
     assert result.onnx_path == tmp_path / "model.int8.onnx"
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"model.onnx", "model.int8.onnx", "report.json", "report.md", "checkpoints"} <= names
+    assert {"model.onnx", "model.int8.onnx", "report.json", "report.md", "report.html"} <= names
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 4
 
     # report.json schema

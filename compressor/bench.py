@@ -1,0 +1,129 @@
+"""Measure any ONNX file with the report's own code (`compressor bench`).
+
+Latency does not depend on the input values, so the files run on seeded random inputs
+of the shape the model declares; accuracy is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from .data import DataSpec
+from .errors import UserError, first_line
+from .measure import default_threads, environment, measure_onnx, ort_session
+from .report import Report, Row
+
+_INT8_OPS = ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+def bench(
+    paths: Sequence[str | Path],
+    *,
+    batch_sizes: Sequence[int] = (1, 32),
+    threads: int | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> Report:
+    """A report with one row per ONNX file, measured side by side in one process.
+
+    Args:
+        paths: ONNX files with one float input.
+        batch_sizes: latency (p50/p95) is measured at the first, throughput at the others
+            (at the first too when it is the only one).
+        threads: ONNX Runtime intra-op threads (default: all cores).
+        input_shape: the input's shape without the batch axis, for models that leave it
+            dynamic (e.g. ``[3, 224, 224]``).
+    """
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        msg = f"batch sizes must be >= 1 (got: {list(batch_sizes)})"
+        raise UserError(msg)
+    threads = threads or default_threads()
+    rows: list[Row] = []
+    for path in paths:
+        path = Path(path)
+        shape = _input_shape(path, input_shape, threads)
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn((max(sizes), *shape), generator=generator)
+        data = DataSpec([(inputs, None)])
+        params, precision = _params_and_precision(path)
+        row = measure_onnx(
+            path,
+            name=path.stem if path.suffix == ".onnx" else path.name,
+            precision=precision,
+            data=data,
+            eval_fn=None,
+            params=params,
+            macs=None,
+            threads=threads,
+            throughput_batches=sizes[1:] or sizes,
+            latency_batch=sizes[0],
+            details={"file": str(path), "input_shape": list(shape)},
+        )
+        rows.append(row)
+    return Report(rows=rows, environment=environment(threads))
+
+
+def _input_shape(path: Path, given: Sequence[int] | None, threads: int) -> list[int]:
+    if not path.is_file():
+        msg = f"ONNX file {str(path)!r} does not exist"
+        raise UserError(msg)
+    try:
+        session = ort_session(path, threads)
+    except Exception as exc:
+        msg = f"ONNX Runtime cannot load {str(path)!r}: {first_line(exc)}"
+        raise UserError(msg) from exc
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        found = ", ".join(f"{i.name}: {i.type}" for i in inputs)
+        msg = f"bench measures models with one float input; {path.name} has: {found}"
+        raise UserError(msg)
+    declared = inputs[0].shape[1:]
+    if given is not None:
+        if len(given) != len(declared) or any(
+            isinstance(d, int) and d != g for d, g in zip(declared, given, strict=False)
+        ):
+            msg = (
+                f"--input-shape {list(given)} does not fit {path.name}'s input "
+                f"{inputs[0].shape} (give the shape without the batch axis)"
+            )
+            raise UserError(msg)
+        return [int(g) for g in given]
+    if not all(isinstance(d, int) for d in declared):
+        msg = (
+            f"{path.name}'s input shape {inputs[0].shape} has dynamic axes besides the batch; "
+            "pass --input-shape, e.g. --input-shape 3 224 224"
+        )
+        raise UserError(msg)
+    return list(declared)
+
+
+def _params_and_precision(path: Path) -> tuple[int, str]:
+    """Weights in the file (Q/DQ scales and zero points left out) and fp32 or int8."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    quant_params: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            quant_params.update(node.input[1:])
+    params = 0
+    for init in graph.initializer:
+        if init.name not in quant_params and len(init.dims) > 0:
+            count = 1
+            for dim in init.dims:
+                count *= dim
+            params += count
+    precision = "int8" if any(n.op_type in _INT8_OPS for n in graph.node) else "fp32"
+    return params, precision
+
+
+def bench_summary(report: Report) -> dict[str, Any]:
+    """Each file's p50 latency relative to the first file's (side-by-side speedups)."""
+    if not report.rows:
+        return {}
+    first = report.rows[0].latency_ms["p50"]
+    return {r.name: round(first / r.latency_ms["p50"], 3) for r in report.rows}

@@ -1,0 +1,180 @@
+"""report.html: the report as one self-contained page, with charts drawn by matplotlib.
+
+The charts are inline SVG (text drawn as paths), so the file needs no network, fonts or
+scripts, and opens the same in any browser or when mailed around.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .report import Report, Row
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 72rem; padding: 0 1rem; color: #1d232a; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+table { border-collapse: collapse; font-size: 0.85rem; }
+th, td { border: 1px solid #d0d7de; padding: 0.3rem 0.55rem; text-align: right; }
+th { background: #f3f5f7; } td:nth-child(-n+3) { text-align: left; }
+tr.final td { font-weight: 600; background: #eef7ee; }
+.warning { border-left: 4px solid #d1242f; background: #fff4f4; padding: 0.6rem 1rem; }
+.ok { border-left: 4px solid #1a7f37; background: #f1faf3; padding: 0.6rem 1rem; }
+.chart svg { max-width: 100%; height: auto; }
+.env td { text-align: left; }
+"""
+
+_COLORS = {"torch": "#4c72b0", "onnxruntime": "#dd8452"}
+
+
+def render_html(report: Report) -> str:
+    """The whole page: diagnosis, table, summary, charts, notes and environment."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>compressor report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>compressor report</h1>",
+        _diagnosis_html(report),
+        "<h2>Comparison</h2>",
+        _table_html(report),
+    ]
+    for line in (report.summary_line(), report.parity_line()):
+        if line:
+            parts.append(f"<p>{e(line)}</p>")
+    if report.rows:
+        parts += [
+            "<h2>Accuracy vs latency</h2>",
+            f'<figure class="chart" id="accuracy-latency">{_svg(_accuracy_chart(report.rows))}'
+            "</figure>",
+            "<h2>Size, MACs and latency per stage</h2>",
+            f'<figure class="chart" id="per-stage">{_svg(_stage_bars(report.rows))}</figure>',
+        ]
+    notes = report.notes()
+    if notes:
+        parts.append("<h2>Notes</h2><ul>")
+        parts += [f"<li>{e(n)}</li>" for n in notes]
+        parts.append("</ul>")
+    parts += ["<h2>Environment</h2>", '<table class="env">']
+    for key, value in report.environment.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        parts.append(f"<tr><th>{e(str(key))}</th><td>{e(str(shown))}</td></tr>")
+    parts += ["</table>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _diagnosis_html(report: Report) -> str:
+    diagnosis = report.diagnosis
+    if not diagnosis["problems"]:
+        return '<div class="ok" id="diagnosis">No problems found.</div>'
+    items = [f"<li>{html.escape(p)}</li>" for p in diagnosis["problems"]]
+    causes = [f"<li>{html.escape(c)}</li>" for c in diagnosis["causes"]]
+    return (
+        '<div class="warning" id="diagnosis"><strong>Warning</strong><ul>'
+        + "".join(items)
+        + "</ul>"
+        + (f"<strong>Causes found</strong><ul>{''.join(causes)}</ul>" if causes else "")
+        + "</div>"
+    )
+
+
+def _table_html(report: Report) -> str:
+    header, body = report.table()
+    rows = ['<table id="comparison"><thead><tr>']
+    rows += [f"<th>{html.escape(h)}</th>" for h in header]
+    rows.append("</tr></thead><tbody>")
+    for index, cells in enumerate(body):
+        final = ' class="final"' if index == len(body) - 1 and index > 1 else ""
+        rows.append(f"<tr{final}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells))
+        rows.append("</tr>")
+    rows.append("</tbody></table>")
+    return "".join(rows)
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _svg(figure: Figure) -> str:
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "compressor"}):
+        figure.savefig(
+            buffer, format="svg", metadata=dict.fromkeys(("Date", "Creator", "Format", "Type"))
+        )
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _accuracy_chart(rows: list[Row]) -> Figure:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    figure = _figure(8.5, 4.2)
+    ax = figure.add_subplot()
+    measured = False
+    for index, row in enumerate(rows):
+        if row.accuracy is None:
+            continue
+        measured = True
+        is_base, is_final = row.name == "baseline", index == len(rows) - 1
+        tag = " [baseline]" if is_base else (" [final]" if is_final else "")
+        ax.scatter(
+            row.latency_ms["p50"],
+            row.accuracy,
+            s=150 if is_base or is_final else 60,
+            marker="s" if is_base else ("*" if is_final else "o"),
+            color=_COLORS.get(row.runtime, "#55a868"),
+            edgecolors="black" if is_base or is_final else "none",
+            zorder=3,
+            label=f"{index + 1}. {row.label}{tag}",
+        )
+        # Numbers, not names, beside the points: names of close points would overlap.
+        ax.annotate(
+            str(index + 1),
+            (row.latency_ms["p50"], row.accuracy),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=9,
+        )
+    if not measured:
+        ax.text(0.5, 0.5, "no accuracy measured", ha="center", transform=ax.transAxes)
+    else:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("p50 latency at batch 1, ms (log scale; left is faster)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    return figure
+
+
+def _stage_bars(rows: list[Row]) -> Figure:
+    figure = _figure(10, 3.6)
+    labels = [f"{r.name}\n{r.runtime} {r.precision}" for r in rows]
+    colors = [_COLORS.get(r.runtime, "#55a868") for r in rows]
+    panels = (
+        ("size, MB", [r.size_bytes / 1e6 for r in rows]),
+        ("MACs, millions", [(r.macs or 0) / 1e6 for r in rows]),
+        ("p50 latency at batch 1, ms", [r.latency_ms["p50"] for r in rows]),
+    )
+    for index, (title, values) in enumerate(panels):
+        ax = figure.add_subplot(1, 3, index + 1)
+        ax.barh(range(len(rows)), values, color=colors)
+        ax.set_yticks(range(len(rows)), labels if index == 0 else [""] * len(rows), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="x", alpha=0.3)
+    return figure
