@@ -40,8 +40,9 @@ class StructuredPruning(Stage):
             `SparsityTraining` drives toward zero; also ``l1``, ``lamp``, ``fpgm``, ``random``.
         ignored_layers: names of further layers to leave whole (e.g. ``["features.0"]``).
         round_to: keep channel counts a multiple of this (INT8 kernels run faster at multiples
-            of 8 or 16); ``null`` for no rounding. A layer that would keep fewer channels than
-            ``round_to`` is left whole.
+            of 8 or 16); ``null`` for no rounding. A layer that ``ratio`` would cut below
+            ``round_to`` channels keeps ``round_to`` of them; one no wider than that is left
+            whole.
         global_pruning: rank channels across all layers instead of per layer.
         bn_recalibration_batches: after pruning, re-estimate BatchNorm statistics on this
             many training batches (0: don't). Removing channels shifts every later layer's
@@ -192,9 +193,9 @@ def prune(
     params_before, macs_before = count_params_macs(model, example_input)
     with torch.no_grad():
         out_before = model(example_input)
-    narrow = [
-        n for n in _narrow_layers(model, options.round_to, options.ratio) if n not in ignored_names
-    ]
+    narrow, capped = _narrow_layers(model, options.round_to, options.ratio)
+    narrow = [n for n in narrow if n not in ignored_names]
+    capped = {n: r for n, r in capped.items() if n not in ignored_names}
 
     def build_and_step() -> None:
         with warnings.catch_warnings():
@@ -206,6 +207,7 @@ def prune(
                 pruning_ratio=options.ratio,
                 global_pruning=options.global_pruning,
                 ignored_layers=[modules[n] for n in ignored_names] + [modules[n] for n in narrow],
+                pruning_ratio_dict={modules[n]: r for n, r in capped.items()} or None,
                 round_to=options.round_to,
             )
             pruner.step()
@@ -233,6 +235,7 @@ def prune(
             "ratio": options.ratio,
             "round_to": options.round_to,
             "left_whole": ignored_names + narrow,
+            "kept_at_round_to": sorted(capped),
             "params_before": params_before,
             "macs_before": macs_before,
             "params_ratio": round(params_after / params_before, 4) if params_before else None,
@@ -242,18 +245,28 @@ def prune(
     return model, details
 
 
-def _narrow_layers(model: nn.Module, round_to: int | None, ratio: float) -> list[str]:
-    # torch-pruning rounds the *kept* channels down to a multiple of round_to, so a layer
-    # that would keep fewer than round_to channels would lose them all; leave it whole.
+def _narrow_layers(
+    model: nn.Module, round_to: int | None, ratio: float
+) -> tuple[list[str], dict[str, float]]:
+    """Layers that ``ratio`` would cut below ``round_to`` channels.
+
+    torch-pruning rounds the *kept* channels down to a multiple of ``round_to``, so such a
+    layer would lose them all. Layers narrower than ``round_to`` are left whole (the first
+    list); the others keep exactly ``round_to`` channels (name -> the ratio that does it).
+    """
     if not round_to or round_to <= 1:
-        return []
-    narrow = []
+        return [], {}
+    narrow, capped = [], {}
     for name, m in model.named_modules():
         width = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
-        weighted = isinstance(m, WEIGHTED_LAYERS)
-        if weighted and width is not None and width * (1 - ratio) < round_to:
+        if not isinstance(m, WEIGHTED_LAYERS) or width is None or width * (1 - ratio) >= round_to:
+            continue
+        if width <= round_to:
             narrow.append(name)
-    return narrow
+        else:
+            # +0.5: torch-pruning truncates width * (1 - ratio); 15.999 would become 15, not 16
+            capped[name] = 1 - (round_to + 0.5) / width
+    return narrow, capped
 
 
 def _shape(out: Any) -> Any:

@@ -65,6 +65,18 @@ def test_layers_too_narrow_for_round_to_are_left_whole(example):
     assert "stem.0" in details["pruning"]["left_whole"]
 
 
+def test_layers_ratio_would_cut_below_round_to_keep_round_to_channels(example):
+    # width 48 at ratio 0.7 keeps 14.4 channels: below 16, so those layers keep 16 (not 0,
+    # and not all 48); the 96-wide layer keeps 96 * 0.3 = 28.8 -> 16 as round_to rounds down.
+    model = TinyResNet(width=48).eval()
+    pruned, details = prune(model, example, cz.StructuredPruning(ratio=0.7, round_to=16))
+    found = widths(pruned)
+    assert found["stem.0"] == found["conv1"] == 16
+    assert found["down.0"] == 16
+    assert "stem.0" in details["pruning"]["kept_at_round_to"]
+    assert "stem.0" not in details["pruning"]["left_whole"]
+
+
 def test_ignored_layers_are_left_whole_and_unknown_names_fail(example):
     pruned, _ = prune(
         TinyResNet().eval(),
