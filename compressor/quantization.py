@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -208,7 +210,13 @@ class Int8Quantization(Stage):
                 ctx.train_data, "input", self.calibration_samples, ctx.progress
             )
             ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
-            with atomic_path(final) as out, warnings.catch_warnings():
+            # ONNX Runtime's histogram calibrators print progress on stdout, which belongs
+            # to the caller (compressor compress --json writes its JSON there).
+            with (
+                atomic_path(final) as out,
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(sys.stderr),
+            ):
                 warnings.simplefilter("ignore")
                 quantize_static(
                     str(source),
