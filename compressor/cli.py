@@ -1,4 +1,9 @@
-"""`compressor compress`: a thin command-line layer over `Pipeline.run`."""
+"""The `compressor` command: a thin layer over the Python API.
+
+``compress`` runs the pipeline on a model and data named by specs (see `sources`),
+``report`` re-renders a report, ``bench`` measures ONNX files. User errors print one line
+and exit with status 2; ``--debug`` shows their traceback.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,30 @@ from .errors import UserError
 
 EXAMPLES = """examples:
   compressor compress                          # the embedded demo, no download
-  compressor compress --recipe recipe.yaml --output runs/demo --overwrite
+  compressor compress --model torchvision:resnet18 --num-classes 10 \\
+      --data imagefolder:~/data/imagenette --recipe balanced --output runs/r18
+  compressor compress --model mynet.py:build --weights mynet.pt --data cifar10:~/data \\
+      --recipe recipe.yaml --ratio 0.6 --epochs 2 --output runs/mynet
+  compressor compress --recipe fast --print-recipe   # the resolved recipe, then exit
   compressor report runs/demo/report.json      # re-render report.md and report.html
   compressor bench runs/demo/model.onnx runs/demo/model.int8.onnx --batch-sizes 1 32
 """
 
 _ARTIFACTS = ("model.onnx", "model.int8.onnx", "report.json", "report.md", "report.html")
+
+# Shortcut flags: flag -> recipe key they set (``option`` = every stage that takes it).
+_OVERRIDES = {
+    "epochs": ("epochs", int, "epochs of every training stage"),
+    "lr": ("lr", float, "learning rate of every training stage"),
+    "l1": ("sparsity_training.l1", float, "sparsity penalty"),
+    "ratio": ("structured_pruning.ratio", float, "share of channels to prune"),
+    "importance": ("structured_pruning.importance", str, "channel importance criterion"),
+    "round_to": ("structured_pruning.round_to", int, "round pruned widths to a multiple"),
+    "temperature": ("distillation.temperature", float, "distillation temperature"),
+    "alpha": ("distillation.alpha", float, "weight of the soft-target loss"),
+    "calibration_samples": ("int8_quantization.calibration_samples", int, "INT8 calibration"),
+    "calibration_method": ("int8_quantization.method", str, "minmax, entropy or percentile"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,61 +54,153 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    _add_compress(commands, common)
+    _add_report(commands, common)
+    _add_bench(commands, common)
+    return parser
+
+
+def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
     compress = commands.add_parser(
         "compress",
+        parents=[common],
         help="run the compression pipeline (with no options: the embedded demo)",
-        description="Run the compression pipeline. With no model or data options it trains "
-        "the embedded demo model on the embedded Fashion-MNIST subset, then compresses it.",
+        description="Run sparsity training, structured pruning, distillation and INT8\n"
+        "quantization on a model, then write the INT8 ONNX file and a report. With no\n"
+        "--model and --data it trains the embedded demo model on the embedded\n"
+        "Fashion-MNIST subset first (no download).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    recipe = compress.add_argument_group("recipe")
-    recipe.add_argument("--recipe", type=Path, help="YAML recipe naming the stages and options")
+    model = compress.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="demo",
+        metavar="SPEC",
+        help="torchvision:NAME, path/to/file.py:factory, package.module:factory, a pickled "
+        "module file (with --trust-pickle), or demo (default)",
+    )
+    model.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head")
+    model.add_argument(
+        "--weights",
+        type=Path,
+        metavar="FILE",
+        help="a state_dict (or compressor checkpoint) to load into the model",
+    )
+    model.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickled files (running code from them); off: torch.load(weights_only=True)",
+    )
+    model.add_argument(
+        "--baseline-epochs",
+        type=int,
+        metavar="N",
+        help="train the model N epochs before compressing (default: 3 for the demo model, else 0)",
+    )
+    model.add_argument(
+        "--baseline-lr", type=float, default=0.05, metavar="LR", help="(default: 0.05)"
+    )
+    data = compress.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default="demo",
+        metavar="SPEC",
+        help="imagefolder:DIR, fashion-mnist:DIR, mnist:DIR, cifar10:DIR, or demo (default)",
+    )
+    data.add_argument("--download", action="store_true", help="fetch a torchvision data set")
+    data.add_argument("--input-size", type=int, metavar="PX", help="resize images to PX x PX")
+    data.add_argument(
+        "--channels", type=int, metavar="C", help="1 or 3: convert images (default: the data's)"
+    )
+    data.add_argument(
+        "--mean", type=float, nargs="+", metavar="X", help="normalisation mean per channel"
+    )
+    data.add_argument(
+        "--std", type=float, nargs="+", metavar="X", help="normalisation std per channel"
+    )
+    data.add_argument("--batch-size", type=int, metavar="N", help="(default: 64; imagefolder 32)")
+    data.add_argument("--workers", type=int, default=0, metavar="N", help="data loader workers")
+    data.add_argument(
+        "--val-split",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="imagefolder without train/ and val/: the share held out (default: 0.2)",
+    )
+    recipe = compress.add_argument_group(
+        "recipe", "flags below override the recipe; docs/recipes.md lists every option"
+    )
+    recipe.add_argument(
+        "--recipe",
+        metavar="FILE|PRESET",
+        help="YAML recipe or a preset: fast, balanced, max-compression (default: balanced; "
+        "the demo model: the demo recipe)",
+    )
+    recipe.add_argument(
+        "--print-recipe", action="store_true", help="print the resolved recipe and exit"
+    )
+    for flag, (key, kind, text) in _OVERRIDES.items():
+        recipe.add_argument(
+            f"--{flag.replace('_', '-')}",
+            type=kind,
+            default=None,
+            metavar={int: "N", float: "X", str: "NAME"}[kind],
+            help=f"{text} ({key})",
+        )
+    recipe.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.OPTION=VALUE",
+        help="set any option (repeatable), e.g. --set distillation.lr=0.005",
+    )
     out = compress.add_argument_group("output")
     out.add_argument(
-        "--output", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
+        "--output",
+        type=Path,
+        default=Path("runs/demo"),
+        metavar="DIR",
+        help="output folder (default: runs/demo)",
     )
     out.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty output folder"
     )
     out.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     run = compress.add_argument_group("run")
+    run.add_argument("--device", help="training device: cpu, cuda, cuda:N (default: cuda if any)")
     run.add_argument(
-        "--device",
-        default=None,
-        help="training device: cpu, cuda, cuda:N (default: cuda if available)",
+        "--seed", type=int, default=0, metavar="N", help="seed of data order and training"
     )
     run.add_argument(
-        "--seed", type=int, default=0, help="seed of every training stage (default: 0)"
-    )
-    run.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for measuring (default: all cores)"
+        "--threads", type=int, metavar="N", help="CPU threads for measuring (default: all)"
     )
     run.add_argument(
         "--limit-train-batches",
         type=int,
-        default=None,
         metavar="N",
         help="stop each training epoch after N batches (quick trials)",
     )
-    demo = compress.add_argument_group("demo")
-    demo.add_argument(
-        "--baseline-epochs",
+    run.add_argument(
+        "--throughput-batch",
         type=int,
-        default=3,
+        nargs="+",
+        default=[32],
         metavar="N",
-        help="epochs to train the demo model before compressing it (default: 3)",
+        help="batch size(s) of the throughput measurement (default: 32)",
     )
     compress.set_defaults(func=_compress)
-    _add_report(commands)
-    _add_bench(commands)
-    return parser
 
 
-def _add_report(commands: Any) -> None:
+def _add_report(commands: Any, common: argparse.ArgumentParser) -> None:
     report = commands.add_parser(
         "report",
+        parents=[common],
         help="re-render report.md and report.html from a report.json",
         description="Read OUTPUT/report.json, print its table and write report.md and "
         "report.html beside it again (the diagnosis is recomputed).",
@@ -97,13 +212,13 @@ def _add_report(commands: Any) -> None:
         metavar="F",
         help="warn when accuracy falls by more than F (a fraction; default: the report's)",
     )
-    report.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     report.set_defaults(func=_report)
 
 
-def _add_bench(commands: Any) -> None:
+def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
     bench = commands.add_parser(
         "bench",
+        parents=[common],
         help="measure ONNX files with the report's code and print the same table",
         description="Measure one or more ONNX files in ONNX Runtime, side by side, on seeded "
         "random inputs: p50/p95 latency at the first batch size, throughput at the others.",
@@ -117,7 +232,9 @@ def _add_bench(commands: Any) -> None:
         metavar="N",
         help="latency at the first, throughput at the rest (default: 1 32)",
     )
-    bench.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    bench.add_argument(
+        "--threads", type=int, metavar="N", help="ONNX Runtime threads (default: all cores)"
+    )
     bench.add_argument(
         "--input-shape",
         nargs="+",
@@ -126,12 +243,11 @@ def _add_bench(commands: Any) -> None:
         help="input shape without the batch axis, for models whose shape is dynamic",
     )
     bench.add_argument("--json", action="store_true", help="print the rows as JSON")
-    bench.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     bench.set_defaults(func=_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (2 for a user error)."""
+    """Run the command line; return the exit status (2 for a user error, 130 on Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -140,9 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        if getattr(args, "debug", False):
+        if args.debug:
             traceback.print_exc()
-        print(f"compressor: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"compressor: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("compressor: interrupted; finished stages' checkpoints are kept", file=sys.stderr)
@@ -150,34 +267,130 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    import torch
+
     from .pipeline import Pipeline
-    from .sources import DEMO_RECIPE
+    from .recipe import recipe_to_yaml
+    from .sources import DataOptions, check_model_fits_data, load_data, load_model
+    from .training import fit_baseline
 
-    for flag in ("threads", "limit_train_batches", "baseline_epochs"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            msg = f"--{flag.replace('_', '-')} must be >= 1 (got: {value})"
-            raise UserError(msg)
-    pipeline = (
-        Pipeline.from_recipe(args.recipe) if args.recipe else Pipeline.from_recipe(DEMO_RECIPE)
+    _check_positive(args, "threads", "limit_train_batches", "num_classes")
+    if min(args.throughput_batch) < 1:
+        msg = f"--throughput-batch sizes must be >= 1 (got: {args.throughput_batch})"
+        raise UserError(msg)
+    if args.baseline_epochs is not None and args.baseline_epochs < 0:
+        msg = f"--baseline-epochs must be >= 0 (got: {args.baseline_epochs})"
+        raise UserError(msg)
+    pipeline = Pipeline.from_recipe(_resolve_recipe(args))
+    if args.print_recipe:
+        print(recipe_to_yaml(pipeline.stages), end="")
+        return 0
+    progress = not args.quiet
+    options = DataOptions(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        input_size=args.input_size,
+        channels=args.channels,
+        mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+        download=args.download,
+        val_split=args.val_split,
+        seed=args.seed,
     )
+    train_loader, val_loader, info = load_data(args.data, options)
+    torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
+    model = load_model(
+        args.model,
+        num_classes=args.num_classes or (info.num_classes if args.model == "demo" else None),
+        weights=args.weights,
+        trust_pickle=args.trust_pickle,
+        in_channels=info.channels,
+    )
+    check_model_fits_data(model, info)
     output = _check_output(args.output, args.overwrite)
-    from .sources import run_demo
-
+    epochs = args.baseline_epochs
+    if epochs is None:
+        epochs = 3 if args.model == "demo" and args.weights is None else 0
+    if epochs == 0 and args.weights is None and args.model.startswith("torchvision:"):
+        print(
+            f"compressor: warning: {args.model} has random weights and --baseline-epochs is 0; "
+            "the report's accuracy will mean nothing (pass --weights or --baseline-epochs)",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
-    result = run_demo(
-        pipeline,
-        output,
-        baseline_epochs=args.baseline_epochs,
+    if epochs:
+        if progress:
+            print(
+                f"[compressor] baseline: training {args.model} for {epochs} epoch(s) on "
+                f"{info.train_samples} samples of {info.source}",
+                file=sys.stderr,
+            )
+        fit_baseline(
+            model,
+            train_loader,
+            epochs=epochs,
+            lr=args.baseline_lr,
+            device=args.device,
+            seed=args.seed,
+            progress=progress,
+            limit_train_batches=args.limit_train_batches,
+        )
+    result = pipeline.run(
+        model,
+        train_loader,
+        val_loader,
+        output_dir=output,
         device=args.device,
         seed=args.seed,
         threads=args.threads,
-        progress=not args.quiet,
+        progress=progress,
         limit_train_batches=args.limit_train_batches,
+        throughput_batch=args.throughput_batch,
     )
+    if args.json:
+        document = {
+            "output_dir": str(result.output_dir),
+            "onnx_path": str(result.onnx_path) if result.onnx_path else None,
+            "seconds": round(time.perf_counter() - start, 1),
+            **result.report.to_dict(),
+        }
+        print(json.dumps(document, indent=2))
+        return 0
     print(result.report.to_markdown())
     print(f"Wrote {result.onnx_path or output} in {time.perf_counter() - start:.0f} s.")
     return 0
+
+
+def _resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe named by --recipe (or the default), with the override flags applied."""
+    import yaml
+
+    from .demo import DEMO_RECIPE
+    from .errors import RecipeError
+    from .recipe import override_recipe, read_recipe
+
+    if args.recipe:
+        recipe = read_recipe(args.recipe)
+    elif args.model == "demo":
+        recipe = DEMO_RECIPE
+    else:
+        recipe = read_recipe("balanced")
+    for flag, (key, _, _) in _OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            recipe = override_recipe(recipe, key, value)
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            msg = f"--set takes STAGE.OPTION=VALUE (got: {item!r})"
+            raise RecipeError(msg)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            msg = f"--set {item!r}: the value is not valid YAML"
+            raise RecipeError(msg) from exc
+        recipe = override_recipe(recipe, key.strip(), value)
+    return recipe
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -205,6 +418,14 @@ def _check_output(path: Path, overwrite: bool) -> Path:
             (path / name).unlink(missing_ok=True)
         for checkpoint in (path / "checkpoints").glob("[0-9][0-9]_*.pt"):
             checkpoint.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".compressor-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        msg = f"cannot write to output folder {str(path)!r}: {exc.strerror or exc}"
+        raise UserError(msg) from exc
     return path
 
 
@@ -246,6 +467,12 @@ def _bench(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{name} {value:.2f}x" for name, value in speedups.items())
         print(f"p50 speedup vs {first}: {shown}")
     return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"compressor {__version__}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -126,7 +126,7 @@ class Pipeline:
 
     @classmethod
     def from_recipe(cls, recipe: Mapping[str, Any] | str | Path) -> Pipeline:
-        """Build a pipeline from a recipe mapping or a YAML recipe file."""
+        """Build a pipeline from a recipe mapping, a YAML recipe file or a preset name."""
         if isinstance(recipe, Mapping):
             return cls(stages_from_recipe(recipe))
         return cls(load_recipe(recipe))

@@ -17,6 +17,10 @@ from .stage import Stage
 
 STAGES: dict[str, type[Stage]] = {}
 
+_PRESET_DIR = Path(__file__).parent / "recipes"
+PRESETS = ("fast", "balanced", "max-compression")
+"""Recipes shipped in compressor/recipes/NAME.yaml; docs/recipes.md compares them."""
+
 S = TypeVar("S", bound=type[Stage])
 
 
@@ -71,20 +75,63 @@ def stages_from_recipe(recipe: Mapping[str, Any]) -> list[Stage]:
     return stages
 
 
-def load_recipe(path: str | Path) -> list[Stage]:
-    """Read a YAML recipe file and return its stages."""
-    path = Path(path)
+def read_recipe(source: str | Path) -> dict[str, Any]:
+    """The recipe mapping in a YAML file, or of a shipped preset (see `PRESETS`)."""
+    if isinstance(source, str) and source in PRESETS:
+        path = _PRESET_DIR / f"{source}.yaml"
+    else:
+        path = Path(source).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        msg = f"cannot read recipe {str(path)!r}: {exc.strerror or exc}"
+        msg = (
+            f"cannot read recipe {str(path)!r}: {exc.strerror or exc} "
+            f"(presets: {', '.join(PRESETS)})"
+        )
         raise RecipeError(msg) from exc
     try:
         recipe = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         msg = f"recipe {str(path)!r} is not valid YAML: {exc}".replace("\n", " ")
         raise RecipeError(msg) from exc
-    return stages_from_recipe(recipe)
+    if not isinstance(recipe, dict):
+        msg = f"recipe {str(path)!r} must be a mapping with a 'stages' list"
+        raise RecipeError(msg)
+    return recipe
+
+
+def load_recipe(source: str | Path) -> list[Stage]:
+    """Read a YAML recipe file (or a preset name) and return its stages."""
+    return stages_from_recipe(read_recipe(source))
+
+
+def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of a valid ``recipe`` mapping with one option set.
+
+    ``key`` is ``stage.option`` (every stage of that name) or a bare ``option`` (every stage
+    in the recipe that takes it, e.g. ``epochs``).
+
+    Raises:
+        RecipeError: no stage in the recipe takes that option.
+    """
+    stage_name, _, option = key.rpartition(".")
+    normalized = recipe_to_dict(stages_from_recipe(recipe))["stages"]
+    stages, hits = [], 0
+    for entry in normalized:
+        ((name, options),) = entry.items()
+        if option in options and stage_name in ("", name):
+            options = {**options, option: value}
+            hits += 1
+        stages.append({name: options})
+    if not hits:
+        where = f"stage {stage_name!r}" if stage_name else "stage"
+        present = ", ".join(next(iter(e)) for e in normalized)
+        msg = (
+            f"no {where} in the recipe takes option {option!r} (its stages: {present}); "
+            "use --set STAGE.OPTION=VALUE with one of them, or add the stage to the recipe"
+        )
+        raise RecipeError(msg)
+    return {"stages": stages}
 
 
 def recipe_to_dict(stages: Iterable[Stage]) -> dict[str, Any]:

@@ -1,141 +1,495 @@
-"""The embedded demo: a small residual CNN and a Fashion-MNIST subset shipped in the package."""
+"""Model and data specs, as the CLI names them: ``torchvision:resnet18``, ``imagefolder:DIR``.
+
+Each loader turns a spec string into a ready object or raises a `UserError` whose message
+names the bad part and the fix. Nothing is downloaded unless asked (``download=True``), and
+no pickled object is loaded unless asked (``trust_pickle=True``).
+"""
 
 from __future__ import annotations
 
-from importlib import resources
+import difflib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import DataSpec
-from .measure import top1
-from .pipeline import Pipeline, PipelineResult, RunContext, resolve_device
-from .training import train
+from .checkpoints import load_checkpoint
+from .errors import DataError, ModelError, UserError, first_line
 
-DEMO_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-_MEAN, _STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics
+DATA_KINDS = ("demo", "imagefolder", "fashion-mnist", "mnist", "cifar10")
 
 
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+# ---------------------------------------------------------------------------- models
 
 
-class DemoResNet(nn.Module):
-    """A ResNet-style CNN for 28x28 grayscale images: stem, three residual stages, linear head.
+def load_model(
+    spec: str,
+    *,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+    in_channels: int = 1,
+) -> nn.Module:
+    """The model a ``--model`` spec names, with ``weights`` loaded into it when given.
 
-    At the default width (48) it has about 0.7M parameters and 84M MACs per image, enough
-    that compute, not per-call overhead, dominates its latency, also after pruning half of
-    its channels (which is why the demo recipe rounds widths to multiples of 8, not 16).
+    Specs: ``demo`` (`DemoResNet`, untrained), ``torchvision:NAME`` (random weights),
+    ``path/to/file.py:factory``,
+    ``package.module:factory`` (a callable returning an ``nn.Module``; it gets
+    ``num_classes`` when it takes that argument), or a file holding a pickled module
+    (only with ``trust_pickle``, as unpickling runs code from the file).
+    ``weights``: a state_dict file, a dict holding one under ``state_dict`` or ``model``, or
+    a compressor checkpoint (``checkpoints/NN_step.pt``, pruned widths included).
     """
+    source, sep, factory = spec.rpartition(":")
+    if spec == "demo":
+        from .demo import DemoResNet
 
-    def __init__(self, num_classes: int = 10, width: int = 48, in_channels: int = 1) -> None:
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)
+        model: nn.Module = DemoResNet(num_classes=num_classes or 10, in_channels=in_channels)
+    elif spec.startswith("torchvision:"):
+        model = _torchvision_model(spec.removeprefix("torchvision:"), num_classes)
+    elif sep and source and factory.isidentifier():  # "C:" of a Windows path is no factory
+        model = _call_factory(source, factory, num_classes)
+    else:
+        model = _pickled_model(Path(spec).expanduser(), trust_pickle)
+    if weights is not None:
+        model = _load_weights(model, Path(weights).expanduser(), trust_pickle)
+    return model
+
+
+def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
+        msg = f"unknown torchvision classification model {name!r}: {hint}"
+        raise UserError(msg)
+    kwargs: dict[str, Any] = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if name.startswith(("googlenet", "inception")):
+        kwargs["aux_logits"] = False  # auxiliary heads only train, and exports skip them
+        kwargs["init_weights"] = True
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def _import_source(source: str) -> Any:
+    if source.endswith(".py"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            msg = f"model file {source!r} does not exist"
+            raise UserError(msg)
+        module_name = f"compressor_user_{path.stem}"
+        loaded = sys.modules.get(module_name)
+        if loaded is not None and Path(getattr(loaded, "__file__", "")) == path:
+            return loaded  # import a file once, so its classes stay the same objects
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            msg = f"cannot import {source!r} as a Python file"
+            raise UserError(msg)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            msg = f"importing {source!r} failed: {type(exc).__name__}: {first_line(exc)}"
+            raise UserError(msg) from exc
+        return module
+    try:
+        return importlib.import_module(source)
+    except ImportError as exc:
+        msg = (
+            f"cannot import module {source!r} ({first_line(exc)}); give an importable "
+            "package.module:factory or path/to/file.py:factory"
         )
-        self.layer1 = _BasicBlock(w, w, 1)
-        self.layer2 = _BasicBlock(w, 2 * w, 2)
-        self.layer3 = _BasicBlock(2 * w, 4 * w, 2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        raise UserError(msg) from exc
 
 
-def demo_data(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders over the embedded Fashion-MNIST subset (8,000 / 2,000)."""
-    path = resources.files("compressor") / "data" / "fashion_mnist_demo.npz"
-    with resources.as_file(path) as file, np.load(Path(file)) as arrays:
-        splits = {k: arrays[k] for k in arrays.files}
+def _call_factory(source: str, factory_name: str, num_classes: int | None) -> nn.Module:
+    module = _import_source(source)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        msg = f"{source!r} has no callable {factory_name!r} (found: {', '.join(found[:8])})"
+        raise UserError(msg)
+    kwargs = {}
+    if num_classes is not None and _accepts(factory, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        msg = (
+            f"model factory {source}:{factory_name} raised {type(exc).__name__}: {first_line(exc)}"
+        )
+        raise UserError(msg) from exc
+    if not isinstance(model, nn.Module):
+        msg = (
+            f"model factory {source}:{factory_name} returned {type(model).__name__}, "
+            "not a torch.nn.Module"
+        )
+        raise UserError(msg)
+    return model
 
-    def dataset(split: str) -> TensorDataset:
-        images = torch.from_numpy(splits[f"{split}_images"]).float().div_(255).unsqueeze(1)
-        images = (images - _MEAN) / _STD
-        labels = torch.from_numpy(splits[f"{split}_labels"].astype(np.int64))
-        return TensorDataset(images, labels)
 
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        dataset("train"), batch_size=batch_size, shuffle=True, generator=generator
-    )
-    val_loader = DataLoader(dataset("val"), batch_size=256)
-    return train_loader, val_loader
+def _accepts(func: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-DEMO_RECIPE = {
-    "stages": [
-        {"sparsity_training": {"epochs": 1, "l1": 1.0e-4, "lr": 0.01}},
-        {"structured_pruning": {"ratio": 0.5, "round_to": 8}},
-        {"distillation": {"epochs": 2, "temperature": 4.0, "alpha": 0.7, "lr": 0.01}},
-        {"int8_quantization": {"calibration_samples": 512}},
-    ]
+def _read(path: Path, trust_pickle: bool, what: str) -> Any:
+    if not path.is_file():
+        msg = f"{what} {str(path)!r} does not exist"
+        raise UserError(msg)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        if not trust_pickle and "weights_only" in str(exc):
+            msg = (
+                f"{what} {str(path)!r} holds pickled Python objects; loading it runs code from "
+                "the file. Pass --trust-pickle if you trust it, or save a state_dict instead"
+            )
+            raise UserError(msg) from exc
+        msg = f"cannot read {what} {str(path)!r}: {first_line(exc)}"
+        raise UserError(msg) from exc
+
+
+def _pickled_model(path: Path, trust_pickle: bool) -> nn.Module:
+    if not path.exists():
+        msg = (
+            f"model {str(path)!r} is neither torchvision:NAME, file.py:factory, "
+            "package.module:factory nor an existing file"
+        )
+        raise UserError(msg)
+    loaded = _read(path, trust_pickle, "model file")
+    if not isinstance(loaded, nn.Module):
+        msg = (
+            f"model file {str(path)!r} holds a {type(loaded).__name__}, not a module; for a "
+            "state_dict give the model as a factory and the file as --weights"
+        )
+        raise UserError(msg)
+    return loaded
+
+
+def _load_weights(model: nn.Module, path: Path, trust_pickle: bool) -> nn.Module:
+    loaded = _read(path, trust_pickle, "weights file")
+    if isinstance(loaded, dict) and {"state_dict", "widths"} <= set(loaded):
+        try:
+            return load_checkpoint(path, model)[0]
+        except (KeyError, RuntimeError) as exc:
+            msg = f"checkpoint {str(path)!r} does not fit this model: {first_line(exc)}"
+            raise UserError(msg) from exc
+    if isinstance(loaded, nn.Module):
+        loaded = loaded.state_dict()
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        msg = f"weights file {str(path)!r} holds no state_dict (got: {type(loaded).__name__})"
+        raise UserError(msg)
+    loaded = {k.removeprefix("module."): v for k, v in loaded.items()}  # saved from DDP
+    try:
+        model.load_state_dict(loaded)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        msg = f"weights file {str(path)!r} does not fit the model: {'; '.join(lines)[:400]}"
+        raise UserError(msg) from exc
+    return model
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How to read a data source; ``None`` picks the source's default."""
+
+    batch_size: int | None = None
+    workers: int = 0
+    input_size: int | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    download: bool = False
+    val_split: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the loaders yield: input shape, classes, sizes (for the mismatch checks)."""
+
+    source: str
+    channels: int
+    input_size: int
+    num_classes: int
+    train_samples: int
+    val_samples: int
+
+
+@dataclass(frozen=True)
+class _Defaults:
+    channels: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int
+
+
+_DEFAULTS = {
+    "demo": _Defaults(1, 28, (0.2860,), (0.3530,), 64),
+    "fashion-mnist": _Defaults(1, 28, (0.2860,), (0.3530,), 64),
+    "mnist": _Defaults(1, 28, (0.1307,), (0.3081,), 64),
+    "cifar10": _Defaults(3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 64),
+    "imagefolder": _Defaults(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32),
 }
 
 
-def run_demo(
-    pipeline: Pipeline,
-    output_dir: str | Path,
-    *,
-    baseline_epochs: int = 3,
-    device: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    **run_options: Any,
-) -> PipelineResult:
-    """Train `DemoResNet` on the embedded data (it ships without weights), then compress it."""
-    torch.manual_seed(seed)
-    train_loader, val_loader = demo_data(seed=seed)
-    model = DemoResNet()
-    ctx = RunContext(
-        train_data=DataSpec(train_loader),
-        eval_data=DataSpec(val_loader),
-        output_dir=Path(output_dir),
-        loss_fn=F.cross_entropy,
-        eval_fn=top1,
-        device=resolve_device(device),
-        seed=seed,
-        progress=progress,
-        limit_train_batches=run_options.get("limit_train_batches"),
-    )
-    ctx.log(f"demo: training DemoResNet on {len(train_loader.dataset)} Fashion-MNIST images")
+def load_data(
+    spec: str, options: DataOptions | None = None
+) -> tuple[DataLoader, DataLoader, DataInfo]:
+    """Train and validation loaders for a ``--data`` spec, and what they hold.
 
-    def compute_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(m(x), y)
-
-    train(model, ctx, epochs=baseline_epochs, lr=0.05, compute_loss=compute_loss, desc="baseline")
-    return pipeline.run(
-        model,
-        train_loader,
-        val_loader,
-        output_dir=output_dir,
-        device=device,
-        seed=seed,
-        progress=progress,
-        **run_options,
+    Specs: ``demo`` (the embedded Fashion-MNIST subset), ``fashion-mnist:DIR``, ``mnist:DIR``,
+    ``cifar10:DIR`` (torchvision's layouts under DIR; ``download`` fetches them), and
+    ``imagefolder:DIR`` (DIR/train and DIR/val of class folders, or one folder of class
+    folders split by ``val_split``).
+    """
+    options = options or DataOptions()
+    kind, _, root = spec.partition(":")
+    if kind not in DATA_KINDS:
+        close = difflib.get_close_matches(kind, DATA_KINDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        msg = f"unknown data source {spec!r}{hint}; allowed: demo, " + ", ".join(
+            f"{k}:DIR" for k in DATA_KINDS[1:]
+        )
+        raise UserError(msg)
+    if kind != "demo" and not root:
+        msg = f"data source {kind!r} needs a folder: --data {kind}:DIR"
+        raise UserError(msg)
+    _check_options(options)
+    defaults = _DEFAULTS[kind]
+    channels = options.channels or defaults.channels
+    size = options.input_size or defaults.input_size
+    mean = options.mean or _per_channel(defaults.mean, channels)
+    std = options.std or _per_channel(defaults.std, channels)
+    if len(mean) != channels or len(std) != channels:
+        msg = f"--mean and --std need one value per channel, {channels} (got: {mean}, {std})"
+        raise UserError(msg)
+    folder = Path(root).expanduser()
+    if kind == "demo":
+        train, val, num_classes = _demo_sets(channels, size)
+    elif kind == "imagefolder":
+        train, val, num_classes = _imagefolder_sets(folder, options, size, channels, mean, std)
+    else:
+        train, val, num_classes = _torchvision_sets(
+            kind, folder, options, size, channels, mean, std
+        )
+    for split, dataset in (("training", train), ("validation", val)):
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            msg = f"the {split} split of {spec!r} is empty"
+            raise DataError(msg)
+    batch = options.batch_size or defaults.batch_size
+    generator = torch.Generator().manual_seed(options.seed)
+    loader_args = {"num_workers": options.workers, "persistent_workers": options.workers > 0}
+    train_loader = DataLoader(
+        train, batch_size=batch, shuffle=True, generator=generator, **loader_args
     )
+    val_loader = DataLoader(val, batch_size=batch, **loader_args)
+    info = DataInfo(spec, channels, size, num_classes, len(train), len(val))
+    return train_loader, val_loader, info
+
+
+def _check_options(options: DataOptions) -> None:
+    checks = (
+        ("--batch-size", options.batch_size, ">= 1", lambda v: v is None or v >= 1),
+        ("--workers", options.workers, ">= 0", lambda v: v >= 0),
+        ("--input-size", options.input_size, ">= 8", lambda v: v is None or v >= 8),
+        ("--channels", options.channels, "1 or 3", lambda v: v in (None, 1, 3)),
+        ("--val-split", options.val_split, "in (0, 1)", lambda v: 0 < v < 1),
+    )
+    for flag, value, allowed, ok in checks:
+        if not ok(value):
+            msg = f"{flag} must be {allowed} (got: {value})"
+            raise UserError(msg)
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    return (sum(values) / len(values),) * channels
+
+
+def _transforms(size: int, native: int, channels: int, native_channels: int, mean, std, train):
+    from torchvision import transforms as T
+
+    steps: list[Any] = []
+    if native_channels != channels:
+        steps.append(T.Grayscale(num_output_channels=channels))
+    if size != native:
+        steps.append(T.Resize((size, size)))
+    if train and native_channels == 3:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def _torchvision_sets(kind, root, options, size, channels, mean, std):
+    from torchvision import datasets
+
+    cls, native, native_channels, folder = {
+        "fashion-mnist": (datasets.FashionMNIST, 28, 1, "FashionMNIST/raw"),
+        "mnist": (datasets.MNIST, 28, 1, "MNIST/raw"),
+        "cifar10": (datasets.CIFAR10, 32, 3, "cifar-10-batches-py"),
+    }[kind]
+    if not root.is_dir() and not options.download:
+        msg = f"{kind} folder {str(root)!r} does not exist (pass --download to fetch it there)"
+        raise UserError(msg)
+    sets = []
+    for train in (True, False):
+        transform = _transforms(size, native, channels, native_channels, mean, std, train)
+        try:
+            sets.append(cls(str(root), train=train, transform=transform, download=options.download))
+        except RuntimeError as exc:
+            gz = sorted(p.name for p in (root / folder).glob("*.gz")) if kind != "cifar10" else []
+            fix = (
+                f"un-gzip them there: gunzip -k {root / folder}/*.gz"
+                if gz
+                else "pass --download to fetch them"
+            )
+            msg = f"{kind} files not found under {str(root / folder)!r} ({first_line(exc)}); {fix}"
+            raise UserError(msg) from exc
+        except OSError as exc:  # download failed: no network, no space
+            msg = f"cannot fetch {kind} into {str(root)!r}: {first_line(exc)}"
+            raise UserError(msg) from exc
+    return sets[0], sets[1], len(sets[0].classes)
+
+
+def _imagefolder_sets(root, options, size, channels, mean, std):
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    if not root.is_dir():
+        msg = f"image folder {str(root)!r} does not exist"
+        raise UserError(msg)
+
+    def transform(train: bool):
+        steps: list[Any] = [T.Grayscale(num_output_channels=channels)] if channels == 1 else []
+        if train:
+            steps += [T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
+        else:
+            steps += [T.Resize(round(size / 0.875)), T.CenterCrop(size)]
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+    def folder(path: Path, train: bool) -> datasets.ImageFolder:
+        try:
+            return datasets.ImageFolder(str(path), transform=transform(train))
+        except (FileNotFoundError, RuntimeError) as exc:
+            msg = f"image folder {str(path)!r}: {first_line(exc)} (expected one folder per class)"
+            raise DataError(msg) from exc
+
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, val = folder(root / "train", True), folder(root / "val", False)
+        if train.classes != val.classes:
+            only = sorted(set(train.classes) ^ set(val.classes))
+            msg = f"{str(root)!r}: train and val have different class folders (e.g. {only[:3]})"
+            raise DataError(msg)
+        return train, val, len(train.classes)
+    full_train, full_val = folder(root, True), folder(root, False)
+    order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(options.seed))
+    n_val = max(1, round(len(order) * options.val_split))
+    if n_val >= len(order):
+        msg = f"{str(root)!r} has {len(order)} image(s): too few to split off a validation set"
+        raise DataError(msg)
+    return (
+        Subset(full_train, order[n_val:].tolist()),
+        Subset(full_val, order[:n_val].tolist()),
+        len(full_train.classes),
+    )
+
+
+class _Mapped(Dataset):
+    """A dataset whose inputs pass through ``fn`` (resize or channel change, lazily)."""
+
+    def __init__(self, base: Dataset, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.base, self.fn = base, fn
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        x, y = self.base[index]
+        return self.fn(x), y
+
+
+def _demo_sets(channels: int, size: int):
+    from .demo import demo_datasets
+
+    train, val = demo_datasets()
+    if channels == 1 and size == 28:
+        return train, val, 10
+
+    def adapt(x: torch.Tensor) -> torch.Tensor:
+        if size != 28:
+            x = nn.functional.interpolate(x[None], size=(size, size), mode="bilinear")[0]
+        return x.expand(channels, -1, -1).contiguous() if channels != 1 else x
+
+    return _Mapped(train, adapt), _Mapped(val, adapt), 10
+
+
+# ----------------------------------------------------------------- model/data checks
+
+
+def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
+    """Catch channel, input-size and class-count mismatches before any training.
+
+    Raises:
+        ModelError: naming what differs and the flag that fixes it.
+    """
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
+    if isinstance(first, nn.Conv2d) and first.in_channels != info.channels:
+        msg = (
+            f"the model's first conv takes {first.in_channels} input channel(s), the data has "
+            f"{info.channels}: pass --channels {first.in_channels}"
+        )
+        raise ModelError(msg)
+    example = torch.zeros(2, info.channels, info.input_size, info.input_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:
+        msg = (
+            f"the model cannot run on {info.channels}x{info.input_size}x{info.input_size} "
+            f"inputs ({type(exc).__name__}: {first_line(exc)}); set --input-size to the size "
+            "it was built for"
+        )
+        raise ModelError(msg) from exc
+    finally:
+        model.train(was_training)
+    logits = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+    classes = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+    if classes is not None and classes != info.num_classes:
+        msg = (
+            f"the model outputs {classes} classes, the data has {info.num_classes}: "
+            f"pass --num-classes {info.num_classes} (the head is then new and needs training)"
+        )
+        raise ModelError(msg)

@@ -40,10 +40,15 @@ class Stage:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        """The options this stage takes (its dataclass fields)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> Stage:
         """Build the stage from recipe options; unknown options are a `RecipeError`."""
         options = dict(options or {})
-        allowed = [f.name for f in dataclasses.fields(cls)]
+        allowed = cls.option_names()
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             msg = (
