@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,7 +200,7 @@ class Int8Quantization(Stage):
             )
             source = Path(tmp) / "model.pre.onnx"
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _scratch_cwd(tmp):
                     warnings.simplefilter("ignore")
                     quant_pre_process(str(fp32), str(source))
             except Exception as exc:  # pre-processing is an optimisation, not a requirement
@@ -261,6 +263,23 @@ class Int8Quantization(Stage):
         for note in notes:
             warnings.warn(f"int8_quantization: {note}", stacklevel=2)
         return state.replace(onnx_path=final, details=details)
+
+
+@contextlib.contextmanager
+def _scratch_cwd(path: str) -> Iterator[None]:
+    """Run the block in ``path``.
+
+    When its symbolic shape inference gives up, ONNX Runtime's quant_pre_process saves a
+    debug model (sym_shape_infer_temp.onnx and UUID-named .data files) into the working
+    directory, which is the user's. Only for blocks that get absolute paths and read no
+    user data (a data set given by a relative path would no longer be found).
+    """
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def inspect_int8_graph(
