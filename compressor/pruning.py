@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -191,9 +192,13 @@ def prune(
     ignored_names = list(dict.fromkeys([*options.ignored_layers, *([head] if head else [])]))
     importance_name, importance = resolve_importance(options.importance, model)
     params_before, macs_before = count_params_macs(model, example_input)
+    blocks, what = _untraceable(model)
+    if blocks:
+        return model, _left_whole(model, blocks, what, params_before, macs_before, options)
+    round_to = _with_heads(model, options.round_to)
     with torch.no_grad():
         out_before = model(example_input)
-    narrow, capped = _narrow_layers(model, options.round_to, options.ratio)
+    narrow, capped = _narrow_layers(model, round_to, options.ratio)
     narrow = [n for n in narrow if n not in ignored_names]
     capped = {n: r for n, r in capped.items() if n not in ignored_names}
 
@@ -208,9 +213,10 @@ def prune(
                 global_pruning=options.global_pruning,
                 ignored_layers=[modules[n] for n in ignored_names] + [modules[n] for n in narrow],
                 pruning_ratio_dict={modules[n]: r for n, r in capped.items()} or None,
-                round_to=options.round_to,
+                round_to=round_to,
             )
             pruner.step()
+        _sync_attention_widths(model)
 
     try:
         call_naming_layer(model, build_and_step, "torch-pruning")
@@ -233,7 +239,7 @@ def prune(
         "pruning": {
             "importance": importance_name,
             "ratio": options.ratio,
-            "round_to": options.round_to,
+            "round_to": round_to,
             "left_whole": ignored_names + narrow,
             "kept_at_round_to": sorted(capped),
             "params_before": params_before,
@@ -243,6 +249,80 @@ def prune(
         }
     }
     return model, details
+
+
+# Blocks torch-pruning cannot trace (class path -> what it is). Its grouping does not finish
+# (and exhausts memory) on the window reshapes of Swin's and MaxVit's attention, and its
+# reshape index mapping divides by zero on ShuffleNetV2's channel shuffle.
+_UNTRACEABLE = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": "window attention",
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": "window attention",
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": "window attention",
+    "torchvision.models.shufflenetv2.InvertedResidual": "channel shuffle",
+}
+
+
+def _untraceable(model: nn.Module) -> tuple[list[str], str]:
+    found = {
+        name: _UNTRACEABLE[f"{type(m).__module__}.{type(m).__qualname__}"]
+        for name, m in model.named_modules()
+        if f"{type(m).__module__}.{type(m).__qualname__}" in _UNTRACEABLE
+    }
+    return list(found), " and ".join(sorted(set(found.values())))
+
+
+def _left_whole(
+    model: nn.Module,
+    blocks: list[str],
+    what: str,
+    params: int,
+    macs: int,
+    options: StructuredPruning,
+) -> dict[str, Any]:
+    shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
+    note = (
+        f"structured pruning left {type(model).__name__} whole: torch-pruning cannot trace "
+        f"the {what} in {shown}; the later stages still run"
+    )
+    warnings.warn(f"structured_pruning: {note}", stacklevel=3)
+    return {
+        "pruning": {
+            "importance": None,
+            "ratio": options.ratio,
+            "round_to": options.round_to,
+            "left_whole": ["(all layers)"],
+            "kept_at_round_to": [],
+            "params_before": params,
+            "macs_before": macs,
+            "params_ratio": 1.0,
+            "macs_ratio": 1.0,
+        },
+        "notes": [note],
+    }
+
+
+def _with_heads(model: nn.Module, round_to: int | None) -> int | None:
+    """``round_to`` made a multiple of every attention layer's head count.
+
+    Pruning an attention layer's embedding must leave whole heads: each keeps
+    ``width / num_heads`` channels.
+    """
+    heads = [
+        h
+        for m in model.modules()
+        for h in (getattr(m, "num_heads", None), getattr(m, "n_heads", None))
+        if isinstance(h, int) and h > 1
+    ]
+    if not heads:
+        return round_to
+    return math.lcm(round_to or 1, *heads)
+
+
+def _sync_attention_widths(model: nn.Module) -> None:
+    """Update width attributes torchvision's transformers read in forward, after pruning."""
+    for m in model.modules():
+        if type(m).__name__ == "VisionTransformer":
+            m.hidden_dim = m.conv_proj.out_channels
 
 
 def _narrow_layers(
