@@ -1,0 +1,127 @@
+"""One torchvision model per family through pruning, export with parity, INT8 and ORT.
+
+The same check as benchmarks/zoo.py (which runs the whole zoo at 224x224), on small inputs;
+the transformer families are built from torchvision's own classes at a small size.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torchvision
+from torchvision.models import (
+    ConvNeXt,
+    DenseNet,
+    EfficientNet,
+    MaxVit,
+    ResNet,
+    SwinTransformer,
+    VisionTransformer,
+)
+from torchvision.models.convnext import CNBlockConfig
+from torchvision.models.efficientnet import FusedMBConvConfig, MBConvConfig
+from torchvision.models.resnet import Bottleneck
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from zoo import build, check_model
+
+
+def tiny(name):
+    """A small model of the family ``name``, built from torchvision's own classes."""
+    if name == "densenet":
+        return DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16)
+    if name == "convnext":
+        return ConvNeXt([CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)], layer_scale=0.1)
+    if name == "resnext":
+        return ResNet(Bottleneck, [1, 1, 1, 1], groups=8, width_per_group=4)
+    if name == "efficientnet_v2":
+        return EfficientNet(
+            [FusedMBConvConfig(1, 3, 1, 24, 24, 1), MBConvConfig(4, 3, 2, 24, 48, 1)],
+            dropout=0.0,
+            last_channel=256,
+        )
+    if name == "vit":
+        return VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
+        )
+    if name == "maxvit":
+        return MaxVit(
+            input_size=(32, 32),
+            stem_channels=16,
+            partition_size=4,
+            block_channels=[32, 64],
+            block_layers=[1, 1],
+            head_dim=16,
+            stochastic_depth_prob=0.0,
+        )
+    v2 = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2}
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=32,
+        depths=[1, 1],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        stochastic_depth_prob=0.0,
+        **(v2 if name == "swin_v2" else {}),
+    )
+
+
+TINY = ("densenet", "convnext", "resnext", "efficientnet_v2", "vit", "swin", "swin_v2", "maxvit")
+FAMILIES = [
+    ("resnet18", 32),
+    ("mobilenet_v2", 32),
+    ("mobilenet_v3_small", 32),
+    ("efficientnet_b0", 32),
+    ("regnet_y_400mf", 32),
+    ("shufflenet_v2_x0_5", 32),
+    ("squeezenet1_1", 64),
+    ("mnasnet0_5", 32),
+    ("googlenet", 32),
+    *((name, 32) for name in TINY),
+]
+# Whole torchvision models, heavier: CI runs them with --run-slow.
+SLOW = [
+    ("inception_v3", 75),
+    ("densenet121", 32),
+    ("convnext_tiny", 32),
+    ("efficientnet_v2_s", 64),
+    ("resnext50_32x4d", 32),
+    ("alexnet", 224),
+    ("vgg11_bn", 224),
+]
+# window attention or channel shuffle, which torch-pruning cannot trace
+LEFT_WHOLE = {"swin", "swin_v2", "maxvit", "shufflenet_v2_x0_5"}
+
+
+def _check(name, size, cwd):
+    model = tiny(name).eval() if name in TINY else build(name)
+    row = check_model(model, name, size, threads=2, latency=False)
+    assert list(cwd.iterdir()) == [], "scratch files were left in the working directory"
+    assert row["status"] == "pass", row.get("reason")
+    if name in LEFT_WHOLE:
+        assert row["left_whole"] == ["(all layers)"]
+        assert row["params_after"] == row["params_before"]
+    else:
+        assert row["params_after"] < row["params_before"], "nothing was pruned"
+    assert row["parity_fp32"]["top1_agreement"] >= 0.99
+    return row
+
+
+@pytest.mark.parametrize(("name", "size"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_family_prunes_exports_and_quantizes(name, size, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _check(name, size, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size"), SLOW, ids=[f[0] for f in SLOW])
+def test_whole_torchvision_models(name, size, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _check(name, size, tmp_path)
+
+
+def test_the_zoo_is_what_torchvision_lists():
+    names = set(torchvision.models.list_models(module=torchvision.models))
+    covered = {n for n, _ in FAMILIES + SLOW} - set(TINY)
+    assert covered <= names
