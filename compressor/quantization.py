@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from .data import DataSpec
+from .errors import first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .measure import cpu_info, ort_predictor, ort_session, sample_batch, timed_runs
 from .recipe import register_stage
@@ -206,7 +207,8 @@ class Int8Quantization(Stage):
             except Exception as exc:  # pre-processing is an optimisation, not a requirement
                 source = fp32
                 notes.append(
-                    f"ONNX Runtime's quant_pre_process failed ({exc}); quantized without it"
+                    f"ONNX Runtime's quant_pre_process failed ({first_line(exc)}); "
+                    "quantized without it"
                 )
             reader = _CalibrationReader(
                 ctx.train_data, "input", self.calibration_samples, ctx.progress
