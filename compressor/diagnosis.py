@@ -32,8 +32,8 @@ def diagnose(
     """
     problems: list[str] = []
     causes: list[str] = []
-    base_torch = _find(rows, "baseline", "torch")
-    base_onnx = _find(rows, "baseline", "onnxruntime")
+    base_torch = find_row(rows, "baseline", "torch")
+    base_onnx = find_row(rows, "baseline", "onnxruntime")
     final = rows[-1] if rows else None
     if final is not None and base_torch is not None and final is not base_onnx:
         quant = _quantization(rows)
@@ -53,7 +53,8 @@ def diagnose(
     }
 
 
-def _find(rows: Sequence[Row], name: str, runtime: str) -> Row | None:
+def find_row(rows: Sequence[Row], name: str, runtime: str) -> Row | None:
+    """The first row with this name measured in this runtime, if any."""
     return next((r for r in rows if r.name == name and r.runtime == runtime), None)
 
 
@@ -130,7 +131,7 @@ def _accuracy_problem(final: Row, base: Row, threshold: float) -> str | None:
 def _accuracy_causes(rows: Sequence[Row], threshold: float) -> list[str]:
     causes = []
     steps = [r for r in rows if r.name != "baseline" and r.accuracy is not None]
-    previous = _find(rows, "baseline", "torch")
+    previous = find_row(rows, "baseline", "torch")
     for row in steps:
         if previous is not None and previous.accuracy is not None:
             drop = previous.accuracy - row.accuracy

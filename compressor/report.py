@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import write_text
-from .diagnosis import ACCURACY_THRESHOLD, diagnose
+from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row
 from .errors import UserError, first_line
 
 SCHEMA_VERSION = 1
@@ -53,8 +53,8 @@ class Row:
 
 def summarize(rows: list[Row]) -> dict[str, float | str | None]:
     """Compare the final row with the baseline rows (see docs/report.md for each field)."""
-    base_torch = next((r for r in rows if r.name == "baseline" and r.runtime == "torch"), None)
-    base_onnx = next((r for r in rows if r.name == "baseline" and r.runtime == "onnxruntime"), None)
+    base_torch = find_row(rows, "baseline", "torch")
+    base_onnx = find_row(rows, "baseline", "onnxruntime")
     final = rows[-1] if rows else None
     if final is None or base_torch is None:
         return {}
