@@ -282,6 +282,7 @@ def measure_torch(
     details: dict[str, Any] | None = None,
 ) -> Row:
     """Measure a torch model on the CPU: accuracy, size, params, MACs, latency, memory."""
+    start = time.perf_counter()
     model = model.cpu().eval()
     params, macs = count_params_macs(model, example_input)
     with torch_threads(threads), PeakMemory() as memory:
@@ -297,6 +298,7 @@ def measure_torch(
         macs=macs,
         size_bytes=state_dict_bytes(model),
         memory=memory.to_dict(),
+        seconds={"measure": round(time.perf_counter() - start, 2)},
         details=details or {},
         **timing,
     )
@@ -320,6 +322,7 @@ def measure_onnx(
 
     ``eval_fn=None`` leaves accuracy out (``compressor bench`` has no labelled data).
     """
+    start = time.perf_counter()
     with PeakMemory() as memory:
         predict = ort_predictor(ort_session(path, threads))
         accuracy = float(eval_fn(predict, data)) if eval_fn else None
@@ -335,6 +338,7 @@ def measure_onnx(
         macs=macs,
         size_bytes=Path(path).stat().st_size,
         memory=memory.to_dict(),
+        seconds={"measure": round(time.perf_counter() - start, 2)},
         details=details or {},
         **timing,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +210,11 @@ class Pipeline:
         for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
             step_ctx = dataclasses.replace(ctx, step=step)
+            start = time.perf_counter()
             state = stage.apply(state.replace(details={}), step_ctx)
+            stage_s = time.perf_counter() - start
             row = self._measure(stage, step, state, ctx)
+            row = dataclasses.replace(row, seconds={"stage": round(stage_s, 2), **row.seconds})
             state = state.replace(rows=(*state.rows, row))
             save_checkpoint(
                 ctx.output_dir / "checkpoints" / f"{index + 1:02d}_{step}.pt",
@@ -245,6 +249,7 @@ class Pipeline:
             raise ModelError(msg) from exc
         teacher = copy.deepcopy(student).requires_grad_(False)
         ctx.log("baseline: exporting model.onnx and measuring it in torch and ONNX Runtime")
+        start = time.perf_counter()
         parity = export_onnx(
             teacher,
             example,
@@ -252,6 +257,7 @@ class Pipeline:
             check_inputs=sample_batch(ctx.eval_data, 64),
             threads=ctx.threads,
         )
+        export_s = time.perf_counter() - start
         common = ctx.measure_settings()
         torch_row = measure_torch(teacher, name="baseline", example_input=example, **common)
         onnx_row = measure_onnx(
@@ -262,6 +268,9 @@ class Pipeline:
             macs=torch_row.macs,
             details={"parity": parity.to_dict()},
             **common,
+        )
+        onnx_row = dataclasses.replace(
+            onnx_row, seconds={"stage": round(export_s, 2), **onnx_row.seconds}
         )
         return State(
             model=student, teacher=teacher, example_input=example, rows=(torch_row, onnx_row)

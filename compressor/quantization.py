@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class Int8Quantization(Stage):
         }[self.method]
         final = ctx.output_dir / "model.int8.onnx"
         notes: list[str] = []
+        clock = _Clock()
         with tempfile.TemporaryDirectory(prefix="compressor-") as tmp:
             fp32 = Path(tmp) / "model.fp32.onnx"
             ctx.log(f"{ctx.step}: exporting the current model to ONNX")
@@ -199,6 +201,7 @@ class Int8Quantization(Stage):
                 opset=self.opset,
                 threads=ctx.threads,
             )
+            clock.lap("export")
             source = Path(tmp) / "model.pre.onnx"
             try:
                 with warnings.catch_warnings(), _scratch_cwd(tmp):
@@ -210,6 +213,7 @@ class Int8Quantization(Stage):
                     f"ONNX Runtime's quant_pre_process failed ({first_line(exc)}); "
                     "quantized without it"
                 )
+            clock.lap("pre_process")
             reader = _CalibrationReader(
                 ctx.train_data, "input", self.calibration_samples, ctx.progress
             )
@@ -233,8 +237,10 @@ class Int8Quantization(Stage):
                     weight_type=qtype[types.weight_type],
                     calibrate_method=method,
                 )
+                clock.lap("calibrate_quantize")
                 graph = inspect_int8_graph(out, ctx.threads, Path(tmp) / "optimized.onnx")
             speedup = _int8_speedup(fp32, final, ctx)
+            clock.lap("check")
         if graph["float_compute_ops"]:
             names = ", ".join(graph["float_compute_ops"][:5])
             notes.append(
@@ -258,6 +264,7 @@ class Int8Quantization(Stage):
                 "types_reason": types.reason,
                 "speedup_vs_fp32_onnx": round(speedup, 3),
                 **graph,
+                "seconds": clock.laps,
             },
             "parity_fp32": parity.to_dict(),
             "notes": notes,
@@ -265,6 +272,19 @@ class Int8Quantization(Stage):
         for note in notes:
             warnings.warn(f"int8_quantization: {note}", stacklevel=2)
         return state.replace(onnx_path=final, details=details)
+
+
+class _Clock:
+    """Wall time of each step of a stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = round(now - self._last, 2)
+        self._last = now
 
 
 @contextlib.contextmanager

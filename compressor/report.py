@@ -33,6 +33,7 @@ class Row:
     throughput: dict[str, float]
     throughput_by_batch: list[dict[str, float]] = field(default_factory=list)
     memory: dict[str, int] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -69,6 +69,12 @@ def test_all_four_stages_end_to_end(cls, data, tmp_path):
         assert set(row) >= ROW_KEYS
         assert row["latency_ms"]["batch_size"] == 1 and row["latency_ms"]["p50"] > 0
         assert row["throughput"]["batch_size"] == 8 and row["throughput"]["samples_per_s"] > 0
+        assert row["seconds"]["measure"] > 0
+    # wall time of every stage (the torch baseline row is only measured)
+    assert [sorted(r["seconds"]) for r in rows] == [["measure"]] + [["measure", "stage"]] * 5
+    steps = rows[5]["details"]["quantization"]["seconds"]
+    assert list(steps) == ["export", "pre_process", "calibrate_quantize", "check"]
+    assert sum(steps.values()) <= rows[5]["seconds"]["stage"] + 0.05
     assert rows[3]["params"] < 0.5 * rows[0]["params"]
     assert rows[3]["macs"] < 0.5 * rows[0]["macs"]
     assert rows[5]["size_bytes"] == (tmp_path / "model.int8.onnx").stat().st_size
