@@ -9,11 +9,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._io import write_text
 from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row
 from .errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SCHEMA_VERSION = 1
 
@@ -265,6 +268,15 @@ class Report:
         from .report_html import render_html
 
         return render_html(self)
+
+    def charts(self) -> dict[str, Figure]:
+        """report.html's charts as matplotlib figures: ``accuracy_latency`` and ``per_stage``.
+
+        In a notebook, ``display(figure)`` (after ``%matplotlib inline``) shows one inline.
+        """
+        from .report_html import accuracy_chart, stage_bars
+
+        return {"accuracy_latency": accuracy_chart(self.rows), "per_stage": stage_bars(self.rows)}
 
     def __str__(self) -> str:
         return self.to_markdown()

@@ -52,10 +52,10 @@ def render_html(report: Report) -> str:
     if report.rows:
         parts += [
             "<h2>Accuracy vs latency</h2>",
-            f'<figure class="chart" id="accuracy-latency">{_svg(_accuracy_chart(report.rows))}'
+            f'<figure class="chart" id="accuracy-latency">{_svg(accuracy_chart(report.rows))}'
             "</figure>",
             "<h2>Size, MACs and latency per stage</h2>",
-            f'<figure class="chart" id="per-stage">{_svg(_stage_bars(report.rows))}</figure>',
+            f'<figure class="chart" id="per-stage">{_svg(stage_bars(report.rows))}</figure>',
         ]
     notes = report.notes()
     if notes:
@@ -116,7 +116,8 @@ def _svg(figure: Figure) -> str:
     return text[text.index("<svg") :]
 
 
-def _accuracy_chart(rows: list[Row]) -> Figure:
+def accuracy_chart(rows: list[Row]) -> Figure:
+    """Accuracy against batch-1 p50 latency, one point per row (baseline and final marked)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = _figure(8.5, 4.2)
@@ -160,7 +161,8 @@ def _accuracy_chart(rows: list[Row]) -> Figure:
     return figure
 
 
-def _stage_bars(rows: list[Row]) -> Figure:
+def stage_bars(rows: list[Row]) -> Figure:
+    """Size, MACs and batch-1 p50 latency of every row, as three bar panels."""
     figure = _figure(10, 3.6)
     labels = [f"{r.name}\n{r.runtime} {r.precision}" for r in rows]
     colors = [_COLORS.get(r.runtime, "#55a868") for r in rows]

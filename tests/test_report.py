@@ -61,6 +61,15 @@ def test_report_html_renders_table_and_charts_in_a_browser(run_dir, tmp_path):
     assert page["rows"][-1][:3] == ["int8_quantization", "onnxruntime", "int8"]
 
 
+def test_charts_are_figures_with_one_point_or_bar_per_row(run_dir):
+    report = Report.load(run_dir / "report.json")
+    charts = report.charts()
+    assert set(charts) == {"accuracy_latency", "per_stage"}
+    points = charts["accuracy_latency"].axes[0].collections
+    assert len(points) == len(report.rows) == 4
+    assert [len(ax.patches) for ax in charts["per_stage"].axes] == [4, 4, 4]
+
+
 def test_measuring_the_same_onnx_file_twice_gives_close_medians(run_dir):
     first = bench([run_dir / "model.int8.onnx"], batch_sizes=[1], threads=1).rows[0]
     second = bench([run_dir / "model.int8.onnx"], batch_sizes=[1], threads=1).rows[0]
