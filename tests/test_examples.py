@@ -1,0 +1,64 @@
+"""examples/: the scripts run (shortened with --quick) and the recipes load."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compressor as cz
+import compressor.recipe as recipe_module
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run_example(script: str, tmp_path: Path) -> dict:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--quick", "--output", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_train_then_compress(tmp_path):
+    report = run_example("train_then_compress.py", tmp_path)
+    assert [r["name"] for r in report["rows"]][-1] == "int8_quantization"
+    assert (tmp_path / "out" / "model.int8.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_custom_stage_runs_from_a_recipe(tmp_path):
+    report = run_example("custom_stage.py", tmp_path)
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["baseline", "baseline", "structured_pruning", "fine_tune", "int8_quantization"]
+    assert report["rows"][3]["details"]["train_loss"]
+
+
+def test_example_recipes_load(monkeypatch):
+    # The example registers its stage on import; keep that registration inside this test.
+    monkeypatch.setattr(recipe_module, "STAGES", dict(recipe_module.STAGES))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    sys.modules.pop("custom_stage", None)
+    try:
+        check_recipes(importlib.import_module("custom_stage"))
+    finally:
+        sys.modules.pop("custom_stage", None)
+
+
+def check_recipes(custom_stage) -> None:
+    with pytest.raises(cz.RecipeError, match="label_smoothing"):
+        custom_stage.FineTune(label_smoothing=1.0)
+    recipes = sorted((EXAMPLES / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert cz.Pipeline.from_recipe(path).stages
