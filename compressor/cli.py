@@ -133,7 +133,7 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         help="imagefolder without train/ and val/: the share held out (default: 0.2)",
     )
     recipe = compress.add_argument_group(
-        "recipe", "flags below override the recipe; docs/recipes.md lists every option"
+        "recipe", "flags below override the recipe; docs/concepts.md lists every option"
     )
     recipe.add_argument(
         "--recipe",
