@@ -1,0 +1,72 @@
+"""The benchmark scripts run from a clean checkout, shortened; their numbers live in benchmarks/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_latency_script(tmp_path):
+    out = tmp_path / "latency.json"
+    args = ["resnet18", "--input-size", "64", "--batch-sizes", "1", "--rounds", "1"]
+    table = run("latency.py", *args, "--no-peers", "--out", str(out), cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        "torch fp32", "ort fp32", "ort int8 (compressor)", "pruned 0.5 + int8 (compressor)"
+    ]  # fmt: skip
+    assert rows[3]["macs"] < 0.3 * rows[1]["macs"]
+    assert rows[2]["int8_ops"] == 21 and rows[2]["fp32_ops"] == 0
+    assert "| resnet18 | pruned 0.5 + int8 (compressor) | 1 |" in table
+
+
+def test_int8_knobs_script(tmp_path):
+    out = tmp_path / "knobs.json"
+    run(
+        "int8_knobs.py",
+        "resnet18",
+        "--rounds",
+        "1",
+        "--round-to",
+        "16",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 10 + 1
+    assert all(r["p50"] > 0 for r in rows)
+
+
+def test_pipeline_cost_script(tmp_path):
+    out = tmp_path / "cost.json"
+    args = ["--calibration-samples", "32", "--eval-samples", "32", "--out", str(out)]
+    table = run("pipeline_cost.py", *args, cwd=tmp_path)
+    data = json.loads(out.read_text())
+    assert data["rows"][-1]["step"] == "total"
+    assert data["rows"][-1]["seconds"] == data["settings"]["total_seconds"] > 0
+    assert "int8: calibration and quantization" in table
+
+
+def test_op_profile_script(tmp_path):
+    text = run("op_profile.py", "resnet18", "--runs", "5", cwd=tmp_path)
+    assert "resnet18 FP32:" in text and "QLinearConv" in text
