@@ -54,14 +54,14 @@ def check_model(model: Any, name: str, size: int, threads: int, latency: bool) -
     import copy
 
     import torch
+    from common import compressor_int8
 
     import compressor as cz
     from compressor.bench import bench
     from compressor.data import DataSpec
     from compressor.errors import first_line
     from compressor.export import export_onnx
-    from compressor.measure import count_params_macs, ort_predictor, ort_session, top1
-    from compressor.pipeline import RunContext, State
+    from compressor.measure import count_params_macs, ort_predictor, ort_session
     from compressor.pruning import prune
 
     row: dict[str, Any] = {"model": name, "input_size": size, "status": "fail"}
@@ -88,37 +88,24 @@ def check_model(model: Any, name: str, size: int, threads: int, latency: bool) -
             export_onnx(model, example, out / "model.onnx", check_inputs=calib[:2], threads=threads)
             seconds["export"] = time.perf_counter() - t0
             step = "int8"
-            ctx = RunContext(
-                train_data=data,
-                eval_data=data,
-                output_dir=out,
-                loss_fn=torch.nn.functional.cross_entropy,
-                eval_fn=top1,
-                device=torch.device("cpu"),
-                threads=threads,
-                progress=False,
-                step="int8_quantization",
-            )
             t0 = time.perf_counter()
-            state = cz.Int8Quantization(calibration_samples=16).apply(
-                State(model=student, teacher=model, example_input=example), ctx
-            )
+            int8, details = compressor_int8(student, example, data, out, threads)
             seconds["int8"] = time.perf_counter() - t0
-            quant = state.details["quantization"]
-            row["parity_fp32"] = state.details["parity_fp32"]
+            quant = details["quantization"]
+            row["parity_fp32"] = details["parity_fp32"]
             row.update(
                 int8_ops=quant["int8_compute_ops"],
                 fp32_ops=len(quant["float_compute_ops"]),
                 unfused_qdq=quant["unfused_qdq"],
             )
             step = "onnxruntime run"
-            output = ort_predictor(ort_session(state.onnx_path, threads))(example)
+            output = ort_predictor(ort_session(int8, threads))(example)
             if tuple(output.shape) != (1, classes):
                 msg = f"INT8 output shape {tuple(output.shape)}, expected (1, {classes})"
                 raise RuntimeError(msg)
             if latency:
                 step = "latency"
-                files = [out / "model.onnx", state.onnx_path]
+                files = [out / "model.onnx", int8]
                 fp32, int8 = (r.latency_ms["p50"] for r in bench(files, batch_sizes=[1]).rows)
                 row.update(fp32_ms=fp32, int8_ms=int8, speedup=round(fp32 / int8, 3))
         row["status"] = "pass"
