@@ -98,9 +98,17 @@ def compressor_int8(
     return state.onnx_path, state.details
 
 
-def ort_default_int8(fp32: Path, data: DataSpec, out: Path) -> Path:
-    """ONNX Runtime's quantize_static with every option at its default."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+def calibration_data(size: int, samples: int) -> DataSpec:
+    """Seeded random images in batches of 8 (calibration ranges only; latency ignores values)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(samples, 3, size, size, generator=generator)
+    labels = torch.zeros(8, dtype=torch.long)
+    return DataSpec([(images[i : i + 8], labels) for i in range(0, samples, 8)])
+
+
+def calibration_reader(data: DataSpec) -> Any:
+    """An ONNX Runtime CalibrationDataReader over the inputs of ``data``, fed to ``input``."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -109,7 +117,14 @@ def ort_default_int8(fp32: Path, data: DataSpec, out: Path) -> Path:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    quantize_static(str(fp32), str(out), Reader())
+    return Reader()
+
+
+def ort_default_int8(fp32: Path, data: DataSpec, out: Path) -> Path:
+    """ONNX Runtime's quantize_static with every option at its default."""
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(str(fp32), str(out), calibration_reader(data))
     return out
 
 

@@ -30,8 +30,14 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compressor_int8, print_table, side_by_side, write_results
-from latency import calibration_data
+from common import (
+    calibration_data,
+    calibration_reader,
+    compressor_int8,
+    print_table,
+    side_by_side,
+    write_results,
+)
 
 import compressor as cz
 from compressor.export import export_onnx
@@ -56,19 +62,13 @@ def ort_int8(source: Path, out: Path, data: Any, **changes: Any) -> Path:
     """quantize_static with compressor's settings for a VNNI x86 CPU, except ``changes``."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    batches = iter([{"input": x.numpy()} for x, _ in data])
-
-    class Reader:
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(batches, None)
-
     options = {
         "quant_format": QuantFormat.QDQ,
         "per_channel": True,
         "activation_type": QuantType.QUInt8,
         "weight_type": QuantType.QInt8,
     }
-    quantize_static(str(source), str(out), Reader(), **(options | changes))
+    quantize_static(str(source), str(out), calibration_reader(data), **(options | changes))
     return out
 
 

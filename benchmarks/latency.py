@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
+    calibration_data,
     compressor_int8,
     nncf_int8,
     ort_default_int8,
@@ -46,7 +47,6 @@ from common import (
 )
 
 import compressor as cz
-from compressor.data import DataSpec
 from compressor.export import export_onnx
 from compressor.measure import (
     count_params_macs,
@@ -60,14 +60,6 @@ from compressor.quantization import inspect_int8_graph
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 BASELINE = "ort fp32"
-
-
-def calibration_data(size: int, samples: int) -> DataSpec:
-    """Seeded random images in batches of 8 (calibration ranges only; latency ignores values)."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(samples, 3, size, size, generator=generator)
-    labels = torch.zeros(8, dtype=torch.long)
-    return DataSpec([(images[i : i + 8], labels) for i in range(0, samples, 8)])
 
 
 def bench_model(

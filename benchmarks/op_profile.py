@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compressor_int8
-from latency import calibration_data
+from common import calibration_data, compressor_int8
 
 import compressor as cz
 from compressor.export import export_onnx
