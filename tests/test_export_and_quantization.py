@@ -6,10 +6,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import compressor as cz
+from compressor import quantization
 from compressor.export import check_parity, export_onnx
 from compressor.measure import ort_predictor, ort_session, top1
 from compressor.pipeline import RunContext, State
-from compressor.quantization import choose_types
+from compressor.quantization import activation_bytes, choose_types
 
 
 def test_export_matches_torch_and_has_a_dynamic_batch(trained_resnet, example, tmp_path):
@@ -84,3 +85,43 @@ def test_int8_quantization_writes_a_real_int8_model(trained_resnet, data, exampl
     assert fp32 > 0.6
     assert int8 >= fp32 - 0.05
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
+
+
+def test_activation_bytes_sums_every_float_tensor_per_sample(tmp_path):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 10)
+    )
+    export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+    # conv, relu and flatten outputs (8 x 16 x 16 each) and the 10 logits, float32
+    assert activation_bytes(tmp_path / "m.onnx") == (3 * 2048 + 10) * 4
+
+
+def test_calibration_in_pieces_gives_the_same_int8_model(
+    trained_resnet, data, example, tmp_path, monkeypatch
+):
+    """Big models calibrate a few samples per run (memory); the ranges must not change."""
+
+    def quantize(out_dir):
+        # the unshuffled loader: both runs must calibrate on the same samples
+        ctx = RunContext(
+            train_data=cz.DataSpec(data[1]),
+            eval_data=cz.DataSpec(data[1]),
+            output_dir=out_dir,
+            loss_fn=F.cross_entropy,
+            eval_fn=top1,
+            device=torch.device("cpu"),
+            progress=False,
+            step="int8_quantization",
+        )
+        state = State(model=trained_resnet, teacher=trained_resnet, example_input=example)
+        out = cz.Int8Quantization(calibration_samples=40).apply(state, ctx)
+        graph = onnx.load(str(out.onnx_path)).graph
+        scales = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in graph.initializer}
+        return out.details["quantization"], scales
+
+    whole, whole_scales = quantize(tmp_path / "a")
+    monkeypatch.setattr(quantization, "CALIBRATION_MEMORY", 1)
+    pieces, piece_scales = quantize(tmp_path / "b")
+    assert whole["calibration_batch_limit"] >= 32 and pieces["calibration_batch_limit"] == 1
+    assert whole["calibration_samples"] == pieces["calibration_samples"] == 40
+    assert piece_scales == whole_scales
