@@ -97,6 +97,7 @@ def check_model(model: Any, name: str, size: int, threads: int, latency: bool) -
                 int8_ops=quant["int8_compute_ops"],
                 fp32_ops=len(quant["float_compute_ops"]),
                 unfused_qdq=quant["unfused_qdq"],
+                pre_process=quant["pre_process"],
             )
             step = "onnxruntime run"
             output = ort_predictor(ort_session(int8, threads))(example)

@@ -222,7 +222,6 @@ class Int8Quantization(Stage):
             QuantType,
             quantize_static,
         )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -246,16 +245,10 @@ class Int8Quantization(Stage):
                 threads=ctx.threads,
             )
             clock.lap("export")
-            source = Path(tmp) / "model.pre.onnx"
-            try:
-                with warnings.catch_warnings(), _scratch_cwd(tmp):
-                    warnings.simplefilter("ignore")
-                    quant_pre_process(str(fp32), str(source))
-            except Exception as exc:  # pre-processing is an optimisation, not a requirement
-                source = fp32
+            source, pre_process, error = _pre_process(fp32, Path(tmp) / "model.pre.onnx")
+            if error:  # pre-processing is an optimisation, not a requirement
                 notes.append(
-                    f"ONNX Runtime's quant_pre_process failed ({first_line(exc)}); "
-                    "quantized without it"
+                    f"ONNX Runtime's quant_pre_process failed ({error}); quantized without it"
                 )
             clock.lap("pre_process")
             per_sample = activation_bytes(source)
@@ -308,6 +301,7 @@ class Int8Quantization(Stage):
                 "method": self.method,
                 "calibration_samples": reader.seen,
                 "calibration_batch_limit": max_batch,
+                "pre_process": pre_process,
                 "types_reason": types.reason,
                 "speedup_vs_fp32_onnx": round(speedup, 3),
                 **graph,
@@ -319,6 +313,28 @@ class Int8Quantization(Stage):
         for note in notes:
             warnings.warn(f"int8_quantization: {note}", stacklevel=2)
         return state.replace(onnx_path=final, details=details)
+
+
+def _pre_process(fp32: Path, out: Path) -> tuple[Path, str, str | None]:
+    """Run ONNX Runtime's quant_pre_process: (the file to quantize, how, the error if none ran).
+
+    Its symbolic shape inference fails on some graphs (every torchvision ViT: a Reshape
+    whose shape it cannot follow); the graph optimisation it also does still pays, so
+    that is retried without it.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    error = None
+    for how, skip_symbolic in (("full", False), ("without symbolic shape inference", True)):
+        try:
+            with warnings.catch_warnings(), _scratch_cwd(str(out.parent)):
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=skip_symbolic)
+        except Exception as exc:
+            error = error or first_line(exc)
+            continue
+        return out, how, None
+    return fp32, "failed", error
 
 
 class _Clock:

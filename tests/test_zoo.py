@@ -105,6 +105,7 @@ def _check(name, size, cwd):
     else:
         assert row["params_after"] < row["params_before"], "nothing was pruned"
     assert row["parity_fp32"]["top1_agreement"] >= 0.99
+    assert row["pre_process"] != "failed"
     return row
 
 
