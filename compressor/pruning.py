@@ -13,7 +13,13 @@ from torch import nn
 
 from .data import DataSpec
 from .errors import ModelError, RecipeError, first_line
-from .layers import WEIGHTED_LAYERS, call_naming_layer, find_head, has_batchnorm
+from .layers import (
+    WEIGHTED_LAYERS,
+    call_naming_layer,
+    execution_order,
+    find_head,
+    has_batchnorm,
+)
 from .measure import count_params_macs
 from .recipe import register_stage
 from .stage import Stage, check_bool, check_choice, check_float, check_int
@@ -194,7 +200,16 @@ def prune(
     params_before, macs_before = count_params_macs(model, example_input)
     blocks, what = _untraceable(model)
     if blocks:
-        return model, _left_whole(model, blocks, what, params_before, macs_before, options)
+        details = _prune_around(model, example_input, options, importance_name, ignored_names)
+        params_after, macs_after = count_params_macs(model, example_input)
+        details["pruning"].update(
+            params_before=params_before,
+            macs_before=macs_before,
+            params_ratio=round(params_after / params_before, 4) if params_before else None,
+            macs_ratio=round(macs_after / macs_before, 4) if macs_before else None,
+        )
+        _note_left_whole(model, details, blocks, what)
+        return model, details
     round_to = _with_heads(model, options.round_to)
     with torch.no_grad():
         out_before = model(example_input)
@@ -271,34 +286,128 @@ def _untraceable(model: nn.Module) -> tuple[list[str], str]:
     return list(found), " and ".join(sorted(set(found.values())))
 
 
-def _left_whole(
+def _traceable_sequentials(model: nn.Module, blocks: list[str]) -> list[str]:
+    """The outermost ``nn.Sequential`` modules that hold no untraceable block, by name."""
+    found: list[str] = []
+    for name, m in model.named_modules():
+        inside_found = any(name.startswith(f + ".") for f in found)
+        holds_block = not name or any(b == name or b.startswith(name + ".") for b in blocks)
+        if isinstance(m, nn.Sequential) and not inside_found and not holds_block:
+            found.append(name)
+    return found
+
+
+def _inputs_of(model: nn.Module, example: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """The input each named module gets in one forward pass (modules called once only)."""
+    seen: dict[str, list[Any]] = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen[n].append(args[0] if len(args) == 1 else None)
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return {
+        n: got[0] for n, got in seen.items() if len(got) == 1 and isinstance(got[0], torch.Tensor)
+    }
+
+
+def _prune_around(
     model: nn.Module,
-    blocks: list[str],
-    what: str,
-    params: int,
-    macs: int,
+    example: torch.Tensor,
     options: StructuredPruning,
+    importance_name: str,
+    ignored_names: list[str],
 ) -> dict[str, Any]:
-    shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
-    note = (
-        f"structured pruning left {type(model).__name__} whole: torch-pruning cannot trace "
-        f"the {what} in {shown}; the later stages still run"
-    )
-    warnings.warn(f"structured_pruning: {note}", stacklevel=3)
+    """Prune each traceable ``nn.Sequential`` of ``model`` on its own, in place.
+
+    For models whose whole graph torch-pruning cannot trace. Inside such a block (an MLP, a
+    branch, an inverted residual) only the channels that do not leave it are pruned: its
+    last Conv/Linear keeps its outputs. A block that does not still take its original input
+    and give an output of the original shape is put back as it was.
+    """
+    import torch_pruning as tp
+
+    blocks, _ = _untraceable(model)
+    names = _traceable_sequentials(model, blocks)
+    inputs = _inputs_of(model, example, names)
+    keep = {id(model.get_submodule(n)) for n in ignored_names}
+    pruned, restored = [], []
+    for name, x in inputs.items():
+        block = model.get_submodule(name)
+        order = execution_order(block, x)
+        if len(order) < 2:
+            continue
+        before = copy.deepcopy(block)
+        with torch.no_grad():
+            out_before = block(x)
+        layers = dict(block.named_modules())
+        narrow, capped = _narrow_layers(block, options.round_to, options.ratio)
+        use = importance_name
+        if use == "bn_scale" and not has_batchnorm(block):
+            use = "l2"
+        try:
+            with warnings.catch_warnings():  # torch-pruning traces autograd: no no_grad here
+                warnings.simplefilter("ignore")
+                pruner = tp.pruner.BasePruner(
+                    block,
+                    x,
+                    importance=resolve_importance(use, block)[1],
+                    pruning_ratio=options.ratio,
+                    global_pruning=options.global_pruning,
+                    ignored_layers=[layers[order[-1]]]
+                    + [layers[n] for n in narrow]
+                    + [m for m in block.modules() if id(m) in keep],
+                    pruning_ratio_dict={layers[n]: r for n, r in capped.items()} or None,
+                    round_to=options.round_to,
+                )
+                pruner.step()
+            with torch.no_grad():
+                ok = _shape(block(x)) == _shape(out_before)
+        except Exception:
+            ok = False
+        if not ok:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, before)
+            restored.append(name)
+        elif sum(p.numel() for p in block.parameters()) < sum(
+            p.numel() for p in before.parameters()
+        ):
+            pruned.append(name)
     return {
         "pruning": {
-            "importance": None,
+            "importance": importance_name,
             "ratio": options.ratio,
             "round_to": options.round_to,
-            "left_whole": ["(all layers)"],
+            "left_whole": [*blocks, *restored, *ignored_names],
+            "pruned_blocks": pruned,
             "kept_at_round_to": [],
-            "params_before": params,
-            "macs_before": macs,
-            "params_ratio": 1.0,
-            "macs_ratio": 1.0,
-        },
-        "notes": [note],
+        }
     }
+
+
+def _note_left_whole(
+    model: nn.Module, details: dict[str, Any], blocks: list[str], what: str
+) -> None:
+    """Warn, and note in the report, which untraceable blocks pruning left whole."""
+    shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
+    pruned = details["pruning"]["pruned_blocks"]
+    where = (
+        f"pruned only inside {len(pruned)} self-contained blocks (MLPs, branches) instead"
+        if pruned
+        else "left the whole model unpruned"
+    )
+    note = (
+        f"torch-pruning cannot trace the {what} of "
+        f"{type(model).__name__} ({shown}), so it {where}; the later stages still run"
+    )
+    warnings.warn(f"structured_pruning: {note}", stacklevel=3)
+    details["notes"] = [note]
 
 
 def _with_heads(model: nn.Module, round_to: int | None) -> int | None:

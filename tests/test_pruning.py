@@ -124,3 +124,25 @@ def test_batchnorm_recalibration_refreshes_statistics(data):
     assert seen == 64
     assert model.bn1.running_mean.abs().max() < 10
     assert not model.training
+
+
+def test_untraceable_blocks_are_left_whole_and_pruned_around():
+    """ShuffleNetV2's channel shuffle defeats torch-pruning's tracing of the whole model."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r"channel shuffle of ShuffleNetV2 \(stage2\.0"):
+        pruned, details = prune(copy.deepcopy(model), x, cz.StructuredPruning(ratio=0.5))
+    p = details["pruning"]
+    # each unit's second branch is self-contained: its inner 1x1 -> depthwise width shrinks
+    assert "stage3.1.branch2" in p["pruned_blocks"]
+    assert pruned.stage3[1].branch2[0].out_channels < model.stage3[1].branch2[0].out_channels
+    # the shuffle blocks are named as left whole; the first branch of a down-sampling unit
+    # starts with a depthwise conv tied to its input, so it is put back as it was
+    assert {"stage2.0", "stage2.0.branch1"} <= set(p["left_whole"])
+    assert pruned.stage2[0].branch1[0].weight.shape == model.stage2[0].branch1[0].weight.shape
+    assert 0.5 < p["params_ratio"] < 0.95
+    assert details["notes"] and "pruned only inside" in details["notes"][0]
+    assert pruned(x).shape == model(x).shape

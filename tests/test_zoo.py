@@ -90,8 +90,14 @@ SLOW = [
     ("alexnet", 224),
     ("vgg11_bn", 224),
 ]
-# window attention or channel shuffle, which torch-pruning cannot trace
-LEFT_WHOLE = {"swin", "swin_v2", "maxvit", "shufflenet_v2_x0_5"}
+# window attention or channel shuffle, which torch-pruning cannot trace: pruned inside the
+# MLPs and branches around them
+PRUNED_AROUND = {
+    "swin": ".attn",
+    "swin_v2": ".attn",
+    "maxvit": ".attn_layer.",
+    "shufflenet_v2_x0_5": "stage2.0",
+}
 
 
 def _check(name, size, cwd):
@@ -99,11 +105,9 @@ def _check(name, size, cwd):
     row = check_model(model, name, size, threads=2, latency=False)
     assert list(cwd.iterdir()) == [], "scratch files were left in the working directory"
     assert row["status"] == "pass", row.get("reason")
-    if name in LEFT_WHOLE:
-        assert row["left_whole"] == ["(all layers)"]
-        assert row["params_after"] == row["params_before"]
-    else:
-        assert row["params_after"] < row["params_before"], "nothing was pruned"
+    assert row["params_after"] < row["params_before"], "nothing was pruned"
+    if name in PRUNED_AROUND:  # the untraceable blocks are named as left whole
+        assert any(PRUNED_AROUND[name] in n for n in row["left_whole"]), row["left_whole"]
     assert row["parity_fp32"]["top1_agreement"] >= 0.99
     assert row["pre_process"] != "failed"
     return row
