@@ -152,12 +152,19 @@ def main() -> int:
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(_line(row), flush=True)
+        _write(args, rows)  # after every model: a long run stopped early keeps what it did
     passed = sum(r["status"] == "pass" for r in rows)
     print(f"\n{passed}/{len(rows)} models yield a valid INT8 artifact")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"input_size": args.input_size, "threads": args.threads, "passed": passed}
-    args.out.write_text(json.dumps({**summary, "total": len(rows), "rows": rows}, indent=2) + "\n")
     return 0 if passed == len(rows) else 1
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    passed = sum(r["status"] == "pass" for r in rows)
+    summary = {"input_size": args.input_size, "threads": args.threads, "passed": passed}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**summary, "total": len(rows), "rows": rows}, indent=2) + "\n")
+    tmp.replace(args.out)
 
 
 def _m(n: Any) -> str:
