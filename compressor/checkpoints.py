@@ -9,6 +9,7 @@ copy of the original model, so no pickled module is ever needed.
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,18 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
             owner.register_buffer(leaf, tensor.clone())
     model.load_state_dict(state)
     return model, payload
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's payload (step, stage options, extra), its tensors memory-mapped."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state_dict: names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()

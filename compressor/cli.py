@@ -170,6 +170,12 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty output folder"
     )
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --output from its last finished stage "
+        "(same model, data, recipe and settings)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     out.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     run = compress.add_argument_group("run")
@@ -269,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
+    from .checkpoints import load_checkpoint, save_checkpoint
     from .pipeline import Pipeline
     from .recipe import recipe_to_yaml
     from .sources import DataOptions, check_model_fits_data, load_data, load_model
@@ -307,7 +314,10 @@ def _compress(args: argparse.Namespace) -> int:
         in_channels=info.channels,
     )
     check_model_fits_data(model, info)
-    output = _check_output(args.output, args.overwrite)
+    if args.resume and args.overwrite:
+        msg = "--resume continues the run in --output and --overwrite deletes it: pass one"
+        raise UserError(msg)
+    output = _check_output(args.output, args.overwrite, args.resume)
     epochs = args.baseline_epochs
     if epochs is None:
         epochs = 3 if args.model == "demo" and args.weights is None else 0
@@ -318,7 +328,11 @@ def _compress(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     start = time.perf_counter()
-    if epochs:
+    trained = output / "checkpoints" / "00_baseline.pt"
+    if epochs and args.resume and trained.is_file():
+        # the baseline trained by the interrupted run (CUDA training is not bit-exact)
+        model, _ = load_checkpoint(trained, model)
+    elif epochs:
         if progress:
             print(
                 f"[compressor] baseline: training {args.model} for {epochs} epoch(s) on "
@@ -335,6 +349,7 @@ def _compress(args: argparse.Namespace) -> int:
             progress=progress,
             limit_train_batches=args.limit_train_batches,
         )
+        save_checkpoint(trained, model, step="baseline", stage={}, extra={"epochs": epochs})
     result = pipeline.run(
         model,
         train_loader,
@@ -346,6 +361,7 @@ def _compress(args: argparse.Namespace) -> int:
         progress=progress,
         limit_train_batches=args.limit_train_batches,
         throughput_batch=args.throughput_batch,
+        resume=args.resume,
     )
     if args.json:
         document = {
@@ -401,12 +417,12 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
             raise UserError(msg)
 
 
-def _check_output(path: Path, overwrite: bool) -> Path:
+def _check_output(path: Path, overwrite: bool, resume: bool = False) -> Path:
     path = path.expanduser()
     if path.exists() and not path.is_dir():
         msg = f"--output {str(path)!r} is a file; give a folder"
         raise UserError(msg)
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(path.iterdir()) and not resume:
         if not overwrite:
             msg = (
                 f"output folder {str(path)!r} is not empty; "

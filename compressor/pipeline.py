@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checkpoints import save_checkpoint
+from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
 from .data import DataSpec, as_data_spec
 from .errors import ModelError, RecipeError, UserError
 from .export import export_onnx
@@ -164,6 +164,7 @@ class Pipeline:
         progress: bool = True,
         limit_train_batches: int | None = None,
         throughput_batch: int | Sequence[int] = 32,
+        resume: bool = False,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
 
@@ -183,6 +184,9 @@ class Pipeline:
             limit_train_batches: stop each training epoch after this many batches.
             throughput_batch: batch size(s) of the throughput measurement; the first is the
                 row's ``throughput``, all are in its ``throughput_by_batch``.
+            resume: continue from the checkpoints an earlier, interrupted run of this
+                pipeline left in ``output_dir``: the finished stages whose options are
+                unchanged are not run again. The model and settings must be the same.
 
         Returns:
             `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
@@ -206,8 +210,14 @@ class Pipeline:
             limit_train_batches=limit_train_batches,
             throughput_batches=_batch_sizes(throughput_batch),
         )
-        state = self._start(model, ctx)
+        fingerprint = model_fingerprint(model)
+        settings = _resume_settings(ctx)
+        done, state = self._resume(model, ctx, fingerprint, settings) if resume else (0, None)
+        if state is None:
+            state = self._start(model, ctx)
         for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
+            if index < done:
+                continue
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
             step_ctx = dataclasses.replace(ctx, step=step)
             start = time.perf_counter()
@@ -217,13 +227,15 @@ class Pipeline:
             row = dataclasses.replace(row, seconds={"stage": round(stage_s, 2), **row.seconds})
             state = state.replace(rows=(*state.rows, row))
             save_checkpoint(
-                ctx.output_dir / "checkpoints" / f"{index + 1:02d}_{step}.pt",
+                _checkpoint_path(ctx, index, step),
                 state.model,
                 step=step,
                 stage={stage.name: stage.to_dict()},
                 extra={
                     "rows": [r.to_dict() for r in state.rows],
                     "onnx_path": state.onnx_path.name if state.onnx_path else None,
+                    "model_fingerprint": fingerprint,
+                    "settings": settings,
                 },
             )
         report = Report(
@@ -235,6 +247,55 @@ class Pipeline:
         ctx.log(f"done: {ctx.output_dir}")
         return PipelineResult(
             model=state.model, onnx_path=state.onnx_path, report=report, output_dir=ctx.output_dir
+        )
+
+    def _resume(
+        self, model: nn.Module, ctx: RunContext, fingerprint: str, settings: dict[str, Any]
+    ) -> tuple[int, State | None]:
+        """How many stages an earlier run finished here, and the state after the last one.
+
+        Stages count as finished while their checkpoints exist, name the same step with the
+        same options, and the files they refer to are still there.
+        """
+        done, payload, path = 0, None, None
+        for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
+            candidate = _checkpoint_path(ctx, index, step)
+            if not candidate.is_file():
+                break
+            found = read_checkpoint(candidate)
+            extra = found.get("extra", {})
+            onnx = extra.get("onnx_path")
+            if found.get("stage") != {stage.name: stage.to_dict()} or (
+                onnx and not (ctx.output_dir / onnx).is_file()
+            ):
+                break
+            if extra.get("model_fingerprint") != fingerprint:
+                msg = (
+                    f"cannot resume from {candidate}: it was made from another model (or other "
+                    "weights); run without resume, or with another output folder"
+                )
+                raise UserError(msg)
+            if extra.get("settings") != settings:
+                msg = (
+                    f"cannot resume from {candidate}: it was made with other settings "
+                    f"({_differences(extra.get('settings') or {}, settings)}); run without "
+                    "resume, or with those settings"
+                )
+                raise UserError(msg)
+            done, payload, path = index + 1, found, candidate
+        if payload is None or path is None or not (ctx.output_dir / "model.onnx").is_file():
+            ctx.log("resume: no finished stage of this pipeline found; starting from the start")
+            return 0, None
+        ctx.log(f"resume: {done} of {len(self.stages)} stage(s) finished; loading {path.name}")
+        student, _ = load_checkpoint(path, copy.deepcopy(model).cpu().eval())
+        teacher = copy.deepcopy(model).cpu().eval().requires_grad_(False)
+        onnx = payload["extra"]["onnx_path"]
+        return done, State(
+            model=student.eval(),
+            teacher=teacher,
+            example_input=ctx.train_data.example_input(),
+            onnx_path=ctx.output_dir / onnx if onnx else None,
+            rows=tuple(Row.from_dict(r) for r in payload["extra"]["rows"]),
         )
 
     def _start(self, model: nn.Module, ctx: RunContext) -> State:
@@ -317,6 +378,29 @@ def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
         ctx.log(f"parity not measured: {exc}")
         return None
     return {"reference": baseline.name, "artifact": state.onnx_path.name, **parity}
+
+
+def _checkpoint_path(ctx: RunContext, index: int, step: str) -> Path:
+    return ctx.output_dir / "checkpoints" / f"{index + 1:02d}_{step}.pt"
+
+
+def _resume_settings(ctx: RunContext) -> dict[str, Any]:
+    """The run settings a resumed run must share with the one it continues."""
+    return {
+        "seed": ctx.seed,
+        "threads": ctx.threads,
+        "limit_train_batches": ctx.limit_train_batches,
+        "throughput_batches": list(ctx.throughput_batches),
+    }
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    keys = sorted(set(before) | set(now))
+    return ", ".join(
+        f"{k} was {before.get(k)!r}, now {now.get(k)!r}"
+        for k in keys
+        if before.get(k) != now.get(k)
+    )
 
 
 def _batch_sizes(value: int | Sequence[int]) -> tuple[int, ...]:

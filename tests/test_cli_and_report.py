@@ -18,23 +18,21 @@ def test_compress_runs_the_demo_pipeline(tmp_path, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     out = tmp_path / "run"
-    code = main(
-        [
-            "compress",
-            "--recipe",
-            str(recipe),
-            "--output",
-            str(out),
-            "--baseline-epochs",
-            "1",
-            "--limit-train-batches",
-            "3",
-            "--quiet",
-            "--threads",
-            "1",
-        ]
-    )
-    assert code == 0
+    argv = [
+        "compress",
+        "--recipe",
+        str(recipe),
+        "--output",
+        str(out),
+        "--baseline-epochs",
+        "1",
+        "--limit-train-batches",
+        "3",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
+    assert main(argv) == 0
     assert {"model.onnx", "model.int8.onnx", "report.json", "report.md", "checkpoints"} <= {
         p.name for p in out.iterdir()
     }
@@ -44,6 +42,11 @@ def test_compress_runs_the_demo_pipeline(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert main(["compress", "--recipe", str(recipe), "--output", str(out), "--quiet"]) == 2
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    # --resume finds every stage finished: nothing is trained or measured again
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["rows"] == rows
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -59,6 +62,7 @@ def test_compress_runs_the_demo_pipeline(tmp_path, capsys):
             "structured_pruning.ratio must be a number in (0.0, 1.0) (got: 2)",
         ),
         (["compress", "--output", "{file}"], "is a file; give a folder"),
+        (["compress", "--resume", "--overwrite"], "--resume continues the run in --output"),
     ],
     ids=[
         "missing-recipe",
@@ -67,6 +71,7 @@ def test_compress_runs_the_demo_pipeline(tmp_path, capsys):
         "unknown-stage",
         "bad-option",
         "output-is-file",
+        "resume-and-overwrite",
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_no_traceback(argv, message, tmp_path, capsys):

@@ -1,5 +1,6 @@
 import copy
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch.nn import functional as F
 
 import compressor as cz
 from compressor.checkpoints import load_checkpoint
+from compressor.stage import Stage
 
 ROW_KEYS = {
     "name",
@@ -101,6 +103,69 @@ def test_checkpoints_rebuild_the_pruned_model(trained_resnet, data, tmp_path):
     assert payload["stage"] == {"structured_pruning": pipeline.stages[0].to_dict()}
     assert [r["name"] for r in payload["extra"]["rows"]][-1] == "structured_pruning"
     assert trained_resnet.conv1.out_channels == 32  # the template was copied, not changed
+
+
+@dataclass(frozen=True)
+class Interrupted(Stage):
+    """Stands for a crash or Ctrl-C in the middle of a run."""
+
+    name = "interrupted"
+
+    def apply(self, state, ctx):
+        raise KeyboardInterrupt
+
+
+def _not_again(self, state, ctx):
+    raise AssertionError(f"{self.name} ran again")
+
+
+def test_resume_continues_after_the_last_finished_stage(
+    trained_resnet, data, tmp_path, monkeypatch
+):
+    prune, distill = cz.StructuredPruning(ratio=0.5, round_to=8), cz.Distillation(epochs=1)
+    run = {"output_dir": tmp_path, "progress": False, "threads": 1, "throughput_batch": 8}
+    with pytest.raises(KeyboardInterrupt):
+        cz.Pipeline([prune, distill, Interrupted()]).run(trained_resnet, *data, **run)
+    finished = tmp_path / "checkpoints" / "02_distillation.pt"
+    distilled, _ = load_checkpoint(finished, trained_resnet)
+
+    full = cz.Pipeline([prune, distill, cz.Int8Quantization(calibration_samples=32)])
+    with monkeypatch.context() as m:  # the finished stages must not run again
+        m.setattr(cz.StructuredPruning, "apply", _not_again)
+        m.setattr(cz.Distillation, "apply", _not_again)
+        result = full.run(trained_resnet, *data, resume=True, **run)
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(result.model(x), distilled(x))
+    names = [r.name for r in result.report.rows]
+    assert names == [
+        "baseline",
+        "baseline",
+        "structured_pruning",
+        "distillation",
+        "int8_quantization",
+    ]
+    assert result.onnx_path == tmp_path / "model.int8.onnx"
+    assert json.loads((tmp_path / "report.json").read_text())["rows"][-1]["precision"] == "int8"
+
+    # changed options run again from that stage on; the stages before it do not
+    again = cz.Pipeline([prune, cz.Distillation(epochs=1, lr=0.05)])
+    with monkeypatch.context() as m:
+        m.setattr(cz.StructuredPruning, "apply", _not_again)
+        result = again.run(trained_resnet, *data, resume=True, **run)
+    assert not torch.equal(result.model(x), distilled(x))
+
+
+def test_resume_refuses_another_model_or_other_settings(trained_resnet, data, tmp_path):
+    run = {"output_dir": tmp_path, "progress": False, "throughput_batch": 8}
+    pipeline = cz.Pipeline([cz.StructuredPruning(ratio=0.5, round_to=8)])
+    pipeline.run(trained_resnet, *data, threads=1, **run)
+    other = copy.deepcopy(trained_resnet)
+    with torch.no_grad():
+        other.fc.bias += 1
+    with pytest.raises(cz.UserError, match="another model"):
+        pipeline.run(other, *data, threads=1, resume=True, **run)
+    with pytest.raises(cz.UserError, match="threads was 1, now 2"):
+        pipeline.run(trained_resnet, *data, threads=2, resume=True, **run)
 
 
 def test_custom_loss_and_metric_are_used(trained_resnet, data, tmp_path):

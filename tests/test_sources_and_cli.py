@@ -165,6 +165,17 @@ def test_compress_ctrl_c_keeps_finished_checkpoints(fashion_root, tmp_path, caps
     assert "interrupted; finished stages' checkpoints are kept" in capsys.readouterr().err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["01_structured_pruning.pt"]
 
+    # --resume goes on after the finished pruning stage (a recipe that no longer trains)
+    pruned = torch.load(out / "checkpoints" / "01_structured_pruning.pt", weights_only=True)
+    recipe.write_text("stages: [structured_pruning, int8_quantization]\n")
+    assert main([*argv, "--recipe", str(recipe), "--resume", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["name"] for r in rows] == ["baseline"] * 2 + [
+        "structured_pruning",
+        "int8_quantization",
+    ]
+    assert rows[2] == pruned["extra"]["rows"][2]  # loaded, not pruned and measured again
+
 
 def test_installed_entry_point_runs_in_a_subprocess(fashion_root, tmp_path):
     script = Path(sys.executable).parent / "compressor"
