@@ -200,7 +200,9 @@ def prune(
     params_before, macs_before = count_params_macs(model, example_input)
     blocks, what = _untraceable(model)
     if blocks:
-        details = _prune_around(model, example_input, options, importance_name, ignored_names)
+        details = _prune_around(
+            model, example_input, options, importance_name, ignored_names, blocks
+        )
         params_after, macs_after = count_params_macs(model, example_input)
         details["pruning"].update(
             params_before=params_before,
@@ -323,6 +325,7 @@ def _prune_around(
     options: StructuredPruning,
     importance_name: str,
     ignored_names: list[str],
+    blocks: list[str],
 ) -> dict[str, Any]:
     """Prune each traceable ``nn.Sequential`` of ``model`` on its own, in place.
 
@@ -333,19 +336,18 @@ def _prune_around(
     """
     import torch_pruning as tp
 
-    blocks, _ = _untraceable(model)
     names = _traceable_sequentials(model, blocks)
     inputs = _inputs_of(model, example, names)
     keep = {id(model.get_submodule(n)) for n in ignored_names}
-    pruned, restored = [], []
+    pruned, restored, kept, whole = [], [], [], []
     for name, x in inputs.items():
         block = model.get_submodule(name)
         order = execution_order(block, x)
         if len(order) < 2:
             continue
         before = copy.deepcopy(block)
-        with torch.no_grad():
-            out_before = block(x)
+        with torch.no_grad():  # clones: an in-place first layer must not change x
+            out_before = block(x.clone())
         layers = dict(block.named_modules())
         narrow, capped = _narrow_layers(block, options.round_to, options.ratio)
         use = importance_name
@@ -356,7 +358,7 @@ def _prune_around(
                 warnings.simplefilter("ignore")
                 pruner = tp.pruner.BasePruner(
                     block,
-                    x,
+                    x.clone(),
                     importance=resolve_importance(use, block)[1],
                     pruning_ratio=options.ratio,
                     global_pruning=options.global_pruning,
@@ -368,7 +370,7 @@ def _prune_around(
                 )
                 pruner.step()
             with torch.no_grad():
-                ok = _shape(block(x)) == _shape(out_before)
+                ok = _shape(block(x.clone())) == _shape(out_before)
         except Exception:
             ok = False
         if not ok:
@@ -379,14 +381,16 @@ def _prune_around(
             p.numel() for p in before.parameters()
         ):
             pruned.append(name)
+            kept += [f"{name}.{n}" for n in capped]
+            whole += [f"{name}.{n}" for n in narrow]
     return {
         "pruning": {
             "importance": importance_name,
             "ratio": options.ratio,
             "round_to": options.round_to,
-            "left_whole": [*blocks, *restored, *ignored_names],
+            "left_whole": [*blocks, *restored, *ignored_names, *whole],
             "pruned_blocks": pruned,
-            "kept_at_round_to": [],
+            "kept_at_round_to": sorted(kept),
         }
     }
 
