@@ -82,6 +82,8 @@ def check_model(model: Any, name: str, size: int, threads: int, latency: bool) -
             student, details = prune(copy.deepcopy(model), example, options)
             seconds["prune"] = time.perf_counter() - t0
             row["left_whole"] = details["pruning"]["left_whole"]
+            if "pruned_blocks" in details["pruning"]:  # pruned around untraceable blocks
+                row["pruned_blocks"] = len(details["pruning"]["pruned_blocks"])
             row["params_after"], row["macs_after"] = count_params_macs(student, example)
             step = "export"
             t0 = time.perf_counter()
@@ -182,8 +184,14 @@ def _line(r: dict[str, Any]) -> str:
         f"| {r['model']} | {_m(r.get('params_before'))} -> {_m(r.get('params_after'))} | "
         f"{_m(r.get('macs_before'))} -> {_m(r.get('macs_after'))} | "
         f"{'-' if parity is None else f'{parity:.2g}'} | {speed} | {r['status']} | "
-        f"{r.get('reason', '')} | {r.get('wall_s', '')} |"
+        f"{r.get('reason', '') or _note(r)} | {r.get('wall_s', '')} |"
     )
+
+
+def _note(r: dict[str, Any]) -> str:
+    if "pruned_blocks" not in r:
+        return ""
+    return f"pruned only inside {r['pruned_blocks']} blocks (MLPs, branches)"
 
 
 if __name__ == "__main__":
