@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from .data import DataSpec
-from .errors import first_line
+from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .measure import cpu_info, ort_predictor, ort_session, sample_batch, timed_runs
 from .recipe import register_stage
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 METHODS = ("minmax", "entropy", "percentile")
 TYPES = ("auto", "uint8", "int8")
 _INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
+_ONE_FILE_LIMIT = 2**31 - 1  # protobuf's limit on one serialised message
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 _FLOAT_COMPUTE = {
     "Conv",
@@ -259,15 +261,13 @@ class Int8Quantization(Stage):
             ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
             # ONNX Runtime's histogram calibrators print progress on stdout, which belongs
             # to the caller (compressor compress --json writes its JSON there).
-            with (
-                atomic_path(final) as out,
-                warnings.catch_warnings(),
-                contextlib.redirect_stdout(sys.stderr),
-            ):
+            quantized = Path(tmp) / "int8" / "model.int8.onnx"
+            quantized.parent.mkdir()
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
                 warnings.simplefilter("ignore")
                 quantize_static(
                     str(source),
-                    str(out),
+                    str(quantized),
                     reader,
                     quant_format=QuantFormat.QDQ,
                     per_channel=self.per_channel,
@@ -275,8 +275,12 @@ class Int8Quantization(Stage):
                     activation_type=qtype[types.activation_type],
                     weight_type=qtype[types.weight_type],
                     calibrate_method=method,
+                    # ONNX files hold at most 2 GB; bigger ones keep their weights beside
+                    use_external_data_format=needs_external_data(fp32),
                 )
-                clock.lap("calibrate_quantize")
+            clock.lap("calibrate_quantize")
+            with atomic_path(final) as out:
+                save_single_file(quantized, out)
                 graph = inspect_int8_graph(out, ctx.threads, Path(tmp) / "optimized.onnx")
             speedup = _int8_speedup(fp32, final, ctx)
             clock.lap("check")
@@ -315,6 +319,35 @@ class Int8Quantization(Stage):
         return state.replace(onnx_path=final, details=details)
 
 
+def needs_external_data(path: str | Path) -> bool:
+    """True when the ONNX model at ``path`` is too big for one file (over 2 GB).
+
+    Such a model keeps its weights in files beside it, and every tool that writes a
+    version of it (pre-processing, calibration, quantization) has to do the same.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def save_single_file(source: Path, out: Path) -> None:
+    """Write the ONNX model at ``source`` (its weights inside or beside it) as one file.
+
+    Raises:
+        ModelError: the model is over ONNX's 2 GB single-file limit even in INT8.
+    """
+    if not needs_external_data(source):
+        shutil.copyfile(source, out)
+        return
+    model = onnx.load(str(source))  # with the weights kept beside it
+    if model.ByteSize() >= _ONE_FILE_LIMIT:
+        msg = (
+            f"the INT8 model is {model.ByteSize() / 1e9:.1f} GB, over ONNX's 2 GB limit for "
+            "one file; prune it first (structured_pruning) to make it smaller"
+        )
+        raise ModelError(msg)
+    onnx.save(model, str(out))
+
+
 def _pre_process(fp32: Path, out: Path) -> tuple[Path, str, str | None]:
     """Run ONNX Runtime's quant_pre_process: (the file to quantize, how, the error if none ran).
 
@@ -329,7 +362,12 @@ def _pre_process(fp32: Path, out: Path) -> tuple[Path, str, str | None]:
         try:
             with warnings.catch_warnings(), _scratch_cwd(str(out.parent)):
                 warnings.simplefilter("ignore")
-                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=skip_symbolic)
+                quant_pre_process(
+                    str(fp32),
+                    str(out),
+                    skip_symbolic_shape=skip_symbolic,
+                    save_as_external_data=needs_external_data(fp32),
+                )
         except Exception as exc:
             error = error or first_line(exc)
             continue

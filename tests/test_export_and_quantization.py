@@ -125,3 +125,28 @@ def test_calibration_in_pieces_gives_the_same_int8_model(
     assert whole["calibration_batch_limit"] >= 32 and pieces["calibration_batch_limit"] == 1
     assert whole["calibration_samples"] == pieces["calibration_samples"] == 40
     assert piece_scales == whole_scales
+
+
+def test_models_over_2gb_take_the_external_data_path(
+    trained_resnet, data, example, tmp_path, monkeypatch
+):
+    """Over 2 GB, ONNX keeps weights beside the file; the artifact is still one file."""
+    ctx = RunContext(
+        train_data=cz.DataSpec(data[0]), eval_data=cz.DataSpec(data[1]), output_dir=tmp_path,
+        loss_fn=F.cross_entropy, eval_fn=top1, device=torch.device("cpu"), progress=False,
+        step="int8_quantization",
+    )  # fmt: skip
+    asked = []
+
+    def every_file_is_big(path):
+        asked.append(path)
+        return True
+
+    monkeypatch.setattr(quantization, "needs_external_data", every_file_is_big)
+    state = State(model=trained_resnet, teacher=trained_resnet, example_input=example)
+    out = cz.Int8Quantization(calibration_samples=32).apply(state, ctx)
+    assert out.details["quantization"]["pre_process"] == "full"
+    assert len(asked) >= 3  # pre-processing, quantization, the final single file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
+    fp32 = top1(lambda x: trained_resnet.eval()(x), ctx.eval_data)
+    assert top1(ort_predictor(ort_session(out.onnx_path, 1)), ctx.eval_data) >= fp32 - 0.05
