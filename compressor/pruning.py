@@ -183,7 +183,6 @@ def prune(
         RecipeError: an ignored layer name that the model does not have.
         ModelError: torch-pruning cannot handle the model, or the pruned model fails to run.
     """
-    import torch_pruning as tp
 
     modules = dict(model.named_modules())
     unknown = [n for n in options.ignored_layers if n not in modules]
@@ -203,13 +202,7 @@ def prune(
         details = _prune_around(
             model, example_input, options, importance_name, ignored_names, blocks
         )
-        params_after, macs_after = count_params_macs(model, example_input)
-        details["pruning"].update(
-            params_before=params_before,
-            macs_before=macs_before,
-            params_ratio=round(params_after / params_before, 4) if params_before else None,
-            macs_ratio=round(macs_after / macs_before, 4) if macs_before else None,
-        )
+        details["pruning"].update(_size_change(model, example_input, params_before, macs_before))
         _note_left_whole(model, details, blocks, what)
         return model, details
     round_to = _with_heads(model, options.round_to)
@@ -220,19 +213,9 @@ def prune(
     capped = {n: r for n, r in capped.items() if n not in ignored_names}
 
     def build_and_step() -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner = tp.pruner.BasePruner(
-                model,
-                example_input,
-                importance=importance,
-                pruning_ratio=options.ratio,
-                global_pruning=options.global_pruning,
-                ignored_layers=[modules[n] for n in ignored_names] + [modules[n] for n in narrow],
-                pruning_ratio_dict={modules[n]: r for n, r in capped.items()} or None,
-                round_to=round_to,
-            )
-            pruner.step()
+        ignored = [modules[n] for n in ignored_names] + [modules[n] for n in narrow]
+        ratios = {modules[n]: r for n, r in capped.items()}
+        _step_pruner(model, example_input, importance, options, ignored, ratios, round_to)
         _sync_attention_widths(model)
 
     try:
@@ -251,7 +234,6 @@ def prune(
     if _shape(out_after) != _shape(out_before):
         msg = f"pruning changed the output shape from {_shape(out_before)} to {_shape(out_after)}"
         raise ModelError(msg)
-    params_after, macs_after = count_params_macs(model, example_input)
     details = {
         "pruning": {
             "importance": importance_name,
@@ -259,10 +241,7 @@ def prune(
             "round_to": round_to,
             "left_whole": ignored_names + narrow,
             "kept_at_round_to": sorted(capped),
-            "params_before": params_before,
-            "macs_before": macs_before,
-            "params_ratio": round(params_after / params_before, 4) if params_before else None,
-            "macs_ratio": round(macs_after / macs_before, 4) if macs_before else None,
+            **_size_change(model, example_input, params_before, macs_before),
         }
     }
     return model, details
@@ -334,7 +313,6 @@ def _prune_around(
     last Conv/Linear keeps its outputs. A block that does not still take its original input
     and give an output of the original shape is put back as it was.
     """
-    import torch_pruning as tp
 
     names = _traceable_sequentials(model, blocks)
     inputs = _inputs_of(model, example, names)
@@ -353,22 +331,12 @@ def _prune_around(
         use = importance_name
         if use == "bn_scale" and not has_batchnorm(block):
             use = "l2"
+        ignored = [layers[order[-1]]] + [layers[n] for n in narrow]
+        ignored += [m for m in block.modules() if id(m) in keep]
+        ratios = {layers[n]: r for n, r in capped.items()}
         try:
-            with warnings.catch_warnings():  # torch-pruning traces autograd: no no_grad here
-                warnings.simplefilter("ignore")
-                pruner = tp.pruner.BasePruner(
-                    block,
-                    x.clone(),
-                    importance=resolve_importance(use, block)[1],
-                    pruning_ratio=options.ratio,
-                    global_pruning=options.global_pruning,
-                    ignored_layers=[layers[order[-1]]]
-                    + [layers[n] for n in narrow]
-                    + [m for m in block.modules() if id(m) in keep],
-                    pruning_ratio_dict={layers[n]: r for n, r in capped.items()} or None,
-                    round_to=options.round_to,
-                )
-                pruner.step()
+            importance = resolve_importance(use, block)[1]
+            _step_pruner(block, x.clone(), importance, options, ignored, ratios, options.round_to)
             with torch.no_grad():
                 ok = _shape(block(x.clone())) == _shape(out_before)
         except Exception:
@@ -392,6 +360,49 @@ def _prune_around(
             "pruned_blocks": pruned,
             "kept_at_round_to": sorted(kept),
         }
+    }
+
+
+def _step_pruner(
+    model: nn.Module,
+    example: torch.Tensor,
+    importance: Any,
+    options: StructuredPruning,
+    ignored: list[nn.Module],
+    ratios: dict[nn.Module, float],
+    round_to: int | None,
+) -> None:
+    """Prune ``model`` in place with torch-pruning: one BasePruner step.
+
+    Not under ``torch.no_grad()``: torch-pruning traces the graph through autograd.
+    """
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=importance,
+            pruning_ratio=options.ratio,
+            global_pruning=options.global_pruning,
+            ignored_layers=ignored,
+            pruning_ratio_dict=ratios or None,
+            round_to=round_to,
+        )
+        pruner.step()
+
+
+def _size_change(
+    model: nn.Module, example: torch.Tensor, params_before: int, macs_before: int
+) -> dict[str, Any]:
+    """The report's params/MACs before, and their ratios after pruning ``model``."""
+    params_after, macs_after = count_params_macs(model, example)
+    return {
+        "params_before": params_before,
+        "macs_before": macs_before,
+        "params_ratio": round(params_after / params_before, 4) if params_before else None,
+        "macs_ratio": round(macs_after / macs_before, 4) if macs_before else None,
     }
 
 
