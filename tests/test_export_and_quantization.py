@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -126,7 +127,10 @@ def test_calibration_in_pieces_gives_the_same_int8_model(
     pieces, piece_scales = quantize(tmp_path / "b")
     assert whole["calibration_batch_limit"] >= 32 and pieces["calibration_batch_limit"] == 1
     assert whole["calibration_samples"] == pieces["calibration_samples"] == 40
-    assert piece_scales == whole_scales
+    # the same ranges; a scale may differ in its last float32 bit (reduction order)
+    assert piece_scales.keys() == whole_scales.keys()
+    for name, value in whole_scales.items():
+        assert np.allclose(piece_scales[name], value, rtol=1e-6, atol=0), name
 
 
 def test_models_over_2gb_take_the_external_data_path(
