@@ -5,29 +5,30 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .data import DataSpec
 from .errors import ModelError, RecipeError, first_line
-from .layers import (
-    WEIGHTED_LAYERS,
-    call_naming_layer,
-    execution_order,
-    find_head,
-    has_batchnorm,
-)
+from .layers import call_naming_layer, execution_order, find_head, has_batchnorm
 from .measure import count_params_macs
+from .pruning_plan import (
+    IMPORTANCES,
+    Allocation,
+    PruningPlan,
+    apply_plan,
+    plan_pruning,
+    resolve_importance,
+)
 from .recipe import register_stage
 from .stage import Stage, check_bool, check_choice, check_float, check_int
+from .training import recalibrate_batchnorm
 
 if TYPE_CHECKING:
     from .pipeline import RunContext, State
-
-IMPORTANCES = ("auto", "bn_scale", "l1", "l2", "lamp", "fpgm", "random")
 
 
 @register_stage("structured_pruning")
@@ -37,30 +38,39 @@ class StructuredPruning(Stage):
 
     Coupled layers (residual adds, concatenations, depthwise convs, flatten -> Linear) are
     pruned together through torch-pruning's DepGraph (Fang et al. 2023,
-    https://arxiv.org/abs/2301.12900). The output head is always left whole.
+    https://arxiv.org/abs/2301.12900). The output head is always left whole. The channels
+    are chosen by `compressor.pruning_plan`, the plan `SparsityTraining` drives to zero
+    when it runs before this stage; channels already exactly zero always go first.
 
     Args:
-        ratio: fraction of channels removed from each prunable layer (or overall, with
-            ``global_pruning``); params and MACs fall by about ``1 - (1 - ratio)**2``.
+        ratio: share of the prunable channels removed. With ``global_pruning`` (the
+            default) it is counted over all coupled channel groups together, and each group
+            loses between 0 and ``max_layer_ratio`` of its channels by score (network
+            slimming's global threshold); without it every group loses ``ratio`` of its
+            channels. Params and MACs fall by about ``1 - (1 - ratio)**2``.
         importance: how channels are ranked. ``auto`` is ``bn_scale`` (|BatchNorm gamma|) when
             the model has BatchNorm and ``l2`` (group weight norm) otherwise, the quantities
             `SparsityTraining` drives toward zero; also ``l1``, ``lamp``, ``fpgm``, ``random``.
         ignored_layers: names of further layers to leave whole (e.g. ``["features.0"]``).
         round_to: keep channel counts a multiple of this (INT8 kernels run faster at multiples
-            of 8 or 16); ``null`` for no rounding. A layer that ``ratio`` would cut below
-            ``round_to`` channels keeps ``round_to`` of them; one no wider than that is left
-            whole.
-        global_pruning: rank channels across all layers instead of per layer.
+            of 8 or 16); ``null`` for no rounding. A group keeps at least ``round_to``
+            channels; one no wider than that is left whole.
+        global_pruning: rank channels across all groups (true) or remove the same share of
+            every group (false, uniform).
+        max_layer_ratio: with ``global_pruning``, the largest share of one group's channels
+            that may go; ``null``: halfway between ``ratio`` and 1, so no group keeps less
+            than half the share an average group keeps.
         bn_recalibration_batches: after pruning, re-estimate BatchNorm statistics on this
-            many training batches (0: don't). Removing channels shifts every later layer's
-            input distribution, and stale statistics alone can drop a pruned model to chance.
+            many training batches (0: don't), with only the BatchNorm layers in training
+            mode. Removing live channels shifts later layers' input distributions.
     """
 
     ratio: float = 0.5
     importance: str = "auto"
     ignored_layers: tuple[str, ...] = ()
     round_to: int | None = 16
-    global_pruning: bool = False
+    global_pruning: bool = True
+    max_layer_ratio: float | None = None
     bn_recalibration_batches: int = 32
 
     name = "structured_pruning"
@@ -82,7 +92,26 @@ class StructuredPruning(Stage):
         if self.round_to is not None:
             check_int(self.name, "round_to", self.round_to, minimum=1)
         check_bool(self.name, "global_pruning", self.global_pruning)
+        if self.max_layer_ratio is not None:
+            check_float(
+                self.name,
+                "max_layer_ratio",
+                self.max_layer_ratio,
+                low=0.0,
+                high=1.0,
+                low_open=True,
+                high_open=True,
+            )
         check_int(self.name, "bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
+
+    def allocation(self, round_to: int | None) -> Allocation:
+        """The plan's allocation options (``round_to`` already adjusted for attention heads)."""
+        return Allocation(
+            ratio=self.ratio,
+            global_allocation=self.global_pruning,
+            max_layer_ratio=self.max_layer_ratio,
+            round_to=round_to,
+        )
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Prune a copy of ``state.model``."""
@@ -95,83 +124,54 @@ class StructuredPruning(Stage):
         return state.replace(model=pruned, details=details)
 
 
-def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
+def ignored_modules(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> list[str]:
+    """The layer names pruning leaves whole: ``names`` and the output head.
 
-    Weights are not touched. Returns the number of samples seen.
+    Raises:
+        RecipeError: a name that the model does not have.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    seen = 0
-    model.train()
-    try:
-        with torch.no_grad():
-            for batch in data.iter_batches(batches):
-                inputs = data.input_fn(batch).cpu()
-                model(inputs)
-                seen += inputs.shape[0]
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
-    return seen
-
-
-class BatchNormScaleImportance:
-    """Channel importance = mean |gamma| over the group's BatchNorm layers (network slimming).
-
-    Same score as ``tp.importance.BNScaleImportance``, which in torch-pruning 1.6 scores a
-    group through a concatenation (BatchNorms covering only part of the root's channels)
-    as unprunable and so leaves it whole; here every BatchNorm adds into the channels it
-    covers, however they map to the root.
-    """
-
-    @torch.no_grad()
-    def __call__(self, group: Any) -> torch.Tensor | None:
-        import torch_pruning as tp
-
-        width = 1 + max(r for item in group for r in item.root_idxs if r is not None)
-        total = torch.zeros(width)
-        count = torch.zeros(width)
-        for i, (dep, idxs) in enumerate(group):
-            layer, root_idxs = dep.layer, group[i].root_idxs
-            if dep.pruning_fn != tp.prune_batchnorm_out_channels or not layer.affine:
-                continue
-            if any(r is None for r in root_idxs):
-                continue
-            where = torch.tensor(root_idxs)
-            total.scatter_add_(0, where, layer.weight.detach().abs()[idxs].float().cpu())
-            count.scatter_add_(0, where, torch.ones(len(idxs)))
-        if not bool((count > 0).any()):
-            return None
-        score = total / count.clamp(min=1)
-        return score / score[count > 0].mean().clamp(min=1e-12)
-
-
-def resolve_importance(name: str, model: nn.Module) -> tuple[str, Any]:
-    """The torch-pruning importance object for ``name`` (``auto`` resolved for ``model``)."""
-    import torch_pruning as tp
-
-    if name == "auto":
-        name = "bn_scale" if has_batchnorm(model) else "l2"
-    if name == "bn_scale" and not has_batchnorm(model):
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        sample = ", ".join(n for n in list(modules)[1:8])
         msg = (
-            "structured_pruning.importance 'bn_scale' needs BatchNorm layers; "
-            "this model has none (use 'l2')"
+            f"structured_pruning.ignored_layers: the model has no layer {unknown[0]!r} "
+            f"(layers are named like: {sample}, ...)"
         )
         raise RecipeError(msg)
-    factories = {
-        "bn_scale": lambda: BatchNormScaleImportance(),
-        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "lamp": lambda: tp.importance.LAMPImportance(p=2),
-        "fpgm": lambda: tp.importance.FPGMImportance(p=2),
-        "random": lambda: tp.importance.RandomImportance(),
-    }
-    return name, factories[name]()
+    head = find_head(model, example)
+    return list(dict.fromkeys([*names, *([head] if head else [])]))
+
+
+def make_plan(
+    model: nn.Module, example: torch.Tensor, options: StructuredPruning
+) -> tuple[PruningPlan, Any, list[str]]:
+    """The plan ``options`` make for ``model``, its pruner, and the layers left whole.
+
+    Raises:
+        ModelError: torch-pruning cannot trace the model.
+    """
+    ignored_names = ignored_modules(model, example, options.ignored_layers)
+    modules = dict(model.named_modules())
+    allocation = options.allocation(_with_heads(model, options.round_to))
+
+    def build() -> tuple[PruningPlan, Any]:
+        return plan_pruning(
+            model,
+            example,
+            importance=options.importance,
+            allocation=allocation,
+            ignored=[modules[n] for n in ignored_names],
+        )
+
+    try:
+        plan, pruner = call_naming_layer(model, build, "torch-pruning")
+    except (ModelError, RecipeError):
+        raise
+    except Exception as exc:
+        msg = f"torch-pruning cannot prune {type(model).__name__}: {first_line(exc)}"
+        raise ModelError(msg) from exc
+    return plan, pruner, ignored_names
 
 
 def prune(
@@ -183,43 +183,27 @@ def prune(
         RecipeError: an ignored layer name that the model does not have.
         ModelError: torch-pruning cannot handle the model, or the pruned model fails to run.
     """
-
-    modules = dict(model.named_modules())
-    unknown = [n for n in options.ignored_layers if n not in modules]
-    if unknown:
-        sample = ", ".join(n for n in list(modules)[1:8])
-        msg = (
-            f"structured_pruning.ignored_layers: the model has no layer {unknown[0]!r} "
-            f"(layers are named like: {sample}, ...)"
-        )
-        raise RecipeError(msg)
-    head = find_head(model, example_input)
-    ignored_names = list(dict.fromkeys([*options.ignored_layers, *([head] if head else [])]))
-    importance_name, importance = resolve_importance(options.importance, model)
     params_before, macs_before = count_params_macs(model, example_input)
-    blocks, what = _untraceable(model)
+    blocks, what = untraceable_blocks(model)
     if blocks:
+        ignored_names = ignored_modules(model, example_input, options.ignored_layers)
+        importance_name, _ = resolve_importance(options.importance, model)
         details = _prune_around(
             model, example_input, options, importance_name, ignored_names, blocks
         )
         details["pruning"].update(_size_change(model, example_input, params_before, macs_before))
         _note_left_whole(model, details, blocks, what)
         return model, details
-    round_to = _with_heads(model, options.round_to)
     with torch.no_grad():
         out_before = model(example_input)
-    narrow, capped = _narrow_layers(model, round_to, options.ratio)
-    narrow = [n for n in narrow if n not in ignored_names]
-    capped = {n: r for n, r in capped.items() if n not in ignored_names}
+    plan, pruner, ignored_names = make_plan(model, example_input, options)
 
-    def build_and_step() -> None:
-        ignored = [modules[n] for n in ignored_names] + [modules[n] for n in narrow]
-        ratios = {modules[n]: r for n, r in capped.items()}
-        _step_pruner(model, example_input, importance, options, ignored, ratios, round_to)
+    def step() -> None:
+        apply_plan(pruner, plan)
         _sync_attention_widths(model)
 
     try:
-        call_naming_layer(model, build_and_step, "torch-pruning")
+        call_naming_layer(model, step, "torch-pruning")
     except ModelError:
         raise
     except Exception as exc:
@@ -236,11 +220,12 @@ def prune(
         raise ModelError(msg)
     details = {
         "pruning": {
-            "importance": importance_name,
+            "importance": plan.importance,
             "ratio": options.ratio,
-            "round_to": round_to,
-            "left_whole": ignored_names + narrow,
-            "kept_at_round_to": sorted(capped),
+            "round_to": plan.allocation.round_to,
+            **plan.summary(),
+            "left_whole": ignored_names + [n for n in plan.left_whole if n not in ignored_names],
+            "kept_at_round_to": plan.kept_at_round_to,
             **_size_change(model, example_input, params_before, macs_before),
         }
     }
@@ -258,7 +243,8 @@ _UNTRACEABLE = {
 }
 
 
-def _untraceable(model: nn.Module) -> tuple[list[str], str]:
+def untraceable_blocks(model: nn.Module) -> tuple[list[str], str]:
+    """Names of the blocks torch-pruning cannot trace in ``model``, and what they are."""
     found = {
         name: _UNTRACEABLE[f"{type(m).__module__}.{type(m).__qualname__}"]
         for name, m in model.named_modules()
@@ -327,16 +313,19 @@ def _prune_around(
         with torch.no_grad():  # clones: an in-place first layer must not change x
             out_before = block(x.clone())
         layers = dict(block.named_modules())
-        narrow, capped = _narrow_layers(block, options.round_to, options.ratio)
         use = importance_name
         if use == "bn_scale" and not has_batchnorm(block):
             use = "l2"
-        ignored = [layers[order[-1]]] + [layers[n] for n in narrow]
-        ignored += [m for m in block.modules() if id(m) in keep]
-        ratios = {layers[n]: r for n, r in capped.items()}
+        ignored = [layers[order[-1]]] + [m for m in block.modules() if id(m) in keep]
         try:
-            importance = resolve_importance(use, block)[1]
-            _step_pruner(block, x.clone(), importance, options, ignored, ratios, options.round_to)
+            plan, pruner = plan_pruning(
+                block,
+                x.clone(),
+                importance=use,
+                allocation=options.allocation(options.round_to),
+                ignored=ignored,
+            )
+            apply_plan(pruner, plan)
             with torch.no_grad():
                 ok = _shape(block(x.clone())) == _shape(out_before)
         except Exception:
@@ -349,8 +338,8 @@ def _prune_around(
             p.numel() for p in before.parameters()
         ):
             pruned.append(name)
-            kept += [f"{name}.{n}" for n in capped]
-            whole += [f"{name}.{n}" for n in narrow]
+            kept += [f"{name}.{n}" for n in plan.kept_at_round_to]
+            whole += [f"{name}.{n}" for n in plan.left_whole]
     return {
         "pruning": {
             "importance": importance_name,
@@ -361,36 +350,6 @@ def _prune_around(
             "kept_at_round_to": sorted(kept),
         }
     }
-
-
-def _step_pruner(
-    model: nn.Module,
-    example: torch.Tensor,
-    importance: Any,
-    options: StructuredPruning,
-    ignored: list[nn.Module],
-    ratios: dict[nn.Module, float],
-    round_to: int | None,
-) -> None:
-    """Prune ``model`` in place with torch-pruning: one BasePruner step.
-
-    Not under ``torch.no_grad()``: torch-pruning traces the graph through autograd.
-    """
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=importance,
-            pruning_ratio=options.ratio,
-            global_pruning=options.global_pruning,
-            ignored_layers=ignored,
-            pruning_ratio_dict=ratios or None,
-            round_to=round_to,
-        )
-        pruner.step()
 
 
 def _size_change(
@@ -447,30 +406,6 @@ def _sync_attention_widths(model: nn.Module) -> None:
     for m in model.modules():
         if type(m).__name__ == "VisionTransformer":
             m.hidden_dim = m.conv_proj.out_channels
-
-
-def _narrow_layers(
-    model: nn.Module, round_to: int | None, ratio: float
-) -> tuple[list[str], dict[str, float]]:
-    """Layers that ``ratio`` would cut below ``round_to`` channels.
-
-    torch-pruning rounds the *kept* channels down to a multiple of ``round_to``, so such a
-    layer would lose them all. Layers narrower than ``round_to`` are left whole (the first
-    list); the others keep exactly ``round_to`` channels (name -> the ratio that does it).
-    """
-    if not round_to or round_to <= 1:
-        return [], {}
-    narrow, capped = [], {}
-    for name, m in model.named_modules():
-        width = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
-        if not isinstance(m, WEIGHTED_LAYERS) or width is None or width * (1 - ratio) >= round_to:
-            continue
-        if width <= round_to:
-            narrow.append(name)
-        else:
-            # +0.5: torch-pruning truncates width * (1 - ratio); 15.999 would become 15, not 16
-            capped[name] = 1 - (round_to + 0.5) / width
-    return narrow, capped
 
 
 def _shape(out: Any) -> Any:
