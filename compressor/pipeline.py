@@ -67,7 +67,11 @@ class State:
 
 @dataclass(frozen=True)
 class RunContext:
-    """The run's fixed inputs and settings, passed to every stage beside the state."""
+    """The run's fixed inputs and settings, passed to every stage beside the state.
+
+    ``step`` is the running stage's report name; ``upcoming`` the stages after it (sparsity
+    training aims at the pruning that follows it).
+    """
 
     train_data: DataSpec
     eval_data: DataSpec
@@ -81,6 +85,7 @@ class RunContext:
     limit_train_batches: int | None = None
     throughput_batches: tuple[int, ...] = (32,)
     step: str = ""
+    upcoming: tuple[Stage, ...] = ()
 
     def measure_settings(self) -> dict[str, Any]:
         """The keyword arguments every row's measurement shares (same data, threads, batch)."""
@@ -219,7 +224,7 @@ class Pipeline:
             if index < done:
                 continue
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
-            step_ctx = dataclasses.replace(ctx, step=step)
+            step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(self.stages[index + 1 :]))
             start = time.perf_counter()
             state = stage.apply(state.replace(details={}), step_ctx)
             stage_s = time.perf_counter() - start

@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from .errors import DataError, UserError
 
 if TYPE_CHECKING:
+    from .data import DataSpec
     from .pipeline import RunContext
 
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
 ComputeLoss = Callable[[nn.Module, torch.Tensor, Any], "torch.Tensor | LossAndLogits"]
+AfterStep = Callable[[int, int], None]
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
@@ -51,6 +53,7 @@ def train(
     lr: float,
     compute_loss: ComputeLoss,
     desc: str,
+    after_step: AfterStep | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``ctx.train_data``; return the mean loss per epoch.
 
@@ -58,7 +61,9 @@ def train(
     (4-D inputs run channels-last, which is about twice as fast for convs on the CPU).
     ``compute_loss(model, inputs, targets)`` gives the loss of one batch, or ``(loss,
     logits)``; with logits and class-index targets the progress bar also shows the running
-    training accuracy. The model comes back on the CPU, in eval mode, with contiguous tensors.
+    training accuracy. ``after_step(step, total_steps)`` runs after every optimizer step
+    (``step`` counts from 1; e.g. a proximal update). The model comes back on the CPU, in
+    eval mode, with contiguous tensors.
 
     Raises:
         DataError: the training data yields no batch.
@@ -70,6 +75,8 @@ def train(
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     per_epoch = data.num_batches(ctx.limit_train_batches)
+    if per_epoch is None and after_step is not None:  # a schedule needs the step count
+        per_epoch = sum(1 for _ in data.iter_batches(ctx.limit_train_batches))
     total = epochs * per_epoch if per_epoch else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -79,6 +86,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     history: list[float] = []
+    step = 0
     try:
         for epoch in range(epochs):
             bar = tqdm(
@@ -111,6 +119,10 @@ def train(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                step += 1
+                if after_step is not None:
+                    with torch.no_grad():
+                        after_step(step, max(total or step, step))
                 loss_sum += float(loss.detach())
                 batches += 1
                 postfix = {"loss": f"{loss_sum / batches:.4f}"}
@@ -127,6 +139,34 @@ def train(
     finally:
         model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return history
+
+
+def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches.
+
+    Only the BatchNorm layers are in training mode (Dropout and stochastic depth stay off);
+    weights are not touched. Returns the number of samples seen.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    seen = 0
+    model.eval()
+    for m in norms:
+        m.train()
+    try:
+        with torch.no_grad():
+            for batch in data.iter_batches(batches):
+                inputs = data.input_fn(batch).cpu()
+                model(inputs)
+                seen += inputs.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return seen
 
 
 def _correct(logits: torch.Tensor, targets: Any) -> int | None:
