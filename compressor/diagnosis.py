@@ -147,10 +147,12 @@ def _accuracy_causes(rows: Sequence[Row], threshold: float) -> list[str]:
 def _advice(step: str) -> str:
     stage = step.rsplit("_", 1)[0] if step[-1].isdigit() else step
     return {
-        "structured_pruning": "Lower structured_pruning.ratio, or follow pruning with "
-        "(longer) distillation.",
+        "structured_pruning": "Put sparsity_training before it (it drives the channels "
+        "pruning removes to zero first), lower structured_pruning.ratio, or follow pruning "
+        "with (longer) distillation.",
         "distillation": "Distillation did not recover it: more epochs, or a lower lr.",
-        "sparsity_training": "Lower sparsity_training.l1 or lr.",
+        "sparsity_training": "Lower sparsity_training.lr, raise its ramp (a gentler "
+        "penalty) or its epochs, or lower structured_pruning.ratio.",
         "int8_quantization": "Try int8_quantization.method: percentile or entropy (minmax is "
         "sensitive to outlier activations), or more calibration_samples.",
     }.get(stage, "")

@@ -68,7 +68,8 @@ class Allocation:
 class PlannedGroup:
     """One coupled channel group: its root layer, width, scores, and the channels to remove.
 
-    ``members`` names every Conv/Linear whose output channels the group holds.
+    ``members`` names every Conv/Linear whose output channels the group holds; ``whole``
+    marks a group the allocation must leave whole (too narrow).
     """
 
     root: str
@@ -79,6 +80,7 @@ class PlannedGroup:
     channel_groups: int = 1
     members: list[str] = field(default_factory=list)
     remove: list[int] = field(default_factory=list)
+    whole: bool = False
 
     @property
     def units(self) -> int:
@@ -93,17 +95,22 @@ class PlannedGroup:
 
 @dataclass
 class PruningPlan:
-    """The channels a pruning step removes, group by group, and what was left whole."""
+    """The channels a pruning step removes, group by group, and what was left whole.
+
+    ``groups`` are the groups that lose channels; ``groups_seen`` every prunable group.
+    """
 
     groups: list[PlannedGroup]
     importance: str
     allocation: Allocation
     left_whole: list[str]
     kept_at_round_to: list[str]
+    groups_seen: list[PlannedGroup] = field(default_factory=list)
 
     @property
     def prunable_channels(self) -> int:
-        return sum(g.width for g in self.groups)
+        """Channels of every group the plan could prune, whether it removes any or not."""
+        return sum(g.width for g in self.groups_seen)
 
     @property
     def removed_channels(self) -> int:
@@ -111,9 +118,13 @@ class PruningPlan:
 
     def summary(self) -> dict[str, Any]:
         """Plain numbers for the report: how much went, the range of per-group shares."""
-        shares = [len(g.remove) / g.width for g in self.groups if g.width]
+        shares = [len(g.remove) / g.width for g in self.groups_seen if g.width]
         removed_dead = sum(int(g.dead[g.remove].sum()) for g in self.groups if g.remove)
         removed = self.removed_channels
+        total_score = sum(float(g.scores.clamp(min=0).sum()) for g in self.groups_seen)
+        removed_score = sum(
+            float(g.scores[g.remove].clamp(min=0).sum()) for g in self.groups if g.remove
+        )
         return {
             "allocation": "global" if self.allocation.global_allocation else "uniform",
             "max_layer_ratio": round(self.allocation.cap, 4),
@@ -125,6 +136,7 @@ class PruningPlan:
             "layer_ratio_min": round(min(shares), 4) if shares else 0.0,
             "layer_ratio_max": round(max(shares), 4) if shares else 0.0,
             "removed_at_zero_fraction": round(removed_dead / removed, 4) if removed else None,
+            "removed_score_share": round(removed_score / total_score, 4) if total_score else None,
         }
 
 
@@ -244,6 +256,7 @@ def plan_pruning(
         allocation=allocation,
         left_whole=left_whole,
         kept_at_round_to=kept_at_round_to,
+        groups_seen=[g for g in groups if not g.whole],
     )
     return plan, pruner
 
@@ -285,6 +298,7 @@ def allocate(groups: list[PlannedGroup], allocation: Allocation) -> tuple[list[s
         orders.append(order)
         counts = _allowed_removals(g, allocation)
         if not counts:
+            g.whole = True
             left_whole.extend(g.members)
             continue
         if not allocation.global_allocation:
@@ -303,7 +317,7 @@ def allocate(groups: list[PlannedGroup], allocation: Allocation) -> tuple[list[s
             steps.append((float(block.max()), index, step, count))
             previous = count
     if allocation.global_allocation:
-        target = round(allocation.ratio * sum(g.width for g in groups))
+        target = round(allocation.ratio * sum(g.width for g in groups if not g.whole))
         taken = [0] * len(groups)
         removed = 0
         for score, index, _step, count in sorted(steps):
