@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,27 @@ def test_pipeline_cost_script(tmp_path):
 def test_op_profile_script(tmp_path):
     text = run("op_profile.py", "resnet18", "--runs", "5", cwd=tmp_path)
     assert "resnet18 FP32:" in text and "QLinearConv" in text
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_compose_script(tmp_path):
+    """The sparsity-vs-no-sparsity ablation on real Fashion-MNIST images, shortened."""
+    if not FASHION_MNIST.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's dataset-fashion-mnist (see .ci/run)")
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    out = tmp_path / "compose.json"
+    args = ["--models", "plain", "--variants", "sparsity", "no_sparsity", "--seeds", "0"]
+    args += ["--train-images", "512", "--baseline-images", "2048", "--baseline-epochs", "1"]
+    args += ["--test-images", "512", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    args += ["--data", str(tmp_path / "data")]
+    table = run("compose.py", *args, cwd=tmp_path)
+    data = json.loads(out.read_text())
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert set(runs) == {"sparsity", "no_sparsity"}
+    assert runs["sparsity"]["removed_at_zero"] == 1.0  # pruning removed what sparsity zeroed
+    assert runs["sparsity"]["pruning_drop_points"] == pytest.approx(0.0, abs=1.0)
+    assert all(r["macs_x"] > 3 and r["speedup_bs1"] > 0 for r in runs.values())
+    assert "| plain | sparsity | 1 |" in table

@@ -1,0 +1,319 @@
+"""Do the stages compose? Sparsity -> pruning -> distillation -> INT8 at a short budget.
+
+Two small Fashion-MNIST models of this script's own (not the demo model): a residual
+BatchNorm network, and a plain convolutional network without BatchNorm that ends in
+flatten -> Linear. Each is trained once on the 60,000 training images (cached), then
+compressed on a short budget: 20,000 training images, pruning 0.5, other options at their
+defaults, three seeds per variant:
+
+- ``sparsity``: sparsity training 1 epoch -> pruning -> distillation 2 epochs -> INT8
+  (the library's defaults: the growing penalty aimed at the pruning plan, global allocation)
+- ``no_sparsity``: the ablation, the same 3 epochs all spent on distillation
+- ``l1_uniform``: the previous defaults, for comparison: uniform L1 on all channel scales,
+  the same share pruned from every layer
+
+Every number comes from the pipeline's own report (accuracy over the 10,000 test images,
+each ONNX file run in ONNX Runtime). Prints a table of means and standard deviations over the
+seeds and writes benchmarks/results/compose.json after every run.
+
+    apt-get install dataset-fashion-mnist        # Debian: found in /usr/share/datasets
+    python benchmarks/compose.py                 # about 40 minutes on 2 cores
+    python benchmarks/compose.py --models resbn --variants sparsity --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, side_by_side, write_results
+from fashion_mnist import prepare_debian
+
+import compressor as cz
+from compressor._io import atomic_path, write_text
+from compressor.measure import ort_predictor, ort_session
+from compressor.training import fit_baseline
+
+HERE = Path(__file__).parent
+MEAN, STD = 0.2860, 0.3530
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+def down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
+class ResBNNet(nn.Module):
+    """Residual BatchNorm network: 32 -> 64 -> 128 channels, a residual block at each width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        )
+        self.body = nn.Sequential(
+            ResBlock(32), down(32, 64), ResBlock(64), down(64, 128), ResBlock(128)
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).mean(dim=(2, 3)))
+
+
+class PlainNet(nn.Module):
+    """Plain conv network without BatchNorm, ending in flatten -> Linear -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+MODELS = {"resbn": (ResBNNet, 0.05), "plain": (PlainNet, 0.02)}  # model, baseline lr
+
+
+def variant(name: str, ratio: float) -> list[cz.Stage]:
+    """The stages of one variant at the short budget (3 training epochs in all)."""
+    if name == "sparsity":
+        return [
+            cz.SparsityTraining(epochs=1),
+            cz.StructuredPruning(ratio=ratio),
+            cz.Distillation(epochs=2),
+            cz.Int8Quantization(),
+        ]
+    if name == "no_sparsity":
+        return [cz.StructuredPruning(ratio=ratio), cz.Distillation(epochs=3), cz.Int8Quantization()]
+    if name == "l1_uniform":
+        return [
+            cz.SparsityTraining(epochs=1, method="l1"),
+            cz.StructuredPruning(ratio=ratio, global_pruning=False),
+            cz.Distillation(epochs=2),
+            cz.Int8Quantization(),
+        ]
+    raise ValueError(name)
+
+
+VARIANTS = ("sparsity", "no_sparsity", "l1_uniform")
+
+
+def tensors(root: Path) -> tuple[TensorDataset, TensorDataset]:
+    """Fashion-MNIST train and test sets as normalised tensors (torchvision reads the files)."""
+    from torchvision.datasets import FashionMNIST
+
+    sets = []
+    for train in (True, False):
+        raw = FashionMNIST(str(root), train=train, download=False)
+        images = (raw.data.float().div(255).sub(MEAN).div(STD)).unsqueeze(1)
+        sets.append(TensorDataset(images, raw.targets.long()))
+    return sets[0], sets[1]
+
+
+def baseline(name: str, train: TensorDataset, epochs: int, cache: Path) -> nn.Module:
+    """The model ``name`` trained on all training images; cached."""
+    cls, lr = MODELS[name]
+    torch.manual_seed(0)
+    model = cls()
+    path = cache / f"compose_{name}_e{epochs}_n{len(train)}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    start = time.perf_counter()
+    loader = DataLoader(train, batch_size=128, shuffle=True)
+    fit_baseline(model, loader, epochs=epochs, lr=lr, seed=0)
+    print(f"{name}: baseline trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return model.eval()
+
+
+def run_one(
+    model: nn.Module, stages: list[cz.Stage], train: Any, test: Any, seed: int, out: Path
+) -> dict[str, Any]:
+    """One pipeline run; the numbers the table needs, from its report."""
+    start = time.perf_counter()
+    result = cz.Pipeline(stages).run(
+        model, train, test, output_dir=out, seed=seed, threads=2, progress=False
+    )
+    seconds = time.perf_counter() - start
+    rows = {(r.name, r.runtime): r for r in result.report.rows}
+    base = rows[("baseline", "onnxruntime")]
+    final = result.report.rows[-1]
+    sparse = rows.get(("sparsity_training", "torch"))
+    pruned = rows[("structured_pruning", "torch")]
+    summary = result.report.summary
+    return {
+        "baseline_top1": base.accuracy,
+        "sparsity_top1": sparse.accuracy if sparse else None,
+        "pruned_top1": pruned.accuracy,
+        "distilled_top1": rows[("distillation", "torch")].accuracy,
+        "final_top1": final.accuracy,
+        "drop_points": round(100 * (base.accuracy - final.accuracy), 2),
+        "pruning_drop_points": round(100 * (sparse.accuracy - pruned.accuracy), 2)
+        if sparse
+        else None,
+        "removed_at_zero": pruned.details["pruning"].get("removed_at_zero_fraction"),
+        "macs_x": round(base.macs / final.macs, 2),
+        "size_x": summary.get("size_ratio"),
+        "speedup_vs_onnx": summary.get("speedup_vs_onnx"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def latency(out: Path, example: torch.Tensor) -> dict[str, Any]:
+    """Batch-1 p50 of the run's FP32 baseline file and its INT8 artifact, side by side.
+
+    Interleaved rounds, so a busy spell of the machine falls on both files alike.
+    """
+    predict = {
+        name: ort_predictor(ort_session(out / name, 2))
+        for name in ("model.onnx", "model.int8.onnx")
+    }
+    timings = side_by_side({n: (lambda p=p: p(example)) for n, p in predict.items()})
+    fp32, int8 = timings["model.onnx"]["p50"], timings["model.int8.onnx"]["p50"]
+    return {"fp32_p50_ms": fp32, "int8_p50_ms": int8, "speedup_bs1": round(fp32 / int8, 2)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, variant): mean and standard deviation over the seeds."""
+    keys = sorted({(r["model"], r["variant"]) for r in runs}, key=lambda k: (k[0], k[1]))
+    rows = []
+    for model, name in keys:
+        group = [r for r in runs if r["model"] == model and r["variant"] == name]
+        row: dict[str, Any] = {"model": model, "variant": name, "seeds": len(group)}
+        keys = ("drop_points", "pruning_drop_points", "macs_x", "size_x", "speedup_bs1")
+        for key in keys:
+            values = [r[key] for r in group if r.get(key) is not None]
+            if not values:
+                continue
+            mean = statistics.fmean(values)
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[key] = f"{mean:.2f} ± {spread:.2f}"
+        row["final_top1"] = round(statistics.fmean(r["final_top1"] for r in group), 4)
+        row["baseline_top1"] = group[0]["baseline_top1"]
+        rows.append(row)
+    return rows
+
+
+def save(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
+    """Write the table rows and every run to ``args.out`` (atomically)."""
+    settings = {
+        "train_images": args.train_images,
+        "ratio": args.ratio,
+        "baseline_epochs": args.baseline_epochs,
+        "threads": 2,
+    }
+    write_results(args.out, settings, aggregate(runs))
+    data = json.loads(args.out.read_text())
+    data["runs"] = runs
+    write_text(args.out, json.dumps(data, indent=2) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE / ".cache" / "data")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-images", type=int, default=20_000)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--baseline-epochs", type=int, default=4)
+    parser.add_argument("--baseline-images", type=int, default=None, help="default: all")
+    parser.add_argument("--test-images", type=int, default=None, help="default: all")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "compose.json")
+    args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+    prepare_debian(args.data)
+    train_set, test_set = tensors(args.data)
+    subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+    short = torch.utils.data.Subset(train_set, subset[: args.train_images].tolist())
+    if args.test_images:
+        test_set = torch.utils.data.Subset(test_set, range(args.test_images))
+    test = DataLoader(test_set, batch_size=256)
+    fit_set = train_set
+    if args.baseline_images:
+        fit_set = torch.utils.data.Subset(train_set, subset[: args.baseline_images].tolist())
+    example = next(iter(test))[0][:1]
+    runs: list[dict[str, Any]] = []
+    if args.out.is_file():  # keep the runs of other models and variants
+        runs = [
+            r
+            for r in json.loads(args.out.read_text()).get("runs", [])
+            if (r["model"], r["variant"], r["seed"])
+            not in {(m, v, seed) for m in args.models for v in args.variants for seed in args.seeds}
+        ]
+    for name in args.models:
+        model = baseline(name, fit_set, args.baseline_epochs, args.cache)
+        for seed in args.seeds:
+            for kind in args.variants:
+                train = DataLoader(short, batch_size=64, shuffle=True)  # seeded by the run
+                out = args.cache / "compose" / f"{name}_{kind}_{seed}"
+                found = run_one(model, variant(kind, args.ratio), train, test, seed, out)
+                found.update(latency(out, example))
+                runs.append({"model": name, "variant": kind, "seed": seed, **found})
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+                save(args, runs)
+    for run in runs:  # runs recorded before the side-by-side timing existed
+        if "speedup_bs1" not in run:
+            out = args.cache / "compose" / f"{run['model']}_{run['variant']}_{run['seed']}"
+            run.update(latency(out, example))
+    save(args, runs)
+    print_table(
+        aggregate(runs),
+        [
+            ("model", "model"),
+            ("variant", "variant"),
+            ("seeds", "seeds"),
+            ("baseline top-1", "baseline_top1"),
+            ("final INT8 top-1 (mean)", "final_top1"),
+            ("drop, points", "drop_points"),
+            ("drop at pruning, points", "pruning_drop_points"),
+            ("MACs x", "macs_x"),
+            ("size x", "size_x"),
+            ("speedup vs ORT FP32, bs 1", "speedup_bs1"),
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
