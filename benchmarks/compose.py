@@ -165,12 +165,18 @@ def baseline(name: str, train: TensorDataset, epochs: int, cache: Path) -> nn.Mo
 
 
 def run_one(
-    model: nn.Module, stages: list[cz.Stage], train: Any, test: Any, seed: int, out: Path
+    model: nn.Module,
+    stages: list[cz.Stage],
+    train: Any,
+    test: Any,
+    seed: int,
+    out: Path,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """One pipeline run; the numbers the table needs, from its report."""
     start = time.perf_counter()
     result = cz.Pipeline(stages).run(
-        model, train, test, output_dir=out, seed=seed, threads=2, progress=False
+        model, train, test, output_dir=out, seed=seed, threads=2, progress=False, device=device
     )
     seconds = time.perf_counter() - start
     rows = {(r.name, r.runtime): r for r in result.report.rows}
@@ -258,6 +264,7 @@ def main() -> int:
     parser.add_argument("--baseline-images", type=int, default=None, help="default: all")
     parser.add_argument("--test-images", type=int, default=None, help="default: all")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--device", default="cpu", help="where training runs (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compose.json")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -287,7 +294,9 @@ def main() -> int:
             for kind in args.variants:
                 train = DataLoader(short, batch_size=64, shuffle=True)  # seeded by the run
                 out = args.cache / "compose" / f"{name}_{kind}_{seed}"
-                found = run_one(model, variant(kind, args.ratio), train, test, seed, out)
+                found = run_one(
+                    model, variant(kind, args.ratio), train, test, seed, out, args.device
+                )
                 found.update(latency(out, example))
                 runs.append({"model": name, "variant": kind, "seed": seed, **found})
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
