@@ -261,18 +261,22 @@ def plan_pruning(
     return plan, pruner
 
 
+def planned_group(graph: Any, module: nn.Module, planned: PlannedGroup) -> Any:
+    """torch-pruning's group that removes ``planned.remove`` from ``module`` (its root)."""
+    layer_pruner = graph.get_pruner_of_module(module)
+    if planned.out_channels:
+        handler = layer_pruner.prune_out_channels
+    else:
+        handler = layer_pruner.prune_in_channels
+    return graph.get_pruning_group(module, handler, planned.remove)
+
+
 def apply_plan(pruner: Any, plan: PruningPlan) -> None:
     """Remove the planned channels from the model ``pruner`` was built on, in place."""
     graph = pruner.DG
     modules = dict(graph.model.named_modules())
     for planned in plan.groups:
-        module = modules[planned.root]
-        layer_pruner = graph.get_pruner_of_module(module)
-        if planned.out_channels:
-            handler = layer_pruner.prune_out_channels
-        else:
-            handler = layer_pruner.prune_in_channels
-        group = graph.get_pruning_group(module, handler, planned.remove)
+        group = planned_group(graph, modules[planned.root], planned)
         if graph.check_pruning_group(group):
             group.prune()
 

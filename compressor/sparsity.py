@@ -11,7 +11,7 @@ from torch import nn
 
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .pruning import StructuredPruning, make_plan, untraceable_blocks
-from .pruning_plan import Slice, group_slices
+from .pruning_plan import Slice, group_slices, planned_group
 from .recipe import register_stage
 from .stage import Stage, check_choice, check_float, check_int
 from .training import LossAndLogits, logits_of, recalibrate_batchnorm, train
@@ -200,14 +200,7 @@ def _growing_penalty(
     entries: list[Slice] = []
     offset = 0
     for planned in plan.groups:
-        module = modules[planned.root]
-        layer_pruner = graph.get_pruner_of_module(module)
-        handler = (
-            layer_pruner.prune_out_channels
-            if planned.out_channels
-            else layer_pruner.prune_in_channels
-        )
-        group = graph.get_pruning_group(module, handler, planned.remove)
+        group = planned_group(graph, modules[planned.root], planned)
         where = {r: offset + i for i, r in enumerate(planned.remove)}
         for p, dim, idxs, roots in group_slices(graph, group):
             pos = torch.tensor([where[int(r)] for r in roots], dtype=torch.long)
