@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +58,7 @@ def export_onnx(
     with atomic_path(path) as tmp:
 
         def export() -> None:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _mha_fast_path_off():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     model,
@@ -80,6 +82,22 @@ def export_onnx(
         inputs = example_input if check_inputs is None else check_inputs
         parity = check_parity(model, tmp, inputs, threads=threads, atol=atol, rtol=rtol)
     return parity
+
+
+@contextmanager
+def _mha_fast_path_off() -> Iterator[None]:
+    """Turn off the eval-mode fast path of ``nn.MultiheadAttention`` for the export.
+
+    With no parameter requiring grad (a frozen or inference-only model), eval mode runs
+    ``aten::_native_multi_head_attention``, which the ONNX exporter cannot export; the
+    regular path computes the same attention from exportable ops.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def check_parity(
