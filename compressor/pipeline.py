@@ -128,6 +128,7 @@ class Pipeline:
             if not isinstance(stage, Stage):
                 msg = f"pipeline stages must be Stage instances (got: {stage!r})"
                 raise RecipeError(msg)
+        _check_order(stages)
         self.stages = stages
 
     @classmethod
@@ -383,6 +384,27 @@ def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
         ctx.log(f"parity not measured: {exc}")
         return None
     return {"reference": baseline.name, "artifact": state.onnx_path.name, **parity}
+
+
+def _check_order(stages: list[Stage]) -> None:
+    """Refuse a torch stage after an ONNX Runtime one: the artifact would not be the final model.
+
+    A stage that works on the torch model (pruning, training) after INT8 quantization would
+    change a model that no file describes any more, while the INT8 file on disk is the model
+    before it.
+    """
+    onnx_stage = next((s for s in stages if s.runtime == "onnxruntime"), None)
+    if onnx_stage is None:
+        return
+    later = stages[stages.index(onnx_stage) + 1 :]
+    torch_stage = next((s for s in later if s.runtime == "torch"), None)
+    if torch_stage is not None:
+        msg = (
+            f"stage {torch_stage.name!r} changes the torch model after {onnx_stage.name!r} "
+            f"has written the ONNX artifact, which would then describe an older model; "
+            f"put {torch_stage.name!r} before {onnx_stage.name!r}"
+        )
+        raise RecipeError(msg)
 
 
 def _checkpoint_path(ctx: RunContext, index: int, step: str) -> Path:
