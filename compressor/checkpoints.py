@@ -1,9 +1,10 @@
 """One checkpoint file per finished stage, loadable with ``weights_only=True``.
 
 A pruned model has other tensor shapes than the model it came from, so a plain
-state_dict cannot be loaded into a fresh copy. Beside the state_dict we store the few
-integer attributes that describe each layer's width; `load_checkpoint` applies both to a
-copy of the original model, so no pickled module is ever needed.
+state_dict cannot be loaded into a fresh copy. Beside the state_dict we store every plain
+attribute of every module (numbers, flags, tuples of numbers: widths, head counts, group
+counts, a ViT's ``hidden_dim``), whichever stage changed them; `load_checkpoint` applies
+both to a copy of the original model, so no pickled module is ever needed.
 """
 
 from __future__ import annotations
@@ -19,18 +20,23 @@ from torch import nn
 from ._io import atomic_path
 
 FORMAT = 1
-_WIDTH_ATTRS = (
-    "in_channels",
-    "out_channels",
-    "groups",
-    "in_features",
-    "out_features",
-    "num_features",
-    "normalized_shape",
-    "embed_dim",
-    "num_heads",
-    "head_dim",
-)
+
+
+def plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """A module's own attributes that are numbers, flags or lists of numbers."""
+    found: dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if name == "training" or (name.startswith("_") and name != "_qkv_same_embed_dim"):
+            continue
+        if isinstance(value, (bool, int, float)):
+            found[name] = value
+        elif (
+            isinstance(value, (tuple, list))
+            and value
+            and all(isinstance(v, (bool, int, float)) for v in value)
+        ):
+            found[name] = list(value)
+    return found
 
 
 def save_checkpoint(
@@ -39,8 +45,7 @@ def save_checkpoint(
     """Write ``model``'s weights and layer widths, the stage's options and ``extra``."""
     widths: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        attrs = {a: getattr(module, a) for a in _WIDTH_ATTRS if hasattr(module, a)}
-        attrs = {a: (list(v) if isinstance(v, tuple) else v) for a, v in attrs.items()}
+        attrs = plain_attributes(module)
         if attrs:
             widths[name] = attrs
     payload = {
@@ -66,7 +71,11 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
     for name, attrs in payload["widths"].items():
         module = modules[name]
         for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+            if isinstance(value, list):  # restored as the type the template has
+                value = (
+                    list(value) if isinstance(getattr(module, attr, None), list) else tuple(value)
+                )
+            setattr(module, attr, value)
     state = payload["state_dict"]
     for key, tensor in state.items():
         owner_name, _, leaf = key.rpartition(".")
