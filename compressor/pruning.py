@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,12 +11,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .adapters import (
+    after_pruning,
+    attention_blocks,
+    describe,
+    layers_left_whole,
+    untraceable_blocks,
+)
 from .errors import ModelError, RecipeError, first_line
 from .layers import call_naming_layer, execution_order, find_head, has_batchnorm
 from .measure import count_params_macs
+from .pruning_check import apply_checked
 from .pruning_plan import (
     IMPORTANCES,
     Allocation,
+    PlannedGroup,
     PruningPlan,
     apply_plan,
     plan_pruning,
@@ -57,6 +65,9 @@ class StructuredPruning(Stage):
             channels; one no wider than that is left whole.
         global_pruning: rank channels across all groups (true) or remove the same share of
             every group (false, uniform).
+        attention_heads: in attention layers (found by `compressor.adapters`), remove
+            ``whole`` heads (the default: every kept head computes what it did) or the same
+            ``dims`` of every head (the head count stays).
         max_layer_ratio: with ``global_pruning``, the largest share of one group's channels
             that may go; ``null``: halfway between ``ratio`` and 1, so no group keeps less
             than half the share an average group keeps.
@@ -70,6 +81,7 @@ class StructuredPruning(Stage):
     ignored_layers: tuple[str, ...] = ()
     round_to: int | None = 16
     global_pruning: bool = True
+    attention_heads: str = "whole"
     max_layer_ratio: float | None = None
     bn_recalibration_batches: int = 32
 
@@ -92,6 +104,7 @@ class StructuredPruning(Stage):
         if self.round_to is not None:
             check_int(self.name, "round_to", self.round_to, minimum=1)
         check_bool(self.name, "global_pruning", self.global_pruning)
+        check_choice(self.name, "attention_heads", self.attention_heads, ("whole", "dims"))
         if self.max_layer_ratio is not None:
             check_float(
                 self.name,
@@ -104,13 +117,13 @@ class StructuredPruning(Stage):
             )
         check_int(self.name, "bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
 
-    def allocation(self, round_to: int | None) -> Allocation:
-        """The plan's allocation options (``round_to`` already adjusted for attention heads)."""
+    def allocation(self) -> Allocation:
+        """The plan's allocation options."""
         return Allocation(
             ratio=self.ratio,
             global_allocation=self.global_pruning,
             max_layer_ratio=self.max_layer_ratio,
-            round_to=round_to,
+            round_to=self.round_to,
         )
 
     def apply(self, state: State, ctx: RunContext) -> State:
@@ -140,7 +153,7 @@ def ignored_modules(model: nn.Module, example: torch.Tensor, names: Sequence[str
         )
         raise RecipeError(msg)
     head = find_head(model, example)
-    return list(dict.fromkeys([*names, *([head] if head else [])]))
+    return list(dict.fromkeys([*names, *layers_left_whole(model), *([head] if head else [])]))
 
 
 def make_plan(
@@ -153,15 +166,17 @@ def make_plan(
     """
     ignored_names = ignored_modules(model, example, options.ignored_layers)
     modules = dict(model.named_modules())
-    allocation = options.allocation(_with_heads(model, options.round_to))
+    heads = {info.layer: info.heads for _n, _m, _a, info in attention_blocks(model)}
 
     def build() -> tuple[PruningPlan, Any]:
         return plan_pruning(
             model,
             example,
             importance=options.importance,
-            allocation=allocation,
+            allocation=options.allocation(),
             ignored=[modules[n] for n in ignored_names],
+            num_heads=heads,
+            whole_heads=options.attention_heads == "whole",
         )
 
     try:
@@ -184,7 +199,8 @@ def prune(
         ModelError: torch-pruning cannot handle the model, or the pruned model fails to run.
     """
     params_before, macs_before = count_params_macs(model, example_input)
-    blocks, what = untraceable_blocks(model)
+    found = untraceable_blocks(model)
+    blocks, what = list(found), " and ".join(sorted(set(found.values())))
     if blocks:
         ignored_names = ignored_modules(model, example_input, options.ignored_layers)
         importance_name, _ = resolve_importance(options.importance, model)
@@ -196,14 +212,16 @@ def prune(
         return model, details
     with torch.no_grad():
         out_before = model(example_input)
+    heads_before = [info.heads for _n, _m, _a, info in attention_blocks(model)]
     plan, pruner, ignored_names = make_plan(model, example_input, options)
 
-    def step() -> None:
-        apply_plan(pruner, plan)
-        _sync_attention_widths(model)
+    def step() -> list[PlannedGroup]:
+        failed = apply_checked(model, example_input, plan, pruner)
+        after_pruning(model)
+        return failed
 
     try:
-        call_naming_layer(model, step, "torch-pruning")
+        failed = call_naming_layer(model, step, "torch-pruning")
     except ModelError:
         raise
     except Exception as exc:
@@ -226,31 +244,21 @@ def prune(
             **plan.summary(),
             "left_whole": ignored_names + [n for n in plan.left_whole if n not in ignored_names],
             "kept_at_round_to": plan.kept_at_round_to,
+            "attention_heads": _heads_summary(model, heads_before, options),
+            "adapters": describe(model),
             **_size_change(model, example_input, params_before, macs_before),
         }
     }
+    if failed:
+        names = ", ".join(g.root for g in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        note = (
+            f"{len(failed)} channel groups ({names}) were left whole: removing their channels "
+            f"changed what the kept channels compute (torch-pruning's index mapping through "
+            f"a reshape, shuffle or split does not hold for this model)"
+        )
+        warnings.warn(f"structured_pruning: {note}", stacklevel=2)
+        details["notes"] = [note]
     return model, details
-
-
-# Blocks torch-pruning cannot trace (class path -> what it is). Its grouping does not finish
-# (and exhausts memory) on the window reshapes of Swin's and MaxVit's attention, and its
-# reshape index mapping divides by zero on ShuffleNetV2's channel shuffle.
-_UNTRACEABLE = {
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": "window attention",
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": "window attention",
-    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": "window attention",
-    "torchvision.models.shufflenetv2.InvertedResidual": "channel shuffle",
-}
-
-
-def untraceable_blocks(model: nn.Module) -> tuple[list[str], str]:
-    """Names of the blocks torch-pruning cannot trace in ``model``, and what they are."""
-    found = {
-        name: _UNTRACEABLE[f"{type(m).__module__}.{type(m).__qualname__}"]
-        for name, m in model.named_modules()
-        if f"{type(m).__module__}.{type(m).__qualname__}" in _UNTRACEABLE
-    }
-    return list(found), " and ".join(sorted(set(found.values())))
 
 
 def _traceable_sequentials(model: nn.Module, blocks: list[str]) -> list[str]:
@@ -322,7 +330,7 @@ def _prune_around(
                 block,
                 x.clone(),
                 importance=use,
-                allocation=options.allocation(options.round_to),
+                allocation=options.allocation(),
                 ignored=ignored,
             )
             apply_plan(pruner, plan)
@@ -384,28 +392,19 @@ def _note_left_whole(
     details["notes"] = [note]
 
 
-def _with_heads(model: nn.Module, round_to: int | None) -> int | None:
-    """``round_to`` made a multiple of every attention layer's head count.
-
-    Pruning an attention layer's embedding must leave whole heads: each keeps
-    ``width / num_heads`` channels.
-    """
-    heads = [
-        h
-        for m in model.modules()
-        for h in (getattr(m, "num_heads", None), getattr(m, "n_heads", None))
-        if isinstance(h, int) and h > 1
-    ]
-    if not heads:
-        return round_to
-    return math.lcm(round_to or 1, *heads)
-
-
-def _sync_attention_widths(model: nn.Module) -> None:
-    """Update width attributes torchvision's transformers read in forward, after pruning."""
-    for m in model.modules():
-        if type(m).__name__ == "VisionTransformer":
-            m.hidden_dim = m.conv_proj.out_channels
+def _heads_summary(
+    model: nn.Module, heads_before: list[int], options: StructuredPruning
+) -> dict[str, Any] | None:
+    """How attention was pruned: the mode, and the heads of all layers before and after."""
+    if not heads_before:
+        return None
+    after = [info.heads for _n, _m, _a, info in attention_blocks(model)]
+    return {
+        "mode": options.attention_heads,
+        "layers": len(heads_before),
+        "heads_before": sum(heads_before),
+        "heads_after": sum(after),
+    }
 
 
 def _shape(out: Any) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +69,12 @@ class PlannedGroup:
     """One coupled channel group: its root layer, width, scores, and the channels to remove.
 
     ``members`` names every Conv/Linear whose output channels the group holds; ``whole``
-    marks a group the allocation must leave whole (too narrow).
+    marks a group the allocation must leave whole (too narrow). A position (unit) is
+    ``unit_size`` neighbouring channels (a whole attention head) repeated in each of
+    ``channel_groups`` equal parts of the width (a grouped conv's groups, a chunk's parts,
+    the heads when head dimensions are pruned). ``heads`` > 0 marks an attention group,
+    ``attention`` names the layers torch-pruning sees its heads at; ``group_norms`` the
+    GroupNorm layers whose groups are the units (removed whole).
     """
 
     root: str
@@ -78,19 +83,42 @@ class PlannedGroup:
     scores: torch.Tensor
     dead: torch.Tensor
     channel_groups: int = 1
+    unit_size: int = 1
+    heads: int = 0
+    attention: list[str] = field(default_factory=list)
+    group_norms: list[str] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
     remove: list[int] = field(default_factory=list)
     whole: bool = False
 
     @property
     def units(self) -> int:
-        """Prunable positions: the width, or the width of one channel group."""
-        return self.width // self.channel_groups
+        """Prunable positions in one channel group (channels, or whole heads)."""
+        return self.width // (self.channel_groups * self.unit_size)
+
+    @property
+    def removed_heads(self) -> int:
+        """Whole heads this group removes (0 unless heads are pruned whole)."""
+        return len(self.remove) // self.unit_size if self.heads and self.unit_size > 1 else 0
+
+    @property
+    def removed_units(self) -> int:
+        """Units (heads, GroupNorm groups, channels) removed from each channel group."""
+        return len(self.remove) // (self.unit_size * self.channel_groups)
 
     def expanded(self, positions: Sequence[int]) -> list[int]:
-        """Root channel indices of ``positions``, repeated in every channel group."""
-        size = self.units
-        return sorted(p + g * size for g in range(self.channel_groups) for p in positions)
+        """Root channel indices of ``positions``: each unit's channels, in every group."""
+        part, size = self.units * self.unit_size, self.unit_size
+        return sorted(
+            g * part + p * size + j
+            for g in range(self.channel_groups)
+            for p in positions
+            for j in range(size)
+        )
+
+    def unit_view(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (one per channel) as ``(channel_groups, units, unit_size)``."""
+        return values.view(self.channel_groups, self.units, self.unit_size)
 
 
 @dataclass
@@ -194,17 +222,28 @@ def resolve_importance(name: str, model: nn.Module) -> tuple[str, Any]:
 
 
 def build_pruner(
-    model: nn.Module, example: torch.Tensor, importance: Any, ignored: list[nn.Module]
+    model: nn.Module,
+    example: torch.Tensor,
+    importance: Any,
+    ignored: list[nn.Module],
+    num_heads: dict[nn.Module, int] | None = None,
 ) -> Any:
     """torch-pruning's BasePruner for ``model``: its dependency graph and channel groups.
 
+    ``num_heads`` gives the head count of each attention layer (see `compressor.adapters`).
     Not under ``torch.no_grad()``: torch-pruning traces the graph through autograd.
     """
     import torch_pruning as tp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tp.pruner.BasePruner(model, example, importance=importance, ignored_layers=ignored)
+        return tp.pruner.BasePruner(
+            model,
+            example,
+            importance=importance,
+            ignored_layers=ignored,
+            num_heads=dict(num_heads or {}),
+        )
 
 
 def plan_pruning(
@@ -214,13 +253,17 @@ def plan_pruning(
     importance: str,
     allocation: Allocation,
     ignored: list[nn.Module],
+    num_heads: dict[nn.Module, int] | None = None,
+    whole_heads: bool = True,
 ) -> tuple[PruningPlan, Any]:
     """Score every prunable group of ``model`` and choose the channels to remove.
 
+    ``num_heads``: the head count of each attention layer. A group holding attention heads
+    loses whole heads (``whole_heads``) or the same dimensions of every head.
     Returns the plan and the torch-pruning pruner it was made with (`apply_plan` uses it).
     """
     importance_name, scorer = resolve_importance(importance, model)
-    pruner = build_pruner(model, example, scorer, ignored)
+    pruner = build_pruner(model, example, scorer, ignored, num_heads)
     graph = pruner.DG
     groups: list[PlannedGroup] = []
     with torch.no_grad():
@@ -229,13 +272,29 @@ def plan_pruning(
         ):
             if not pruner._check_pruning_ratio(group):
                 continue
+            is_attention, attention_layers = pruner._is_atten_group(group)
+            if is_attention:  # rooted where the heads lie side by side, as torch-pruning does
+                group = pruner._downstream_node_as_root_if_attention(group) or group
             scores = scorer(group)
             if scores is None:
                 continue
             root = group[0].dep.target.module
             width = len(scores)
-            channel_groups = pruner._get_channel_groups(group)
-            if width % channel_groups:
+            channel_groups = max(pruner._get_channel_groups(group), _split_parts(graph, group))
+            unit_size, heads = 1, 0
+            if is_attention:
+                heads = max(pruner.num_heads[m] for m in attention_layers)
+                if whole_heads and heads > 1:
+                    channel_groups, unit_size = 1, width // heads
+            norms = _group_norms(group)
+            if norms:
+                if is_attention or any(n.num_channels != width for n in norms):
+                    continue  # GroupNorm groups that do not line up with the channels
+                # torch-pruning counts a GroupNorm's groups as channel groups; here they
+                # are units instead, so whole groups go
+                channel_groups = _split_parts(graph, group)
+                unit_size = math.lcm(*(n.num_channels // n.num_groups for n in norms))
+            if width % (channel_groups * unit_size):
                 continue
             dead = dead_channels(graph, group, width)
             groups.append(
@@ -246,6 +305,10 @@ def plan_pruning(
                     scores=scores.detach().float().cpu(),
                     dead=dead.cpu(),
                     channel_groups=channel_groups,
+                    unit_size=unit_size,
+                    heads=heads,
+                    attention=[graph._module2name[m] for m in attention_layers],
+                    group_norms=[graph._module2name[n] for n in norms],
                     members=_members(graph, group),
                 )
             )
@@ -271,11 +334,21 @@ def planned_group(graph: Any, module: nn.Module, planned: PlannedGroup) -> Any:
     return graph.get_pruning_group(module, handler, planned.remove)
 
 
-def apply_plan(pruner: Any, plan: PruningPlan) -> None:
-    """Remove the planned channels from the model ``pruner`` was built on, in place."""
+def apply_plan(
+    pruner: Any,
+    plan: PruningPlan | Sequence[PlannedGroup],
+    before: Callable[[PlannedGroup], None] | None = None,
+) -> None:
+    """Remove the planned channels from the model ``pruner`` was built on, in place.
+
+    ``before`` is called with each group before it is pruned (e.g. to set head counts).
+    """
     graph = pruner.DG
     modules = dict(graph.model.named_modules())
-    for planned in plan.groups:
+    groups = plan.groups if isinstance(plan, PruningPlan) else plan
+    for planned in groups:
+        if before is not None:
+            before(planned)
         group = planned_group(graph, modules[planned.root], planned)
         if graph.check_pruning_group(group):
             group.prune()
@@ -295,8 +368,8 @@ def allocate(groups: list[PlannedGroup], allocation: Allocation) -> tuple[list[s
     steps: list[tuple[float, int, int, int]] = []  # (score, group, step, removed after it)
     orders: list[list[int]] = []
     for index, g in enumerate(groups):
-        unit_scores = g.scores.view(g.channel_groups, -1).mean(dim=0)
-        unit_dead = g.dead.view(g.channel_groups, -1).all(dim=0)
+        unit_scores = g.unit_view(g.scores).mean(dim=(0, 2))
+        unit_dead = g.unit_view(g.dead).all(dim=2).all(dim=0)
         keyed = torch.where(unit_dead, torch.full_like(unit_scores, -1.0), unit_scores)
         order = torch.argsort(keyed, stable=True).tolist()
         orders.append(order)
@@ -328,13 +401,35 @@ def allocate(groups: list[PlannedGroup], allocation: Allocation) -> tuple[list[s
             g = groups[index]
             if score >= 0 and removed >= target:
                 break
-            removed += (count - taken[index]) * g.channel_groups
+            removed += (count - taken[index]) * g.channel_groups * g.unit_size
             taken[index] = count
         for index, g in enumerate(groups):
             g.remove = g.expanded(orders[index][: taken[index]])
             if taken[index] and g.units - taken[index] == allocation.round_to:
                 kept_at_round_to.extend(g.members)
     return left_whole, sorted(kept_at_round_to)
+
+
+def _group_norms(group: Any) -> list[nn.GroupNorm]:
+    """The GroupNorm layers of a group (their channel groups must be removed whole)."""
+    found = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.GroupNorm)]
+    return list({id(n): n for n in found}.values())
+
+
+def _split_parts(graph: Any, group: Any) -> int:
+    """Equal parts a ``torch.chunk``/``split`` cuts the group's channels into (1: none).
+
+    Removing the same positions from every part keeps the parts equal, as ``chunk`` needs.
+    """
+    import torch_pruning as tp
+
+    parts = 1
+    for dep, _ in group:
+        for node in (dep.source, dep.target):
+            sizes = getattr(node.module, "split_sizes", None)
+            if node.type == tp.ops.OPTYPE.SPLIT and sizes and len(set(sizes)) == 1:
+                parts = math.lcm(parts, len(sizes))
+    return parts
 
 
 def _members(graph: Any, group: Any) -> list[str]:
@@ -348,7 +443,12 @@ def _members(graph: Any, group: Any) -> list[str]:
 
 
 def _uniform_removal(g: PlannedGroup, allocation: Allocation) -> int:
-    """Positions ``ratio`` removes from a group, as torch-pruning counts them."""
+    """Positions ``ratio`` removes from a group, as torch-pruning counts them.
+
+    Units of several channels (whole heads, GroupNorm groups) are few: the nearest count.
+    """
+    if g.unit_size > 1:
+        return g.units - max(1, round(g.units * (1 - allocation.ratio)))
     kept = int(g.units * (1 - allocation.ratio) + 1e-9)
     return g.units - kept
 
@@ -356,7 +456,8 @@ def _uniform_removal(g: PlannedGroup, allocation: Allocation) -> int:
 def _allowed_removals(g: PlannedGroup, allocation: Allocation) -> list[int]:
     """The numbers of positions the group may lose, ascending (empty: leave it whole)."""
     units, round_to = g.units, allocation.round_to
-    rounding = round_to if round_to and round_to > 1 and g.channel_groups == 1 else 1
+    plain = g.channel_groups == 1 and g.unit_size == 1
+    rounding = round_to if round_to and round_to > 1 and plain else 1
     if units <= rounding:
         return []
     floor = max(rounding, math.ceil(units * (1 - allocation.cap) - 1e-9), 1)

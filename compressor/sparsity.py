@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .adapters import untraceable_blocks
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
-from .pruning import StructuredPruning, make_plan, untraceable_blocks
+from .pruning import StructuredPruning, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
 from .recipe import register_stage
 from .stage import Stage, check_choice, check_float, check_int
@@ -191,8 +192,9 @@ def _growing_penalty(
     target = next((s for s in ctx.upcoming if isinstance(s, StructuredPruning)), None)
     if target is None:
         return None, "no structured_pruning stage follows, so no channels are scheduled"
-    blocks, what = untraceable_blocks(model)
+    blocks = untraceable_blocks(model)
     if blocks:
+        what = " and ".join(sorted(set(blocks.values())))
         return None, f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
     plan, pruner, _ = make_plan(model, example, target)
     graph = pruner.DG

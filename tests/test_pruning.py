@@ -104,7 +104,9 @@ def test_bn_scale_importance_removes_the_smallest_gammas(example):
     assert pruned.down[1].weight.min() > 0.45  # the 32 smallest gammas went
 
 
-def test_unprunable_model_error_names_the_layer(example):
+def test_a_group_whose_pruning_breaks_the_model_is_left_whole_and_said(example):
+    """Flattening everything and slicing: the channels cannot be mapped, so none go."""
+
     class Bad(nn.Module):
         def __init__(self):
             super().__init__()
@@ -114,8 +116,13 @@ def test_unprunable_model_error_names_the_layer(example):
         def forward(self, x):
             return self.fc(self.conv(x).view(-1)[:8].unsqueeze(0))
 
-    with pytest.raises(cz.ModelError, match=r"layer 'fc'|torch-pruning"):
-        prune(Bad().eval(), example, cz.StructuredPruning(ratio=0.5, round_to=None))
+    model = Bad().eval()
+    with pytest.warns(UserWarning, match=r"\(conv\) were left whole"):
+        pruned, details = prune(
+            copy.deepcopy(model), example, cz.StructuredPruning(ratio=0.5, round_to=None)
+        )
+    assert "conv" in details["pruning"]["left_whole"]
+    assert torch.equal(pruned(example), model(example))
 
 
 def test_batchnorm_recalibration_refreshes_statistics(data):
