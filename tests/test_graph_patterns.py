@@ -1,0 +1,218 @@
+"""Graph patterns from models written outside the zoo, adapters and whole attention heads."""
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from graph_patterns import PATTERNS, Attention, Tokens, TransformerNet
+from torch import nn
+
+import compressor as cz
+from compressor.checkpoints import load_checkpoint, save_checkpoint
+from compressor.export import export_onnx
+from compressor.measure import count_params_macs
+from compressor.pruning import make_plan, prune
+from compressor.pruning_plan import group_slices, planned_group
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from zoo import AGREEMENT, check_model
+
+PRUNE = cz.StructuredPruning(ratio=0.5, round_to=None)
+# split sizes written as constants in forward: torch-pruning's mapping cannot hold, so the
+# split's producer is left whole (and said); everything else is pruned
+LEFT_WHOLE = {"split": "stem.0"}  # and branch.0.0, whose input it is
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_pattern_is_pruned_and_its_int8_file_agrees_with_fp32(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = PATTERNS[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = check_model(model, name, 32, threads=2, latency=False)
+    assert row["status"] == "pass", row.get("reason")
+    assert row["macs_after"] < row["macs_before"], "MACs did not fall"
+    agreement = row["int8_vs_fp32"]
+    assert agreement["top1_agreement"] >= AGREEMENT["top1_agreement"]
+    assert agreement["cosine"] >= AGREEMENT["cosine"]
+    if name in LEFT_WHOLE:
+        assert LEFT_WHOLE[name] in row["left_whole"]
+        assert row["notes"] and "left whole" in row["notes"][0]
+
+
+def _zero_planned(model, example, options):
+    """Set the channels the plan removes to zero (producers and norm scales)."""
+    plan, pruner, _ = make_plan(model, example, options)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for planned in plan.groups:
+            group = planned_group(pruner.DG, modules[planned.root], planned)
+            for select in ("outputs", "norms"):
+                for p, dim, idxs, _ in group_slices(pruner.DG, group, select=select):
+                    p.index_fill_(dim, idxs, 0.0)
+    return plan
+
+
+EXACT = ["chunk", "grouped_conv", "group_norm", "channel_shuffle", "squeeze_excite"]
+EXACT += ["upsample_skip", "called_twice"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_pruning_keeps_what_the_kept_channels_compute(name):
+    """With the removed channels zeroed first, the pruned model computes the same outputs:
+    the channel indices were mapped right through chunks, groups, shuffles, gates."""
+    torch.manual_seed(0)
+    model = PATTERNS[name]().eval()
+    x = torch.randn(4, 3, 32, 32)
+    plan = _zero_planned(model, x[:1], PRUNE)
+    assert plan.removed_channels > 0
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, _ = prune(copy.deepcopy(model), x[:1], PRUNE)
+    assert count_params_macs(pruned, x[:1])[1] < count_params_macs(model, x[:1])[1]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_convs_and_group_norms_lose_whole_groups():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    pruned, _ = prune(PATTERNS["grouped_conv"]().eval(), x, PRUNE)
+    for conv in (pruned.grouped[0], pruned.mix[0]):
+        assert conv.groups == 4 and conv.out_channels % 4 == 0 and conv.out_channels < 64
+    pruned, _ = prune(PATTERNS["group_norm"]().eval(), x, PRUNE)
+    for norm, width in ((pruned.n1, 32), (pruned.n2, 64)):
+        assert norm.num_channels < width
+        assert norm.num_channels // norm.num_groups == width // 8  # group size unchanged
+
+
+class SoloAttention(nn.Module):
+    """Only timm-style attention on tokens: its heads are the one prunable group."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention(64, 4)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_whole_heads_are_removed_and_the_kept_heads_compute_the_same():
+    torch.manual_seed(0)
+    model = SoloAttention().eval()
+    x = torch.randn(2, 16, 64)
+    options = cz.StructuredPruning(ratio=0.5, round_to=None, global_pruning=False)
+    plan = _zero_planned(model, x[:1], options)
+    assert [g.removed_heads for g in plan.groups] == [2]
+    with torch.no_grad():
+        expected = model(x)
+    pruned, details = prune(copy.deepcopy(model), x[:1], options)
+    assert pruned.attn.num_heads == 2 and pruned.attn.head_dim == 16
+    assert details["pruning"]["attention_heads"]["heads_after"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_head_dims_mode_keeps_every_head():
+    x = torch.randn(1, 16, 64)
+    options = cz.StructuredPruning(
+        ratio=0.5, round_to=None, global_pruning=False, attention_heads="dims"
+    )
+    pruned, _ = prune(SoloAttention().eval(), x, options)
+    assert pruned.attn.num_heads == 4 and pruned.attn.head_dim == 8
+    assert pruned(x).shape == (1, 16, 64)
+
+
+@pytest.mark.parametrize("name", ["multihead_attention", "transformer_encoder_layer"])
+def test_multihead_attention_loses_whole_heads(name):
+    x = torch.randn(1, 3, 32, 32)
+    options = cz.StructuredPruning(ratio=0.5, round_to=None, global_pruning=False)
+    pruned, details = prune(PATTERNS[name]().eval(), x, options)
+    layers = [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert layers and all(m.num_heads == 2 and m.head_dim == 16 for m in layers)
+    assert details["pruning"]["adapters"]["multihead_attention"] == len(layers)
+
+
+class OddAttention(nn.Module):
+    """Attention with names no built-in adapter knows: ``to_qkv`` and ``heads``."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, dim * 3)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * 0.25).softmax(-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class OddNet(Tokens):
+    def __init__(self):
+        super().__init__()
+        self.attn = OddAttention()
+
+    def encode(self, x):
+        return x + self.attn(x)
+
+
+def test_a_registered_adapter_tells_pruning_where_the_heads_are():
+    x = torch.randn(1, 3, 32, 32)
+    options = cz.StructuredPruning(ratio=0.5, round_to=None, global_pruning=False)
+    adapter = cz.Adapter(
+        "odd_attention",
+        matches=cz.class_named(f"{OddAttention.__module__}.OddAttention"),
+        attention=lambda m: cz.Attention(layer=m.to_qkv, heads=m.heads),
+        set_heads=lambda m, n: setattr(m, "heads", n),
+    )
+    cz.register_adapter(adapter)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            cz.register_adapter(adapter)
+        assert cz.adapters.adapter_for(OddAttention()) is adapter
+        pruned, details = prune(OddNet().eval(), x, options)
+    finally:
+        cz.adapters.unregister_adapter("odd_attention")
+    assert details["pruning"]["adapters"] == {"odd_attention": 1}
+    assert pruned.attn.heads == 2 and pruned.attn.to_qkv.out_features == 96
+    assert pruned(x).shape == (1, 10)
+
+
+def test_a_frozen_transformer_exports(tmp_path):
+    """Without grads, eval mode takes the attention fast path the exporter cannot export."""
+    model = TransformerNet().eval().requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    parity = export_onnx(model, x[:1], tmp_path / "m.onnx", check_inputs=x)
+    assert parity.max_abs_diff <= parity.tolerance
+    assert torch.backends.mha.get_fastpath_enabled()  # put back as it was
+
+
+def test_a_pruned_vit_loads_back_from_its_checkpoint(tmp_path):
+    from test_zoo import tiny
+
+    torch.manual_seed(0)
+    template = tiny("vit").eval()
+    x = torch.randn(2, 3, 32, 32)
+    options = cz.StructuredPruning(ratio=0.3, round_to=None, global_pruning=False)
+    pruned, _ = prune(copy.deepcopy(template), x[:1], options)
+    assert pruned.hidden_dim < template.hidden_dim
+    save_checkpoint(tmp_path / "c.pt", pruned, step="structured_pruning", stage={}, extra={})
+    loaded, _ = load_checkpoint(tmp_path / "c.pt", template)
+    assert loaded.hidden_dim == pruned.hidden_dim
+    assert loaded.encoder.layers[0].self_attention.num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_a_torch_stage_after_int8_is_refused():
+    with pytest.raises(cz.RecipeError, match="put 'structured_pruning' before 'int8_quant"):
+        cz.Pipeline([cz.Int8Quantization(), cz.StructuredPruning()])
+    with pytest.raises(cz.RecipeError, match="after 'int8_quantization'"):
+        cz.Pipeline.from_recipe({"stages": [{"int8_quantization": {}}, {"distillation": {}}]})
