@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import (
+    adapter_for,
     after_pruning,
     attention_blocks,
     describe,
@@ -253,8 +254,8 @@ def prune(
         names = ", ".join(g.root for g in failed[:3]) + (", ..." if len(failed) > 3 else "")
         note = (
             f"{len(failed)} channel groups ({names}) were left whole: removing their channels "
-            f"changed what the kept channels compute (torch-pruning's index mapping through "
-            f"a reshape, shuffle or split does not hold for this model)"
+            f"failed or changed what the kept channels compute (torch-pruning's index "
+            f"mapping through a reshape, shuffle or split does not hold for this model)"
         )
         warnings.warn(f"structured_pruning: {note}", stacklevel=2)
         details["notes"] = [note]
@@ -348,16 +349,49 @@ def _prune_around(
             pruned.append(name)
             kept += [f"{name}.{n}" for n in plan.kept_at_round_to]
             whole += [f"{name}.{n}" for n in plan.left_whole]
+    inside = _prune_inside_blocks(model, example, options, blocks)
+    left = [b for b in blocks if b not in inside]
     return {
         "pruning": {
             "importance": importance_name,
             "ratio": options.ratio,
             "round_to": options.round_to,
-            "left_whole": [*blocks, *restored, *ignored_names, *whole],
+            "left_whole": [*left, *restored, *ignored_names, *whole],
             "pruned_blocks": pruned,
+            "pruned_inside": inside,
             "kept_at_round_to": sorted(kept),
         }
     }
+
+
+def _prune_inside_blocks(
+    model: nn.Module, example: torch.Tensor, options: StructuredPruning, blocks: list[str]
+) -> dict[str, dict[str, int]]:
+    """Let the adapters of untraceable blocks prune inside them (e.g. MaxVit's heads).
+
+    A block whose output shape changes, or whose adapter fails, is put back as it was.
+    """
+    modules = dict(model.named_modules())
+    names = [n for n in blocks if (a := adapter_for(modules[n])) and a.prune_inside]
+    inputs = _inputs_of(model, example, names)
+    done: dict[str, dict[str, int]] = {}
+    for name, x in inputs.items():
+        block = model.get_submodule(name)
+        before = copy.deepcopy(block)
+        try:
+            with torch.no_grad():
+                shape = _shape(block(x))
+            result = adapter_for(block).prune_inside(block, options.ratio)
+            with torch.no_grad():
+                ok = _shape(block(x)) == shape
+        except Exception:
+            ok = False
+        if not ok:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, before)
+        elif any(result.values()):
+            done[name] = result
+    return done
 
 
 def _size_change(
@@ -379,11 +413,15 @@ def _note_left_whole(
     """Warn, and note in the report, which untraceable blocks pruning left whole."""
     shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
     pruned = details["pruning"]["pruned_blocks"]
+    inside = details["pruning"]["pruned_inside"]
     where = (
         f"pruned only inside {len(pruned)} self-contained blocks (MLPs, branches) instead"
         if pruned
         else "left the whole model unpruned"
     )
+    if inside:
+        heads = sum(r.get("heads_removed", 0) for r in inside.values())
+        where += f", and removed {heads} whole heads inside {len(inside)} of those blocks"
     note = (
         f"torch-pruning cannot trace the {what} of "
         f"{type(model).__name__} ({shown}), so it {where}; the later stages still run"

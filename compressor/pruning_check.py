@@ -39,7 +39,13 @@ def apply_checked(
         for planned in checkable:
             if not _try(model, example, pruner, [planned], set_heads):
                 failed.append(planned)
-    apply_plan(pruner, [g for g in plan.groups if g not in checkable], before=set_heads)
+    for planned in [g for g in plan.groups if g not in checkable]:
+        saved = _snapshot(model)
+        try:
+            apply_plan(pruner, [planned], before=set_heads)
+        except Exception:  # torch-pruning cannot prune it: put back, left whole
+            _restore(saved)
+            failed.append(planned)
     if failed:
         plan.groups = [g for g in plan.groups if g not in failed]
         plan.left_whole += [m for g in failed for m in g.members]
@@ -88,9 +94,9 @@ def _try(
     before: Any,
 ) -> bool:
     """Apply ``groups``; if the kept channels compute something else, undo and say False."""
-    expected = _zeroed_output(model, example, pruner, groups)
     saved = _snapshot(model)
     try:
+        expected = _zeroed_output(model, example, pruner, groups)
         apply_plan(pruner, groups, before=before)
         with torch.no_grad():
             got = model(example)

@@ -266,6 +266,7 @@ def plan_pruning(
     pruner = build_pruner(model, example, scorer, ignored, num_heads)
     graph = pruner.DG
     groups: list[PlannedGroup] = []
+    unmapped: list[str] = []
     with torch.no_grad():
         for group in graph.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
@@ -275,7 +276,12 @@ def plan_pruning(
             is_attention, attention_layers = pruner._is_atten_group(group)
             if is_attention:  # rooted where the heads lie side by side, as torch-pruning does
                 group = pruner._downstream_node_as_root_if_attention(group) or group
-            scores = scorer(group)
+            try:
+                scores = scorer(group)
+                dead = dead_channels(graph, group, len(scores)) if scores is not None else None
+            except (IndexError, RuntimeError):  # indices past a layer's width: mis-mapped
+                unmapped.extend(_members(graph, group))
+                continue
             if scores is None:
                 continue
             root = group[0].dep.target.module
@@ -296,7 +302,6 @@ def plan_pruning(
                 unit_size = math.lcm(*(n.num_channels // n.num_groups for n in norms))
             if width % (channel_groups * unit_size):
                 continue
-            dead = dead_channels(graph, group, width)
             groups.append(
                 PlannedGroup(
                     root=graph._module2name[root],
@@ -317,7 +322,7 @@ def plan_pruning(
         groups=[g for g in groups if g.remove],
         importance=importance_name,
         allocation=allocation,
-        left_whole=left_whole,
+        left_whole=left_whole + [n for n in unmapped if n not in left_whole],
         kept_at_round_to=kept_at_round_to,
         groups_seen=[g for g in groups if not g.whole],
     )
