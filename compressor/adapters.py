@@ -51,8 +51,13 @@ class Adapter:
             its forward reads).
         untraceable: what torch-pruning cannot trace in the block (e.g. "window
             attention"); such a block keeps its input and output widths and is pruned only
-            inside its self-contained parts (MLPs, branches).
+            inside its self-contained parts (MLPs, branches), and by ``prune_inside``.
+        prune_inside: for an untraceable block, prunes inside it in place, given the
+            pruning ratio; returns what it removed (e.g. ``{"heads_removed": 2}``).
         leave_whole: names of the block's children that pruning leaves whole.
+
+    ``after_pruning`` must do nothing to an unpruned block and may run more than once: it
+    also runs when a checkpoint is loaded.
     """
 
     name: str
@@ -61,6 +66,7 @@ class Adapter:
     set_heads: Callable[[nn.Module, int], None] | None = None
     after_pruning: Callable[[nn.Module], None] | None = None
     untraceable: str | None = None
+    prune_inside: Callable[[nn.Module, float], dict[str, int]] | None = None
     leave_whole: Callable[[nn.Module], list[str]] | None = None
 
 
@@ -190,6 +196,62 @@ def _mha_widths(module: nn.Module) -> None:
     module.head_dim = module.embed_dim // module.num_heads
 
 
+def _prune_maxvit_heads(module: nn.Module, ratio: float) -> dict[str, int]:
+    """Remove whole heads of torchvision MaxVit's attention: the lowest-norm ``ratio``."""
+    import torch
+    import torch_pruning as tp
+
+    heads, size = module.n_heads, module.head_dim
+    kept = max(1, round(heads * (1 - ratio)))
+    if kept == heads:
+        return {"heads_removed": 0}
+    with torch.no_grad():
+        rows = module.to_qkv.weight.detach().view(3, heads, size, -1).pow(2).sum(dim=(0, 2, 3))
+        cols = module.merge.weight.detach().view(-1, heads, size).pow(2).sum(dim=(0, 2))
+        order = torch.argsort(rows + cols, stable=True).tolist()
+    drop = sorted(order[: heads - kept])
+    keep = [h for h in range(heads) if h not in drop]
+    per_head = [h * size + j for h in drop for j in range(size)]
+    tp.prune_linear_out_channels(
+        module.to_qkv, [part * heads * size + i for part in range(3) for i in per_head]
+    )
+    tp.prune_linear_in_channels(module.merge, per_head)
+    table = module.relative_position_bias_table
+    module.relative_position_bias_table = nn.Parameter(table.detach()[:, keep].clone())
+    module.n_heads = kept
+    _maxvit_widths(module)
+    return {"heads_removed": len(drop)}
+
+
+def _maxvit_widths(module: nn.Module) -> None:
+    """A MaxVit attention with fewer heads runs a forward that reads the heads' width."""
+    if module.n_heads * module.head_dim != module.merge.out_features:
+        module.__class__ = _pruned_maxvit_class(type(module))
+
+
+def _pruned_maxvit_class(base: type) -> type:
+    if getattr(base, "_compressor_pruned", False):
+        return base
+    import torch
+    import torch.nn.functional as F
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's forward, with the heads' width where it used the block's width."""
+        b, g, p, _ = x.shape
+        h, dh = self.n_heads, self.head_dim
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q = q.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4)
+        k = k.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4) * self.scale_factor
+        v = v.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4)
+        dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+        dot = F.softmax(dot + self.get_relative_positional_bias(), dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, h * dh))
+
+    name = f"Pruned{base.__name__}"
+    return type(name, (base,), {"forward": forward, "_compressor_pruned": True})
+
+
 BUILT_IN = (
     Adapter(
         "torchvision_vit",
@@ -208,6 +270,8 @@ BUILT_IN = (
         "torchvision_maxvit_attention",
         matches=class_named("torchvision.models.maxvit.RelativePositionalMultiHeadAttention"),
         untraceable="window attention",
+        prune_inside=_prune_maxvit_heads,
+        after_pruning=_maxvit_widths,
     ),
     Adapter(
         "torchvision_shufflenet_v2_block",

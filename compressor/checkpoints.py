@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
+from .adapters import after_pruning
 
 FORMAT = 1
 
@@ -86,6 +87,7 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
         elif isinstance(current, torch.Tensor):
             owner.register_buffer(leaf, tensor.clone())
     model.load_state_dict(state)
+    after_pruning(model)  # adapters' fix-ups that follow from the restored widths
     return model, payload
 
 

@@ -91,11 +91,10 @@ SLOW = [
     ("vgg11_bn", 224),
 ]
 # window attention or channel shuffle, which torch-pruning cannot trace: pruned inside the
-# MLPs and branches around them
+# MLPs and branches around them; MaxVit's attention loses whole heads inside (its adapter)
 PRUNED_AROUND = {
     "swin": ".attn",
     "swin_v2": ".attn",
-    "maxvit": ".attn_layer.",
     "shufflenet_v2_x0_5": "stage2.0",
 }
 
@@ -108,6 +107,8 @@ def _check(name, size, cwd):
     assert row["params_after"] < row["params_before"], "nothing was pruned"
     if name in PRUNED_AROUND:  # the untraceable blocks are named as left whole
         assert any(PRUNED_AROUND[name] in n for n in row["left_whole"]), row["left_whole"]
+    if name == "maxvit":
+        assert row["pruned_inside"] and all(".attn_layer." in n for n in row["pruned_inside"])
     assert row["parity_fp32"]["top1_agreement"] >= 0.99
     assert row["pre_process"] != "failed"
     return row
