@@ -58,9 +58,9 @@ def give_signal(model: Any, size: int, steps: int = 8, seed: int = 0) -> Any:
 
     Random init leaves some models degenerate (torchvision's ViTs zero-initialise their
     head, so every output is 0 and any comparison passes). Zero-initialised Linear heads are
-    re-initialised, then a few Adam steps fit a simple rule on random images (the class is
-    the colour channel and image quarter with the largest mean), giving the outputs margins
-    that an INT8 comparison can test. Returns ``model`` in eval mode.
+    re-initialised, then a few Adam steps fit a simple rule on random images (`signal_data`:
+    each class a fixed random pattern, plus noise), giving the outputs margins that an INT8
+    comparison can test. Returns ``model`` in eval mode.
     """
     import torch
     from torch import nn
@@ -72,9 +72,12 @@ def give_signal(model: Any, size: int, steps: int = 8, seed: int = 0) -> Any:
     for m in model.modules():
         if isinstance(m, nn.Linear) and not bool(m.weight.detach().abs().sum()):
             nn.init.normal_(m.weight, std=0.02)
-    images, labels = signal_data(size, 32, seed)
+    from compressor.measure import count_params_macs
+
+    _, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
+    images, labels = signal_data(size, 32 if macs < 2e9 else 8, seed)  # big models: fewer
     classes = None
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for _ in range(steps):
         out = model(images)
@@ -85,28 +88,24 @@ def give_signal(model: Any, size: int, steps: int = 8, seed: int = 0) -> Any:
         loss.backward()
         optimizer.step()
     # BatchNorm statistics of the fitted weights (a few steps leave the running ones stale)
-    recalibrate_batchnorm(
-        model, DataSpec([(images[i : i + 8], labels) for i in range(0, 32, 8)]), 4
-    )
+    batches = [(images[i : i + 8], labels[i : i + 8]) for i in range(0, len(images), 8)]
+    recalibrate_batchnorm(model, DataSpec(batches), len(batches))
     return model.eval()
 
 
 def signal_data(size: int, samples: int, seed: int) -> tuple[Any, Any]:
-    """Random images and the rule's labels (channel x quarter with the largest mean: 12)."""
+    """Images of 10 classes and their labels: a fixed random pattern per class plus noise.
+
+    The patterns are the same for every seed (the class is the same rule); ``seed`` draws
+    the labels and the noise.
+    """
     import torch
 
+    patterns = torch.randn(10, 3, size, size, generator=torch.Generator().manual_seed(1234))
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(samples, 3, size, size, generator=generator)
-    half = size // 2
-    quarters = torch.stack(
-        [
-            images[:, :, i : i + half, j : j + half].mean((2, 3))
-            for i in (0, half)
-            for j in (0, half)
-        ],
-        dim=2,
-    )
-    return images, quarters.flatten(1).argmax(dim=1)
+    labels = torch.randint(0, 10, (samples,), generator=generator)
+    noise = torch.randn(samples, 3, size, size, generator=generator)
+    return patterns[labels] + 0.5 * noise, labels
 
 
 def int8_agreement(fp32: Path, int8: Path, inputs: Any, threads: int) -> dict[str, float]:
@@ -178,6 +177,7 @@ def check_model(
             row["notes"] = details.get("notes", [])
             if "pruned_blocks" in details["pruning"]:  # pruned around untraceable blocks
                 row["pruned_blocks"] = len(details["pruning"]["pruned_blocks"])
+                row["pruned_inside"] = details["pruning"]["pruned_inside"]
             row["params_after"], row["macs_after"] = count_params_macs(student, example)
             step = "pruned export"
             export_onnx(student, example, out / "pruned.onnx", check_inputs=held_back[:8])
@@ -289,7 +289,9 @@ def _line(r: dict[str, Any]) -> str:
 def _note(r: dict[str, Any]) -> str:
     if "pruned_blocks" not in r:
         return ""
-    return f"pruned only inside {r['pruned_blocks']} blocks (MLPs, branches)"
+    heads = sum(v.get("heads_removed", 0) for v in r.get("pruned_inside", {}).values())
+    inside = f"; {heads} heads removed inside window attention" if heads else ""
+    return f"pruned only inside {r['pruned_blocks']} blocks (MLPs, branches){inside}"
 
 
 if __name__ == "__main__":
