@@ -190,6 +190,21 @@ def make_plan(
     return plan, pruner, ignored_names
 
 
+def failing_groups(model: nn.Module, example: torch.Tensor, options: StructuredPruning) -> set[str]:
+    """Root layers of the planned groups that pruning would leave whole (its check fails).
+
+    Found by pruning a copy; `SparsityTraining` leaves those channels alone.
+    """
+    trial = copy.deepcopy(model)
+    plan, pruner, _ = make_plan(trial, example, options)
+    return {
+        g.root
+        for g in call_naming_layer(
+            trial, lambda: apply_checked(trial, example, plan, pruner), "torch-pruning"
+        )
+    }
+
+
 def prune(
     model: nn.Module, example_input: torch.Tensor, options: StructuredPruning
 ) -> tuple[nn.Module, dict[str, Any]]:

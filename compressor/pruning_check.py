@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import attention_blocks
+from .adapters import after_pruning, attention_blocks
 from .pruning_plan import PlannedGroup, PruningPlan, apply_plan, group_slices, planned_group
 
 _UNCHECKABLE = ("LN", "IN", "MHA")  # GroupNorm groups are removed whole: exact
@@ -98,6 +98,7 @@ def _try(
     try:
         expected = _zeroed_output(model, example, pruner, groups)
         apply_plan(pruner, groups, before=before)
+        after_pruning(model)  # the blocks' own attributes (head_dim, ...) before running
         with torch.no_grad():
             got = model(example)
         ok = _close(expected, got)

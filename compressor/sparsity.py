@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import untraceable_blocks
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
-from .pruning import StructuredPruning, make_plan
+from .pruning import StructuredPruning, failing_groups, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
 from .recipe import register_stage
 from .stage import Stage, check_choice, check_float, check_int
@@ -197,6 +197,8 @@ def _growing_penalty(
         what = " and ".join(sorted(set(blocks.values())))
         return None, f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
     plan, pruner, _ = make_plan(model, example, target)
+    failing = failing_groups(model, example, target)  # pruning would keep these: spare them
+    plan.groups = [g for g in plan.groups if g.root not in failing]
     graph = pruner.DG
     modules = dict(model.named_modules())
     entries: list[Slice] = []

@@ -216,3 +216,49 @@ def test_a_torch_stage_after_int8_is_refused():
         cz.Pipeline([cz.Int8Quantization(), cz.StructuredPruning()])
     with pytest.raises(cz.RecipeError, match="after 'int8_quantization'"):
         cz.Pipeline.from_recipe({"stages": [{"int8_quantization": {}}, {"distillation": {}}]})
+
+
+def test_a_timm_vit_loses_whole_heads_through_the_generic_adapter(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    monkeypatch.chdir(tmp_path)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8
+    )
+    x = torch.randn(1, 3, 32, 32)
+    options = cz.StructuredPruning(ratio=0.5, round_to=None, global_pruning=False)
+    pruned, details = prune(copy.deepcopy(model).eval(), x, options)
+    attn = pruned.blocks[0].attn
+    assert attn.num_heads == 2 and attn.head_dim == 64  # 3 heads of 64 -> 2
+    assert attn.qkv.out_features == 3 * 2 * 64 and attn.proj.in_features == 128
+    assert details["pruning"]["adapters"]["qkv_attention"] == 12
+    row = check_model(model, "vit_tiny", 32, threads=2, latency=False)
+    assert row["status"] == "pass", row.get("reason")
+
+
+def test_a_pruned_maxvit_loads_back_from_its_checkpoint(tmp_path):
+    from test_zoo import tiny
+
+    torch.manual_seed(0)
+    template = tiny("maxvit").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, details = prune(copy.deepcopy(template), x[:1], cz.StructuredPruning(ratio=0.5))
+    assert sum(r["heads_removed"] for r in details["pruning"]["pruned_inside"].values()) > 0
+    save_checkpoint(tmp_path / "c.pt", pruned, step="structured_pruning", stage={}, extra={})
+    loaded, _ = load_checkpoint(tmp_path / "c.pt", template)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x))
+
+
+@pytest.mark.parametrize(("name", "root"), [("channel_shuffle", "g1.0"), ("split", "stem.0")])
+def test_sparsity_training_spares_the_groups_pruning_would_keep(name, root):
+    """The groups the check leaves whole are found up front, so no channel of theirs is
+    driven to zero only to be kept."""
+    from compressor.pruning import failing_groups
+
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert failing_groups(PATTERNS[name]().eval(), x, PRUNE) == {root}
+        assert failing_groups(PATTERNS["chunk"]().eval(), x, PRUNE) == set()
