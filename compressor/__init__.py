@@ -1,9 +1,9 @@
 """compressor: take a trained PyTorch model to a small, fast INT8 ONNX artifact, with a report."""
 
 from . import adapters as adapters
-from .adapters import Adapter as Adapter
-from .adapters import Attention as Attention
-from .adapters import class_named as class_named
+from .adapter import Adapter as Adapter
+from .adapter import Attention as Attention
+from .adapter import class_named as class_named
 from .adapters import register_adapter as register_adapter
 from .data import DataSpec as DataSpec
 from .distillation import Distillation as Distillation

@@ -262,3 +262,41 @@ def test_sparsity_training_spares_the_groups_pruning_would_keep(name, root):
         warnings.simplefilter("ignore")
         assert failing_groups(PATTERNS[name]().eval(), x, PRUNE) == {root}
         assert failing_groups(PATTERNS["chunk"]().eval(), x, PRUNE) == set()
+
+
+@pytest.mark.parametrize("name", ["swin", "swin_v2", "maxvit"])
+def test_window_attention_loses_whole_heads_and_the_kept_heads_compute_the_same(name):
+    """Inside blocks torch-pruning cannot trace, their adapters remove whole heads; heads
+    zeroed beforehand are the ones that go, and the block's output does not change."""
+    from test_zoo import tiny
+
+    torch.manual_seed(0)
+    model = tiny(name).eval()
+    name_, block = next(
+        (n, m)
+        for n, m in model.named_modules()
+        if (a := cz.adapters.adapter_for(m)) and a.prune_inside
+    )
+    seen = []
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    qkv, out = (block.qkv, block.proj) if hasattr(block, "qkv") else (block.to_qkv, block.merge)
+    heads = block.num_heads if hasattr(block, "num_heads") else block.n_heads
+    size = qkv.out_features // (3 * heads)
+    with torch.no_grad():  # zero the last head everywhere it has weights
+        for part in range(3):
+            rows = slice(
+                part * heads * size + (heads - 1) * size, part * heads * size + heads * size
+            )
+            qkv.weight[rows] = 0
+            if qkv.bias is not None:
+                qkv.bias[rows] = 0
+        out.weight[:, (heads - 1) * size :] = 0
+        expected = block(seen[0])
+    result = cz.adapters.adapter_for(block).prune_inside(block, 0.3)
+    assert result == {"heads_removed": 1}, name_
+    assert qkv.out_features == 3 * (heads - 1) * size
+    with torch.no_grad():
+        torch.testing.assert_close(block(seen[0]), expected, rtol=1e-4, atol=1e-5)

@@ -90,13 +90,11 @@ SLOW = [
     ("alexnet", 224),
     ("vgg11_bn", 224),
 ]
-# window attention or channel shuffle, which torch-pruning cannot trace: pruned inside the
-# MLPs and branches around them; MaxVit's attention loses whole heads inside (its adapter)
-PRUNED_AROUND = {
-    "swin": ".attn",
-    "swin_v2": ".attn",
-    "shufflenet_v2_x0_5": "stage2.0",
-}
+# channel shuffle, which torch-pruning cannot trace: pruned inside the branches around it
+PRUNED_AROUND = {"shufflenet_v2_x0_5": "stage2.0"}
+# window attention, which torch-pruning cannot trace either: whole heads removed inside the
+# blocks by their adapters, MLPs pruned around them
+HEADS_INSIDE = {"swin": ".attn", "swin_v2": ".attn", "maxvit": ".attn_layer."}
 
 
 def _check(name, size, cwd):
@@ -107,8 +105,9 @@ def _check(name, size, cwd):
     assert row["params_after"] < row["params_before"], "nothing was pruned"
     if name in PRUNED_AROUND:  # the untraceable blocks are named as left whole
         assert any(PRUNED_AROUND[name] in n for n in row["left_whole"]), row["left_whole"]
-    if name == "maxvit":
-        assert row["pruned_inside"] and all(".attn_layer." in n for n in row["pruned_inside"])
+    if name in HEADS_INSIDE:
+        assert row["pruned_inside"], "no heads removed inside the window attention"
+        assert all(HEADS_INSIDE[name] in n for n in row["pruned_inside"])
     assert row["parity_fp32"]["top1_agreement"] >= 0.99
     assert row["pre_process"] != "failed"
     return row
