@@ -95,3 +95,23 @@ def test_compose_script(tmp_path):
     assert runs["sparsity"]["pruning_drop_points"] == pytest.approx(0.0, abs=1.0)
     assert all(r["macs_x"] > 3 and r["speedup_bs1"] > 0 for r in runs.values())
     assert "| plain | sparsity | 1 |" in table
+
+
+def test_timm_zoo_script(tmp_path):
+    out = tmp_path / "timm.json"
+    table = run("timm_zoo.py", "resnet18d", "--input-size", "32", "--out", str(out), cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "pass", row.get("reason")
+    assert row["macs_after"] < row["macs_before"]
+    assert row["int8_vs_fp32"]["cosine"] >= 0.98
+    assert "| ResNet-D | resnet18d |" in table
+
+
+def test_vit_heads_script(tmp_path):
+    out = tmp_path / "heads.json"
+    args = ["--model", "vit_b_32", "--seeds", "0", "--samples", "2", "--sharpen", "1"]
+    run("vit_heads.py", *args, "--out", str(out), cwd=tmp_path)
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"] if "seed" not in r}
+    assert (rows["whole"]["heads"], rows["whole"]["head_dim"]) == (8, 64)
+    assert (rows["dims"]["heads"], rows["mixing"]["heads"]) == (12, 12)
+    assert all(0 < r["macs_ratio"] < 0.6 for r in rows.values())
