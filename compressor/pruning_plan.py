@@ -279,7 +279,7 @@ def plan_pruning(
             try:
                 scores = scorer(group)
                 dead = dead_channels(graph, group, len(scores)) if scores is not None else None
-            except (IndexError, RuntimeError):  # indices past a layer's width: mis-mapped
+            except (IndexError, RuntimeError, TypeError):  # torch-pruning mis-mapped it
                 unmapped.extend(_members(graph, group))
                 continue
             if scores is None:

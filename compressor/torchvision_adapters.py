@@ -172,7 +172,9 @@ def _window_attention(module: nn.Module, x: torch.Tensor, bias: torch.Tensor) ->
         attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, x.size(1), x.size(1))
     attn = F.dropout(F.softmax(attn, dim=-1), p=module.attention_dropout, training=module.training)
     x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), width)
-    x = F.dropout(module.proj(x), p=module.dropout, training=module.training)
+    # functional, as torchvision's: MAC counters that hook modules see neither version's
+    x = F.linear(x, module.proj.weight, module.proj.bias)
+    x = F.dropout(x, p=module.dropout, training=module.training)
     x = x.view(b, pad_h // window[0], pad_w // window[1], window[0], window[1], c)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)
     if sum(shift) > 0:
