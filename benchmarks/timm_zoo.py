@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -104,40 +102,18 @@ def main() -> int:
         row = check_model(build(args.one, size), args.one, size, args.threads, latency=False)
         print("ZOO-ROW " + json.dumps(row))
         return 0
+    from zoo import run_each
+
     families = dict((n, f) for f, n in MODELS)
     names = args.models or [n for _f, n in MODELS]
-    rows = []
-    for name in names:
-        command = [sys.executable, __file__, "--one", name, "--input-size", str(args.input_size)]
-        command += ["--threads", str(args.threads)]
-        start = time.perf_counter()
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            found = [ln for ln in done.stdout.splitlines() if ln.startswith("ZOO-ROW ")]
-            if found:
-                row = json.loads(found[-1].removeprefix("ZOO-ROW "))
-            else:
-                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                row = {"model": name, "status": "fail", "reason": f"crashed: {tail[:300]}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "status": "fail", "reason": f"timeout after {args.timeout} s"}
-        row["family"] = families.get(name, "")
-        row["wall_s"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        print(_line(row), flush=True)
-        _write(args, rows)
+
+    def annotate(row: dict[str, Any]) -> None:
+        row["family"] = families.get(row["model"], "")
+
+    rows = run_each(__file__, names, args, [], annotate, _line)
     passed = sum(r["status"] == "pass" for r in rows)
     print(f"\n{passed}/{len(rows)} timm models pruned, with an INT8 file that agrees with FP32")
     return 0 if passed == len(rows) else 1
-
-
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    passed = sum(r["status"] == "pass" for r in rows)
-    summary = {"input_size": args.input_size, "threads": args.threads, "passed": passed}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**summary, "total": len(rows), "rows": rows}, indent=2) + "\n")
-    tmp.replace(args.out)
 
 
 def _line(r: dict[str, Any]) -> str:

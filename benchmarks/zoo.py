@@ -231,10 +231,31 @@ def main() -> int:
         print("ZOO-ROW " + json.dumps(row))
         return 0
     names = args.models or torchvision.models.list_models(module=torchvision.models)
+    flags = ["--no-latency"] * args.no_latency
+    rows = run_each(__file__, names, args, flags, lambda row: None, _line)
+    passed = sum(r["status"] == "pass" for r in rows)
+    print(f"\n{passed}/{len(rows)} models pruned, with an INT8 file that agrees with FP32")
+    return 0 if passed == len(rows) else 1
+
+
+def run_each(
+    script: str,
+    names: list[str],
+    args: argparse.Namespace,
+    flags: list[str],
+    annotate: Any,
+    line: Any,
+) -> list[dict[str, Any]]:
+    """Run ``script --one NAME`` for every model in its own process; the rows.
+
+    A crash or a timeout fails that model only. ``annotate(row)`` adds to each row,
+    ``line(row)`` prints it; the results file is rewritten after every model, so a long
+    run stopped early keeps what it did.
+    """
     rows = []
     for name in names:
-        command = [sys.executable, __file__, "--one", name, "--input-size", str(args.input_size)]
-        command += ["--threads", str(args.threads)] + (["--no-latency"] * args.no_latency)
+        command = [sys.executable, script, "--one", name, "--input-size", str(args.input_size)]
+        command += ["--threads", str(args.threads), *flags]
         start = time.perf_counter()
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -246,13 +267,12 @@ def main() -> int:
                 row = {"model": name, "status": "fail", "reason": f"crashed: {tail[:300]}"}
         except subprocess.TimeoutExpired:
             row = {"model": name, "status": "fail", "reason": f"timeout after {args.timeout} s"}
+        annotate(row)
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        print(_line(row), flush=True)
-        _write(args, rows)  # after every model: a long run stopped early keeps what it did
-    passed = sum(r["status"] == "pass" for r in rows)
-    print(f"\n{passed}/{len(rows)} models pruned, with an INT8 file that agrees with FP32")
-    return 0 if passed == len(rows) else 1
+        print(line(row), flush=True)
+        _write(args, rows)
+    return rows
 
 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
