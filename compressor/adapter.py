@@ -43,6 +43,12 @@ class Adapter:
         prune_inside: for an untraceable block, prunes inside it in place, given the
             pruning ratio; returns what it removed (e.g. ``{"heads_removed": 2}``).
         leave_whole: names of the block's children that pruning leaves whole.
+        restructure: a module that computes what the block computes and that
+            torch-pruning prunes better (e.g. attention heads untied from the residual
+            width); it replaces the block before pruning, and when a checkpoint is loaded.
+        restructure_if: given the block and the ``(args, kwargs)`` of its first call on
+            the example input, whether to restructure it (default: always). A block the
+            example does not reach is never restructured.
 
     ``after_pruning`` must do nothing to an unpruned block and may run more than once: it
     also runs when a checkpoint is loaded.
@@ -56,6 +62,8 @@ class Adapter:
     untraceable: str | None = None
     prune_inside: Callable[[nn.Module, float], dict[str, int]] | None = None
     leave_whole: Callable[[nn.Module], list[str]] | None = None
+    restructure: Callable[[nn.Module], nn.Module] | None = None
+    restructure_if: Callable[[nn.Module, tuple, dict], bool] | None = None
 
 
 def class_named(*paths: str) -> Callable[[nn.Module], bool]:

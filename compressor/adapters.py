@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import torch_adapters, torchvision_adapters
@@ -102,6 +103,71 @@ def after_pruning(model: nn.Module) -> None:
     for _name, module, adapter in matched(model):
         if adapter.after_pruning is not None:
             adapter.after_pruning(module)
+
+
+def restructure(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Replace, in place, the blocks whose adapters restructure them; name -> adapter.
+
+    ``example`` is run once through the model to see how each block is called (an
+    adapter's ``restructure_if``). The replacements compute what the blocks computed.
+    """
+    candidates = [(n, m, a) for n, m, a in matched(model) if n and a.restructure is not None]
+    if not candidates:
+        return {}
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(name, (args, kwargs))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(recorder(n), with_kwargs=True) for n, m, _a in candidates]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    chosen = {
+        n: a.name
+        for n, m, a in candidates
+        if n in calls and (a.restructure_if is None or a.restructure_if(m, *calls[n]))
+    }
+    restructure_named(model, chosen)
+    return chosen
+
+
+def restructure_named(model: nn.Module, names: dict[str, str]) -> None:
+    """Restructure the blocks ``names`` gives (name -> adapter name), as a checkpoint says.
+
+    Raises:
+        KeyError: an adapter that is not registered.
+    """
+    by_name = {a.name: a for a in _REGISTRY}
+    for name, adapter_name in names.items():
+        adapter = by_name.get(adapter_name)
+        if adapter is None or adapter.restructure is None:
+            msg = (
+                f"block {name!r} was restructured by the adapter {adapter_name!r}, which is "
+                f"not registered (registered: {', '.join(by_name)})"
+            )
+            raise KeyError(msg)
+        parent_name, _, leaf = name.rpartition(".")
+        new = adapter.restructure(model.get_submodule(name))
+        new._compressor_restructured = adapter_name
+        setattr(model.get_submodule(parent_name), leaf, new)
+    if names:
+        after_pruning(model)
+
+
+def restructured(model: nn.Module) -> dict[str, str]:
+    """The blocks of ``model`` an adapter restructured: name -> adapter name."""
+    return {
+        name: m._compressor_restructured
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "_compressor_restructured", None), str)
+    }
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 A pruned model has other tensor shapes than the model it came from, so a plain
 state_dict cannot be loaded into a fresh copy. Beside the state_dict we store every plain
 attribute of every module (numbers, flags, tuples of numbers: widths, head counts, group
-counts, a ViT's ``hidden_dim``), whichever stage changed them; `load_checkpoint` applies
-both to a copy of the original model, so no pickled module is ever needed.
+counts, a ViT's ``hidden_dim``), whichever stage changed them, and the blocks an adapter
+restructured; `load_checkpoint` applies all of it to a copy of the original model, so no
+pickled module is ever needed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
-from .adapters import after_pruning
+from .adapters import after_pruning, restructure_named, restructured
 
 FORMAT = 1
 
@@ -55,6 +56,7 @@ def save_checkpoint(
         "stage": stage,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "widths": widths,
+        "restructured": restructured(model),
         "extra": extra,
     }
     with atomic_path(path) as tmp:
@@ -68,6 +70,7 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model = copy.deepcopy(template)
+    restructure_named(model, payload.get("restructured", {}))
     modules = dict(model.named_modules())
     for name, attrs in payload["widths"].items():
         module = modules[name]

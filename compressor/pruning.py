@@ -17,6 +17,8 @@ from .adapters import (
     attention_blocks,
     describe,
     layers_left_whole,
+    restructure,
+    restructured,
     untraceable_blocks,
 )
 from .errors import ModelError, RecipeError, first_line
@@ -215,6 +217,7 @@ def prune(
         ModelError: torch-pruning cannot handle the model, or the pruned model fails to run.
     """
     params_before, macs_before = count_params_macs(model, example_input)
+    restructure(model, example_input)  # e.g. attention heads untied from the residual width
     found = untraceable_blocks(model)
     blocks, what = list(found), " and ".join(sorted(set(found.values())))
     if blocks:
@@ -262,6 +265,7 @@ def prune(
             "kept_at_round_to": plan.kept_at_round_to,
             "attention_heads": _heads_summary(model, heads_before, options),
             "adapters": describe(model),
+            "restructured": _counts(restructured(model)),
             **_size_change(model, example_input, params_before, macs_before),
         }
     }
@@ -275,6 +279,14 @@ def prune(
         warnings.warn(f"structured_pruning: {note}", stacklevel=2)
         details["notes"] = [note]
     return model, details
+
+
+def _counts(names: dict[str, str]) -> dict[str, int]:
+    """Adapter name -> how many blocks it restructured."""
+    counts: dict[str, int] = {}
+    for adapter in names.values():
+        counts[adapter] = counts.get(adapter, 0) + 1
+    return counts
 
 
 def _traceable_sequentials(model: nn.Module, blocks: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapters import untraceable_blocks
+from .adapters import restructure, untraceable_blocks
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .pruning import StructuredPruning, failing_groups, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
@@ -75,6 +75,8 @@ class SparsityTraining(Stage):
     def apply(self, state: State, ctx: RunContext) -> State:
         """Fine-tune a copy of ``state.model`` with the penalty."""
         model = copy.deepcopy(state.model)
+        if any(isinstance(s, StructuredPruning) for s in ctx.upcoming):
+            restructure(model, state.example_input)  # as pruning will: the same channels
         layers = channel_scale_layers(model, state.example_input)
         use_bn = has_batchnorm(model)
         before = channel_scales(layers)

@@ -1,4 +1,10 @@
-"""Adapters for torch's own attention and for timm-style attention (a fused ``qkv``)."""
+"""Adapters for torch's own attention and for timm-style attention (a fused ``qkv``).
+
+``nn.MultiheadAttention`` called as self-attention is restructured into a `SelfAttention`
+(its heads untied from the residual width), which the ``qkv_attention`` adapter then
+describes; other calls (cross-attention, kdim/vdim, bias_kv) keep the module, whose heads
+torch-pruning removes together with the embedding channels they occupy.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .adapter import Adapter, Attention
+from .self_attention import SelfAttention
 
 
 def set_attribute(attr: str) -> Callable[[nn.Module, int], None]:
@@ -41,6 +48,22 @@ def _mha_widths(module: nn.Module) -> None:
     module.head_dim = module.embed_dim // module.num_heads
 
 
+def _called_as_self_attention(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Query, key and value are one tensor, and the weights are the plain packed kind."""
+    given = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")[len(args) :]]
+    same = len(given) == 3 and given[0] is given[1] is given[2]
+    return (
+        same and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+    )
+
+
+def _no_nested_tensors(module: nn.Module) -> None:
+    """An encoder whose layers' attention was restructured runs without nested tensors."""
+    layers = getattr(module, "layers", None)
+    if layers and isinstance(getattr(layers[0], "self_attn", None), SelfAttention):
+        module.use_nested_tensor = False
+
+
 ADAPTERS = (
     Adapter(
         "multihead_attention",
@@ -48,6 +71,13 @@ ADAPTERS = (
         attention=lambda m: Attention(layer=m, heads=m.num_heads),
         set_heads=set_attribute("num_heads"),
         after_pruning=_mha_widths,
+        restructure=SelfAttention.from_multihead,
+        restructure_if=_called_as_self_attention,
+    ),
+    Adapter(
+        "transformer_encoder",
+        matches=lambda m: isinstance(m, nn.TransformerEncoder),
+        after_pruning=_no_nested_tensors,
     ),
     Adapter(
         "qkv_attention",

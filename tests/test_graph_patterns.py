@@ -16,6 +16,7 @@ from compressor.export import export_onnx
 from compressor.measure import count_params_macs
 from compressor.pruning import make_plan, prune
 from compressor.pruning_plan import group_slices, planned_group
+from compressor.self_attention import SelfAttention
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from zoo import AGREEMENT, check_model
@@ -130,12 +131,89 @@ def test_head_dims_mode_keeps_every_head():
 
 @pytest.mark.parametrize("name", ["multihead_attention", "transformer_encoder_layer"])
 def test_multihead_attention_loses_whole_heads(name):
+    """Self-attention is restructured so heads go by their own scores, not the residual's."""
     x = torch.randn(1, 3, 32, 32)
     options = cz.StructuredPruning(ratio=0.5, round_to=None, global_pruning=False)
     pruned, details = prune(PATTERNS[name]().eval(), x, options)
-    layers = [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert not [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
+    layers = [m for m in pruned.modules() if isinstance(m, SelfAttention)]
     assert layers and all(m.num_heads == 2 and m.head_dim == 16 for m in layers)
-    assert details["pruning"]["adapters"]["multihead_attention"] == len(layers)
+    assert details["pruning"]["restructured"] == {"multihead_attention": len(layers)}
+    assert details["pruning"]["adapters"]["qkv_attention"] == len(layers)
+    assert all(m.embed_dim == pruned.patch.out_channels == 32 for m in layers)
+
+
+CALLS = {
+    "plain": {},
+    "key padding": {"key_padding_mask": torch.tensor([[False] * 6 + [True] * 2] * 2)},
+    "bool mask": {"attn_mask": torch.ones(8, 8, dtype=torch.bool).triu(1)},
+    "float mask per head": {"attn_mask": torch.randn(8, 8, 8), "average_attn_weights": False},
+    "causal": {"attn_mask": torch.ones(8, 8, dtype=torch.bool).triu(1), "is_causal": True},
+    "no weights": {"need_weights": False},
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_self_attention_computes_what_multihead_attention_computes(call, batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    mine = SelfAttention.from_multihead(mha).eval()
+    x = torch.randn(2, 8, 32) if batch_first else torch.randn(8, 2, 32)
+    other = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    single = torch.randn(8, 32)
+    with torch.no_grad():
+        for args in ((x, x, x), (x, other, other), (single, single, single)):
+            if args[0].dim() == 2 and call in ("key padding", "float mask per head"):
+                continue  # those masks are for batched calls
+            if args[1] is other and call != "plain":
+                continue
+            expected, got = mha(*args, **CALLS[call]), mine(*args, **CALLS[call])
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+            if expected[1] is None:
+                assert got[1] is None
+            else:
+                torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+class CrossAttentionNet(Tokens):
+    """Tokens attend to a learned memory: key and value are not the query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = nn.Parameter(torch.randn(1, 6, 64))
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def encode(self, x):
+        memory = self.memory.expand(x.shape[0], -1, -1)
+        return x + self.attn(x, memory, memory, need_weights=False)[0]
+
+
+def test_cross_attention_keeps_its_module_and_still_loses_whole_heads():
+    x = torch.randn(1, 3, 32, 32)
+    options = cz.StructuredPruning(ratio=0.5, round_to=None, global_pruning=False)
+    pruned, details = prune(CrossAttentionNet().eval(), x, options)
+    assert details["pruning"]["restructured"] == {}
+    assert isinstance(pruned.attn, nn.MultiheadAttention)
+    assert pruned.attn.num_heads == 2 and pruned.attn.head_dim == 16
+    assert pruned(x).shape == (1, 10)
+
+
+def test_a_restructured_encoder_runs_without_nested_tensors():
+    """torch's encoder would pack padded batches into nested tensors for its fast path."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()  # nested tensors on by default
+    tokens = torch.randn(2, 6, 32)
+    padding = torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    with torch.no_grad():
+        expected = encoder(tokens, src_key_padding_mask=padding)
+        cz.adapters.restructure(encoder, tokens)
+        assert isinstance(encoder.layers[0].self_attn, SelfAttention)
+        assert encoder.use_nested_tensor is False
+        got = encoder(tokens, src_key_padding_mask=padding)
+    kept = ~padding  # torch's fast path writes zeros at padded positions
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
 
 
 class OddAttention(nn.Module):
