@@ -20,6 +20,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .adapters import after_pruning, restructure_named, restructured
+from .errors import UserError, first_line
 
 FORMAT = 1
 
@@ -68,7 +69,7 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
 
     Returns the model and the checkpoint's payload (step, stage options, extra).
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = read_checkpoint(path)
     model = copy.deepcopy(template)
     restructure_named(model, payload.get("restructured", {}))
     modules = dict(model.named_modules())
@@ -95,8 +96,23 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's payload (step, stage options, extra), its tensors memory-mapped."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """A checkpoint's payload (step, stage options, extra), its tensors memory-mapped.
+
+    Raises:
+        UserError: the file is truncated or is not a compressor checkpoint.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        msg = (
+            f"checkpoint {str(path)!r} cannot be read: it is truncated or not a compressor "
+            f"checkpoint ({first_line(exc)})"
+        )
+        raise UserError(msg) from exc
+    if not isinstance(payload, dict) or not {"state_dict", "widths"} <= set(payload):
+        msg = f"{str(path)!r} is not a compressor checkpoint (no state_dict and widths)"
+        raise UserError(msg)
+    return payload
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .output_folder import LOCK_NAME, STAGING_NAME, run_folder
 
 EXAMPLES = """examples:
   compressor compress                          # the embedded demo, no download
@@ -29,7 +30,6 @@ EXAMPLES = """examples:
   compressor bench runs/demo/model.onnx runs/demo/model.int8.onnx --batch-sizes 1 32
 """
 
-_ARTIFACTS = ("model.onnx", "model.int8.onnx", "report.json", "report.md", "report.html")
 
 # Shortcut flags: flag -> recipe key they set (``option`` = every stage that takes it).
 _OVERRIDES = {
@@ -268,7 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compressor: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("compressor: interrupted; finished stages' checkpoints are kept", file=sys.stderr)
+        where = getattr(args, "output", None)
+        kept = f" in {where}" if where is not None else ""
+        print(
+            f"compressor: interrupted; the finished stages are kept{kept}: rerun the same "
+            "command with --resume to continue from them",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -315,7 +321,7 @@ def _compress(args: argparse.Namespace) -> int:
     )
     check_model_fits_data(model, info)
     if args.resume and args.overwrite:
-        msg = "--resume continues the run in --output and --overwrite deletes it: pass one"
+        msg = "--resume continues the run in --output and --overwrite starts anew: pass one"
         raise UserError(msg)
     output = _check_output(args.output, args.overwrite, args.resume)
     epochs = args.baseline_epochs
@@ -328,41 +334,46 @@ def _compress(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     start = time.perf_counter()
-    trained = output / "checkpoints" / "00_baseline.pt"
-    if epochs and args.resume and trained.is_file():
-        # the baseline trained by the interrupted run (CUDA training is not bit-exact)
-        model, _ = load_checkpoint(trained, model)
-    elif epochs:
-        if progress:
-            print(
-                f"[compressor] baseline: training {args.model} for {epochs} epoch(s) on "
-                f"{info.train_samples} samples of {info.source}",
-                file=sys.stderr,
+    with run_folder(output, resume=args.resume) as folder:
+        trained = folder.staging / "checkpoints" / "00_baseline.pt"
+        if epochs and args.resume and trained.is_file():
+            # the baseline trained by the interrupted run (CUDA training is not bit-exact)
+            try:
+                model, _ = load_checkpoint(trained, model)
+            except UserError as exc:
+                print(f"[compressor] resume: {exc}; training it again", file=sys.stderr)
+                trained.unlink()
+        if epochs and not (args.resume and trained.is_file()):
+            if progress:
+                print(
+                    f"[compressor] baseline: training {args.model} for {epochs} epoch(s) on "
+                    f"{info.train_samples} samples of {info.source}",
+                    file=sys.stderr,
+                )
+            fit_baseline(
+                model,
+                train_loader,
+                epochs=epochs,
+                lr=args.baseline_lr,
+                device=args.device,
+                seed=args.seed,
+                progress=progress,
+                limit_train_batches=args.limit_train_batches,
             )
-        fit_baseline(
+            save_checkpoint(trained, model, step="baseline", stage={}, extra={"epochs": epochs})
+        result = pipeline.run(
             model,
             train_loader,
-            epochs=epochs,
-            lr=args.baseline_lr,
+            val_loader,
+            output_dir=output,
             device=args.device,
             seed=args.seed,
+            threads=args.threads,
             progress=progress,
             limit_train_batches=args.limit_train_batches,
+            throughput_batch=args.throughput_batch,
+            resume=args.resume,
         )
-        save_checkpoint(trained, model, step="baseline", stage={}, extra={"epochs": epochs})
-    result = pipeline.run(
-        model,
-        train_loader,
-        val_loader,
-        output_dir=output,
-        device=args.device,
-        seed=args.seed,
-        threads=args.threads,
-        progress=progress,
-        limit_train_batches=args.limit_train_batches,
-        throughput_batch=args.throughput_batch,
-        resume=args.resume,
-    )
     if args.json:
         document = {
             "output_dir": str(result.output_dir),
@@ -422,18 +433,15 @@ def _check_output(path: Path, overwrite: bool, resume: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         msg = f"--output {str(path)!r} is a file; give a folder"
         raise UserError(msg)
-    if path.is_dir() and any(path.iterdir()) and not resume:
-        if not overwrite:
-            msg = (
-                f"output folder {str(path)!r} is not empty; "
-                "pass --overwrite or choose another --output"
-            )
-            raise UserError(msg)
-        # Remove only what a run writes, so nothing else of the user's is lost.
-        for name in _ARTIFACTS:
-            (path / name).unlink(missing_ok=True)
-        for checkpoint in (path / "checkpoints").glob("[0-9][0-9]_*.pt"):
-            checkpoint.unlink()
+    ours = {LOCK_NAME, STAGING_NAME}
+    taken = path.is_dir() and any(p.name not in ours for p in path.iterdir())
+    if taken and not resume and not overwrite:
+        msg = (
+            f"output folder {str(path)!r} is not empty; "
+            "pass --overwrite (the old result is replaced when the new run has finished) "
+            "or choose another --output"
+        )
+        raise UserError(msg)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".compressor-write-test"

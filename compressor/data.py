@@ -53,6 +53,23 @@ class DataSpec:
             return limit
         return n if limit is None else min(n, limit)
 
+    def reseed(self, seed: int) -> None:
+        """Start the data order afresh from ``seed``.
+
+        A DataLoader that shuffles with its own generator draws its order from it, so a
+        stage's order would depend on what ran before it; the pipeline reseeds it (and
+        torch's global generator) at every stage, so a resumed run sees the same data in
+        the same order as an uninterrupted one.
+        """
+        sampler = getattr(self.batches, "sampler", None)
+        generators = {
+            id(g): g
+            for g in (getattr(self.batches, "generator", None), getattr(sampler, "generator", None))
+        }
+        for generator in generators.values():
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(seed)
+
     def example_input(self) -> torch.Tensor:
         """The first sample's input, with a batch axis of 1, on the CPU."""
         for batch in self.batches:

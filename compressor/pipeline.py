@@ -33,6 +33,7 @@ from .measure import (
     sample_batch,
     top1,
 )
+from .output_folder import REPORT_FILES, run_folder
 from .recipe import load_recipe, recipe_to_dict, stages_from_recipe
 from .report import Report, Row
 from .stage import Stage
@@ -203,19 +204,42 @@ class Pipeline:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module (got: {type(model).__name__})"
             raise UserError(msg)
-        ctx = RunContext(
-            train_data=as_data_spec(train_data, "train_data"),
-            eval_data=as_data_spec(eval_data, "eval_data"),
-            output_dir=_prepare_output_dir(output_dir),
-            loss_fn=loss_fn or _cross_entropy,
-            eval_fn=eval_fn or top1,
-            device=resolve_device(device),
-            seed=seed,
-            threads=threads or default_threads(),
-            progress=progress,
-            limit_train_batches=limit_train_batches,
-            throughput_batches=_batch_sizes(throughput_batch),
+        with run_folder(output_dir, resume=resume) as folder:
+            ctx = RunContext(
+                train_data=as_data_spec(train_data, "train_data"),
+                eval_data=as_data_spec(eval_data, "eval_data"),
+                output_dir=folder.staging,
+                loss_fn=loss_fn or _cross_entropy,
+                eval_fn=eval_fn or top1,
+                device=resolve_device(device),
+                seed=_check_seed(seed),
+                threads=_check_threads(threads),
+                progress=progress,
+                limit_train_batches=limit_train_batches,
+                throughput_batches=_batch_sizes(throughput_batch),
+            )
+            state = self._run_stages(model, ctx, resume)
+            report = Report(
+                rows=list(state.rows),
+                environment=environment(ctx.threads),
+                parity=_final_parity(state, ctx),
+            )
+            report.save(ctx.output_dir)
+            checkpoints = [
+                _checkpoint_path(ctx, i, step).relative_to(ctx.output_dir).as_posix()
+                for i, step in enumerate(self.step_names())
+            ]
+            files = ["model.onnx", *REPORT_FILES, *checkpoints]
+            folder.promote(files + ([state.onnx_path.name] if state.onnx_path else []))
+        onnx_path = folder.output / state.onnx_path.name if state.onnx_path else None
+        ctx.log(f"done: {folder.output}")
+        return PipelineResult(
+            model=state.model, onnx_path=onnx_path, report=report, output_dir=folder.output
         )
+
+    def _run_stages(self, model: nn.Module, ctx: RunContext, resume: bool) -> State:
+        """Run the stages (after those a resumed run finished), checkpointing each."""
+        _check_weights(model)
         fingerprint = model_fingerprint(model)
         settings = _resume_settings(ctx)
         done, state = self._resume(model, ctx, fingerprint, settings) if resume else (0, None)
@@ -226,6 +250,8 @@ class Pipeline:
                 continue
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
             step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(self.stages[index + 1 :]))
+            torch.manual_seed(ctx.seed)  # each stage starts from the seed: resume is exact
+            ctx.train_data.reseed(ctx.seed)
             start = time.perf_counter()
             state = stage.apply(state.replace(details={}), step_ctx)
             stage_s = time.perf_counter() - start
@@ -244,16 +270,7 @@ class Pipeline:
                     "settings": settings,
                 },
             )
-        report = Report(
-            rows=list(state.rows),
-            environment=environment(ctx.threads),
-            parity=_final_parity(state, ctx),
-        )
-        report.save(ctx.output_dir)
-        ctx.log(f"done: {ctx.output_dir}")
-        return PipelineResult(
-            model=state.model, onnx_path=state.onnx_path, report=report, output_dir=ctx.output_dir
-        )
+        return state
 
     def _resume(
         self, model: nn.Module, ctx: RunContext, fingerprint: str, settings: dict[str, Any]
@@ -268,24 +285,28 @@ class Pipeline:
             candidate = _checkpoint_path(ctx, index, step)
             if not candidate.is_file():
                 break
-            found = read_checkpoint(candidate)
+            try:
+                found = read_checkpoint(candidate)
+            except UserError as exc:  # truncated or not a checkpoint: that stage runs again
+                ctx.log(f"resume: {exc}; that stage runs again")
+                break
             extra = found.get("extra", {})
             onnx = extra.get("onnx_path")
             if found.get("stage") != {stage.name: stage.to_dict()} or (
                 onnx and not (ctx.output_dir / onnx).is_file()
             ):
                 break
-            if extra.get("model_fingerprint") != fingerprint:
-                msg = (
-                    f"cannot resume from {candidate}: it was made from another model (or other "
-                    "weights); run without resume, or with another output folder"
-                )
-                raise UserError(msg)
             if extra.get("settings") != settings:
                 msg = (
                     f"cannot resume from {candidate}: it was made with other settings "
                     f"({_differences(extra.get('settings') or {}, settings)}); run without "
                     "resume, or with those settings"
+                )
+                raise UserError(msg)
+            if extra.get("model_fingerprint") != fingerprint:
+                msg = (
+                    f"cannot resume from {candidate}: it was made from another model (or other "
+                    "weights); run without resume, or with another output folder"
                 )
                 raise UserError(msg)
             done, payload, path = index + 1, found, candidate
@@ -457,11 +478,28 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _prepare_output_dir(output_dir: str | Path) -> Path:
-    path = Path(output_dir).expanduser()
-    try:
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"cannot create output folder {str(path)!r}: {exc.strerror or exc}"
-        raise UserError(msg) from exc
-    return path
+def _check_weights(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite weights: nothing after could mean anything."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            msg = (
+                f"the model's {name!r} holds NaN or infinite values; load weights from a run "
+                "that did not diverge"
+            )
+            raise ModelError(msg)
+
+
+def _check_threads(threads: Any) -> int:
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        msg = f"threads must be a positive int, or None for all cores (got: {threads!r})"
+        raise UserError(msg)
+    return threads
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        msg = f"seed must be an int >= 0 (got: {seed!r})"
+        raise UserError(msg)
+    return seed

@@ -161,7 +161,10 @@ def _read(path: Path, trust_pickle: bool, what: str) -> Any:
                 "the file. Pass --trust-pickle if you trust it, or save a state_dict instead"
             )
             raise UserError(msg) from exc
-        msg = f"cannot read {what} {str(path)!r}: {first_line(exc)}"
+        msg = (
+            f"cannot read {what} {str(path)!r}: it is not a file torch.save wrote, or it is "
+            f"truncated ({first_line(exc)})"
+        )
         raise UserError(msg) from exc
 
 

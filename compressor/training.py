@@ -72,6 +72,7 @@ def train(
     data = ctx.train_data
     device = ctx.device
     torch.manual_seed(ctx.seed)
+    data.reseed(ctx.seed)
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     per_epoch = data.num_batches(ctx.limit_train_batches)

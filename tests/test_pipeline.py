@@ -126,7 +126,9 @@ def test_resume_continues_after_the_last_finished_stage(
     run = {"output_dir": tmp_path, "progress": False, "threads": 1, "throughput_batch": 8}
     with pytest.raises(KeyboardInterrupt):
         cz.Pipeline([prune, distill, Interrupted()]).run(trained_resnet, *data, **run)
-    finished = tmp_path / "checkpoints" / "02_distillation.pt"
+    # an unfinished run keeps its checkpoints in the staging folder, and publishes nothing
+    assert not (tmp_path / "model.onnx").exists()
+    finished = tmp_path / ".compressor-run" / "checkpoints" / "02_distillation.pt"
     distilled, _ = load_checkpoint(finished, trained_resnet)
 
     full = cz.Pipeline([prune, distill, cz.Int8Quantization(calibration_samples=32)])
@@ -146,6 +148,8 @@ def test_resume_continues_after_the_last_finished_stage(
     ]
     assert result.onnx_path == tmp_path / "model.int8.onnx"
     assert json.loads((tmp_path / "report.json").read_text())["rows"][-1]["precision"] == "int8"
+    assert not (tmp_path / ".compressor-run").exists()
+    assert (tmp_path / "checkpoints" / "02_distillation.pt").is_file()
 
     # changed options run again from that stage on; the stages before it do not
     again = cz.Pipeline([prune, cz.Distillation(epochs=1, lr=0.05)])
@@ -153,6 +157,8 @@ def test_resume_continues_after_the_last_finished_stage(
         m.setattr(cz.StructuredPruning, "apply", _not_again)
         result = again.run(trained_resnet, *data, resume=True, **run)
     assert not torch.equal(result.model(x), distilled(x))
+    assert not (tmp_path / "model.int8.onnx").exists()  # the new result has no INT8 file
+    assert not (tmp_path / "checkpoints" / "03_int8_quantization.pt").exists()
 
 
 def test_resume_refuses_another_model_or_other_settings(trained_resnet, data, tmp_path):

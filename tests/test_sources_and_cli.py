@@ -162,11 +162,13 @@ def test_compress_ctrl_c_keeps_finished_checkpoints(fashion_root, tmp_path, caps
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stages: [structured_pruning, distillation]\n")
     assert main([*argv, "--recipe", str(recipe)]) == 130
-    assert "interrupted; finished stages' checkpoints are kept" in capsys.readouterr().err
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["01_structured_pruning.pt"]
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    staged = out / ".compressor-run" / "checkpoints"
+    assert [p.name for p in staged.iterdir()] == ["01_structured_pruning.pt"]
+    assert not (out / "checkpoints").exists()  # nothing published by an unfinished run
 
     # --resume goes on after the finished pruning stage (a recipe that no longer trains)
-    pruned = torch.load(out / "checkpoints" / "01_structured_pruning.pt", weights_only=True)
+    pruned = torch.load(staged / "01_structured_pruning.pt", weights_only=True)
     recipe.write_text("stages: [structured_pruning, int8_quantization]\n")
     assert main([*argv, "--recipe", str(recipe), "--resume", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
