@@ -264,7 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        text = str(exc)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: its own message
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        message = " ".join(text.split())  # one line, whatever the message holds
         print(f"compressor: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

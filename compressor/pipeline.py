@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
 from .data import DataSpec, as_data_spec
-from .errors import ModelError, RecipeError, UserError
+from .errors import DataError, ModelError, RecipeError, UserError
 from .export import export_onnx
 from .layers import call_naming_layer
 from .measure import (
@@ -329,12 +329,16 @@ class Pipeline:
         example = ctx.train_data.example_input()
         student = copy.deepcopy(model).cpu().eval()
         try:
-            call_naming_layer(student, lambda: student(example), "a forward pass on the data")
+            with torch.no_grad():
+                out = call_naming_layer(
+                    student, lambda: student(example), "a forward pass on the data"
+                )
         except ModelError:
             raise
         except Exception as exc:
             msg = f"the model cannot run on the data (input shape {tuple(example.shape)}): {exc}"
             raise ModelError(msg) from exc
+        _check_outputs(out, ctx)
         teacher = copy.deepcopy(student).requires_grad_(False)
         ctx.log("baseline: exporting model.onnx and measuring it in torch and ONNX Runtime")
         start = time.perf_counter()
@@ -503,3 +507,35 @@ def _check_seed(seed: Any) -> int:
         msg = f"seed must be an int >= 0 (got: {seed!r})"
         raise UserError(msg)
     return seed
+
+
+def _check_outputs(out: Any, ctx: RunContext) -> None:
+    """The model gives one tensor; both data sets have batches whose class targets fit it."""
+    if not isinstance(out, torch.Tensor):
+        keys = f" with keys {list(out)[:5]}" if isinstance(out, Mapping) else ""
+        msg = (
+            f"the model's forward returns a {type(out).__name__}{keys}; compressor compares, "
+            "distils and exports one output tensor: wrap the model so that forward returns "
+            "it (e.g. its logits)"
+        )
+        raise ModelError(msg)
+    for what, data in (("train_data", ctx.train_data), ("eval_data", ctx.eval_data)):
+        batch = next(data.iter_batches(1), None)
+        if batch is None:
+            raise DataError(f"{what} is empty: its first pass yielded no batch")
+        targets = data.target_fn(batch)
+        if (
+            out.dim() == 2
+            and isinstance(targets, torch.Tensor)
+            and targets.dim() == 1
+            and targets.numel()
+            and not targets.is_floating_point()
+        ):
+            classes, low, high = out.shape[1], int(targets.min()), int(targets.max())
+            if low < 0 or high >= classes:
+                msg = (
+                    f"{what} has class {high if high >= classes else low}, but the model has "
+                    f"{classes} outputs (classes 0..{classes - 1}): give the model as many "
+                    "outputs as the data has classes"
+                )
+                raise DataError(msg)

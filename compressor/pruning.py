@@ -233,6 +233,8 @@ def prune(
         out_before = model(example_input)
     heads_before = [info.heads for _n, _m, _a, info in attention_blocks(model)]
     plan, pruner, ignored_names = make_plan(model, example_input, options)
+    if options.ratio > 0 and plan.removed_channels == 0:
+        raise RecipeError(f"structured_pruning: {_nothing_removed(plan, options)}")
 
     def step() -> list[PlannedGroup]:
         failed = apply_checked(model, example_input, plan, pruner)
@@ -269,6 +271,10 @@ def prune(
             **_size_change(model, example_input, params_before, macs_before),
         }
     }
+    shortfall = _shortfall(plan, options, failed)
+    if shortfall:
+        warnings.warn(f"structured_pruning: {shortfall}", stacklevel=2)
+        details["notes"] = [shortfall]
     if failed:
         names = ", ".join(g.root for g in failed[:3]) + (", ..." if len(failed) > 3 else "")
         note = (
@@ -277,8 +283,57 @@ def prune(
             f"mapping through a reshape, shuffle or split does not hold for this model)"
         )
         warnings.warn(f"structured_pruning: {note}", stacklevel=2)
-        details["notes"] = [note]
+        details.setdefault("notes", []).append(note)
     return model, details
+
+
+def _nothing_removed(plan: PruningPlan, options: StructuredPruning) -> str:
+    """Why a plan with ``ratio`` > 0 removes no channel, and what to change."""
+    rounding = plan.allocation.round_to
+    if plan.too_narrow and not plan.groups_seen:
+        names = ", ".join(plan.too_narrow[:3]) + (", ..." if len(plan.too_narrow) > 3 else "")
+        return (
+            f"ratio {options.ratio} removes no channel: every layer pruning may touch "
+            f"({names}) is no wider than round_to={rounding}; lower round_to"
+        )
+    if not plan.groups_seen:
+        return (
+            f"ratio {options.ratio} removes no channel: the model has no channel group "
+            "pruning may touch (every layer is ignored, left whole by an adapter, or the head)"
+        )
+    return (
+        f"ratio {options.ratio} with round_to={rounding} removes no channel: no layer can "
+        f"lose a multiple of round_to channels within its share (at most "
+        f"{plan.allocation.cap:.0%}); raise ratio or lower round_to"
+    )
+
+
+def _shortfall(plan: PruningPlan, options: StructuredPruning, failed: list[PlannedGroup]) -> str:
+    """A sentence when pruning removed clearly less than ``ratio`` asked (and why), or ''."""
+    if not plan.prunable_channels:
+        return ""
+    removed = (plan.removed_channels - sum(len(g.remove) for g in failed)) / (
+        plan.prunable_channels
+    )
+    if removed >= 0.8 * options.ratio:
+        return ""
+    why = []
+    narrow = plan.too_narrow
+    if narrow:
+        why.append(
+            f"{len(narrow)} layers no wider than round_to={plan.allocation.round_to} were "
+            f"left whole ({', '.join(narrow[:3])}{', ...' if len(narrow) > 3 else ''})"
+        )
+    if plan.kept_at_round_to:
+        why.append(f"{len(plan.kept_at_round_to)} layers stopped at round_to channels")
+    if failed:
+        why.append(f"{len(failed)} groups failed the check and were left whole")
+    if options.global_pruning:
+        why.append(f"no group may lose more than max_layer_ratio {plan.allocation.cap:.2f}")
+    return (
+        f"removed {removed:.0%} of the prunable channels where ratio asked {options.ratio:.0%}: "
+        + "; ".join(why)
+    )
 
 
 def _counts(names: dict[str, str]) -> dict[str, int]:

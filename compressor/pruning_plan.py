@@ -134,6 +134,7 @@ class PruningPlan:
     left_whole: list[str]
     kept_at_round_to: list[str]
     groups_seen: list[PlannedGroup] = field(default_factory=list)
+    too_narrow: list[str] = field(default_factory=list)
 
     @property
     def prunable_channels(self) -> int:
@@ -325,6 +326,7 @@ def plan_pruning(
         left_whole=left_whole + [n for n in unmapped if n not in left_whole],
         kept_at_round_to=kept_at_round_to,
         groups_seen=[g for g in groups if not g.whole],
+        too_narrow=left_whole,
     )
     return plan, pruner
 

@@ -403,10 +403,13 @@ def _imagefolder_sets(root, options, size, channels, mean, std):
 
     def folder(path: Path, train: bool) -> datasets.ImageFolder:
         try:
-            return datasets.ImageFolder(str(path), transform=transform(train))
+            found = datasets.ImageFolder(str(path), transform=transform(train), loader=load_image)
         except (FileNotFoundError, RuntimeError) as exc:
             msg = f"image folder {str(path)!r}: {first_line(exc)} (expected one folder per class)"
             raise DataError(msg) from exc
+        if train:  # the val set is the same files or checked as "val" below
+            check_images([p for p, _ in found.samples])
+        return found
 
     if (root / "train").is_dir() and (root / "val").is_dir():
         train, val = folder(root / "train", True), folder(root / "val", False)
@@ -426,6 +429,49 @@ def _imagefolder_sets(root, options, size, channels, mean, std):
         Subset(full_val, order[:n_val].tolist()),
         len(full_train.classes),
     )
+
+
+SCAN_LIMIT = 200_000
+"""Image folders up to this many files are checked for truncated files before training."""
+
+
+def load_image(path: str) -> Any:
+    """An image as RGB, decoded now; a file that cannot be read is a `DataError` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:
+        msg = f"image {path!r} cannot be read ({first_line(exc)}); remove or replace it"
+        raise DataError(msg) from exc
+
+
+def check_images(paths: list[str]) -> None:
+    """Find truncated JPEG and PNG files before training, where that is cheap.
+
+    Reads the last bytes of each file (a JPEG ends with its EOI marker, a PNG with its IEND
+    chunk); only a file that does not is decoded whole, so valid files with trailing bytes
+    pass. Folders of more than `SCAN_LIMIT` files are not scanned: a bad file is then
+    named when training reaches it.
+    """
+    if len(paths) > SCAN_LIMIT:
+        return
+    endings = {(".jpg", ".jpeg"): b"\xff\xd9", (".png",): b"IEND\xaeB`\x82"}
+    for path in paths:
+        suffix = Path(path).suffix.lower()
+        ending = next((e for names, e in endings.items() if suffix in names), None)
+        if ending is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 64))
+                tail = f.read()
+        except OSError as exc:
+            msg = f"image {path!r} cannot be read ({exc.strerror or exc})"
+            raise DataError(msg) from exc
+        if ending not in tail:
+            load_image(path).load()
 
 
 class _Mapped(Dataset):

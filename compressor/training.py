@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .errors import DataError, UserError
+from .errors import DataError, UserError, first_line
 
 if TYPE_CHECKING:
     from .data import DataSpec
@@ -104,7 +104,14 @@ def train(
                 targets = _to_device(data.target_fn(batch), device)
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
-                loss = compute_loss(model, inputs, targets)
+                try:
+                    loss = compute_loss(model, inputs, targets)
+                except IndexError as exc:  # cross-entropy on a class the model lacks
+                    msg = (
+                        f"{desc}: a training batch has targets the model's outputs cannot "
+                        f"take ({first_line(exc)}); give the model one output per class"
+                    )
+                    raise DataError(msg) from exc
                 if isinstance(loss, tuple):
                     loss, logits = loss
                     hits = _correct(logits, targets)
