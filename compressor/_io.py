@@ -65,15 +65,17 @@ def umask() -> int:
 def _is_no_space(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _NO_SPACE
-    text = str(exc)  # torch.save reports a failed write as a RuntimeError
-    return "write failed" in text or "No space left" in text or "File too large" in text
+    text = str(exc)  # torch.save reports a failed write as a RuntimeError of its zip writer
+    return any(k in text for k in ("write failed", "No space left", "inline_container"))
 
 
 def _write_error(path: Path, exc: BaseException) -> UserError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
     reason = reason.splitlines()[0] if reason else type(exc).__name__
-    if _is_no_space(exc):
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
         reason = f"the disk is full or a size limit was reached ({reason})"
+    elif _is_no_space(exc):
+        reason = f"writing failed: the disk may be full or a size limit reached ({reason})"
     return UserError(
         f"cannot write {str(path)!r}: {reason}; what was written before is kept (free space, "
         "then rerun; a pipeline run continues with --resume)"

@@ -137,6 +137,12 @@ class Pipeline:
         """Build a pipeline from a recipe mapping, a YAML recipe file or a preset name."""
         if isinstance(recipe, Mapping):
             return cls(stages_from_recipe(recipe))
+        if not isinstance(recipe, (str, Path)):
+            msg = (
+                "a recipe is a mapping with a 'stages' list, a YAML file or a preset name "
+                f"(got: {recipe!r})"
+            )
+            raise RecipeError(msg)
         return cls(load_recipe(recipe))
 
     def to_recipe(self) -> dict[str, Any]:

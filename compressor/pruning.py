@@ -95,7 +95,9 @@ class StructuredPruning(Stage):
             self.name, "ratio", self.ratio, low=0.0, high=1.0, low_open=True, high_open=True
         )
         check_choice(self.name, "importance", self.importance, IMPORTANCES)
-        if isinstance(self.ignored_layers, str) or not all(
+        if self.ignored_layers is None:  # YAML's "ignored_layers:" with nothing after it
+            object.__setattr__(self, "ignored_layers", ())
+        if not isinstance(self.ignored_layers, (list, tuple)) or not all(
             isinstance(n, str) for n in self.ignored_layers
         ):
             msg = (
@@ -325,7 +327,8 @@ def _shortfall(plan: PruningPlan, options: StructuredPruning, failed: list[Plann
             f"left whole ({', '.join(narrow[:3])}{', ...' if len(narrow) > 3 else ''})"
         )
     if plan.kept_at_round_to:
-        why.append(f"{len(plan.kept_at_round_to)} layers stopped at round_to channels")
+        rounding = plan.allocation.round_to
+        why.append(f"{len(plan.kept_at_round_to)} layers stopped at round_to={rounding} channels")
     if failed:
         why.append(f"{len(failed)} groups failed the check and were left whole")
     if options.global_pruning:

@@ -152,6 +152,11 @@ def _read(path: Path, trust_pickle: bool, what: str) -> Any:
     if not path.is_file():
         msg = f"{what} {str(path)!r} does not exist"
         raise UserError(msg)
+    with path.open("rb") as f:
+        head = f.read(2)
+    if not (head == b"PK" or head[:1] == b"\x80"):  # a zip (torch.save) or a pickle
+        msg = f"{what} {str(path)!r} is not a file torch.save wrote (it starts with {head!r})"
+        raise UserError(msg)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:
