@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-_NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _umask: int | None = None
 _umask_lock = threading.Lock()
 
@@ -64,7 +64,7 @@ def umask() -> int:
 
 def _is_no_space(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
-        return exc.errno in _NO_SPACE
+        return exc.errno in NO_SPACE
     text = str(exc)  # torch.save reports a failed write as a RuntimeError of its zip writer
     return any(k in text for k in ("write failed", "No space left", "inline_container"))
 
@@ -72,7 +72,7 @@ def _is_no_space(exc: BaseException) -> bool:
 def _write_error(path: Path, exc: BaseException) -> UserError:
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
     reason = reason.splitlines()[0] if reason else type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
         reason = f"the disk is full or a size limit was reached ({reason})"
     elif _is_no_space(exc):
         reason = f"writing failed: the disk may be full or a size limit reached ({reason})"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._io import NO_SPACE
 from .errors import UserError
 from .output_folder import LOCK_NAME, STAGING_NAME, run_folder
 
@@ -168,7 +169,9 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         help="output folder (default: runs/demo)",
     )
     out.add_argument(
-        "--overwrite", action="store_true", help="write into a non-empty output folder"
+        "--overwrite",
+        action="store_true",
+        help="replace the result in a non-empty output folder once the new run has finished",
     )
     out.add_argument(
         "--resume",
@@ -269,6 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = text.strip().splitlines()[-1].split(": ", 1)[-1]
         message = " ".join(text.split())  # one line, whatever the message holds
         print(f"compressor: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        print(
+            f"compressor: error: {exc.strerror} ({exc.filename or 'a temporary file'}): free "
+            "space and rerun; a pipeline run continues with --resume",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         where = getattr(args, "output", None)

@@ -310,6 +310,10 @@ def _nothing_removed(plan: PruningPlan, options: StructuredPruning) -> str:
     )
 
 
+SHORTFALL = 0.05
+"""Pruning that removes this much less than ``ratio`` (a share of the channels) says why."""
+
+
 def _shortfall(plan: PruningPlan, options: StructuredPruning, failed: list[PlannedGroup]) -> str:
     """A sentence when pruning removed clearly less than ``ratio`` asked (and why), or ''."""
     if not plan.prunable_channels:
@@ -317,7 +321,7 @@ def _shortfall(plan: PruningPlan, options: StructuredPruning, failed: list[Plann
     removed = (plan.removed_channels - sum(len(g.remove) for g in failed)) / (
         plan.prunable_channels
     )
-    if removed >= 0.8 * options.ratio:
+    if removed >= options.ratio - SHORTFALL:
         return ""
     why = []
     narrow = plan.too_narrow
