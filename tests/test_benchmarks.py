@@ -114,4 +114,6 @@ def test_vit_heads_script(tmp_path):
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"] if "seed" not in r}
     assert (rows["whole"]["heads"], rows["whole"]["head_dim"]) == (8, 64)
     assert (rows["dims"]["heads"], rows["mixing"]["heads"]) == (12, 12)
+    # restructured: the residual width is chosen apart from the heads; tied: 8 heads of 64
+    assert rows["whole"]["hidden_dim"] != rows["whole_tied"]["hidden_dim"] == 512
     assert all(0 < r["macs_ratio"] < 0.6 for r in rows.values())
