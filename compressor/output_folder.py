@@ -37,7 +37,6 @@ class RunFolder:
     def __init__(self, output: Path) -> None:
         self.output = output
         self.staging = output / STAGING_NAME
-        self.depth = 0
         self._lock: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -117,11 +116,7 @@ def run_folder(output: str | Path, *, resume: bool = False) -> Iterator[RunFolde
     path = _absolute(output)
     held = _HELD.get(path)
     if held is not None:
-        held.depth += 1
-        try:
-            yield held
-        finally:
-            held.depth -= 1
+        yield held
         return
     folder = RunFolder(path)
     try:
@@ -139,7 +134,7 @@ def run_folder(output: str | Path, *, resume: bool = False) -> Iterator[RunFolde
 
 
 def _absolute(output: str | Path) -> Path:
-    if output is None or not isinstance(output, (str, os.PathLike)) or not str(output):
+    if not isinstance(output, (str, os.PathLike)) or not str(output):
         msg = f"output_dir must be a folder path (got: {output!r})"
         raise UserError(msg)
     path = Path(output).expanduser().absolute()
