@@ -197,7 +197,8 @@ def check_model(
             if latency:
                 step = "latency"
                 files = [out / "model.onnx", int8]
-                fp32, int8 = (r.latency_ms["p50"] for r in bench(files, batch_sizes=[1]).rows)
+                measured = bench(files, batch_sizes=[1], runtimes=["onnxruntime"])
+                fp32, int8 = (r.latency_ms["p50"] for r in measured.rows)
                 row.update(fp32_ms=fp32, int8_ms=int8, speedup=round(fp32 / int8, 3))
         agreement = row["int8_vs_fp32"]
         short = [k for k, bar in AGREEMENT.items() if agreement[k] < bar]

@@ -17,6 +17,7 @@ from .data import DataSpec
 from .errors import UserError, first_line
 from .measure import default_threads, environment, measure_onnx, ort_session
 from .report import Report, Row
+from .runtimes import check_runtimes
 
 _INT8_OPS = ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 
@@ -27,22 +28,26 @@ def bench(
     batch_sizes: Sequence[int] = (1, 32),
     threads: int | None = None,
     input_shape: Sequence[int] | None = None,
+    runtimes: Sequence[str] | None = None,
 ) -> Report:
-    """A report with one row per ONNX file, measured side by side in one process.
+    """A report with one row per ONNX file and runtime, measured side by side in one process.
 
     Args:
         paths: ONNX files with one float input.
         batch_sizes: latency (p50/p95) is measured at the first, throughput at the others
             (at the first too when it is the only one).
-        threads: ONNX Runtime intra-op threads (default: all cores).
+        threads: the runtimes' intra-op threads (default: all cores).
         input_shape: the input's shape without the batch axis, for models that leave it
             dynamic (e.g. ``[3, 224, 224]``).
+        runtimes: from ``("onnxruntime", "openvino")`` (default: every one installed);
+            ONNX Runtime always measures.
     """
     sizes = [int(b) for b in batch_sizes]
     if not sizes or min(sizes) < 1:
         msg = f"batch sizes must be >= 1 (got: {list(batch_sizes)})"
         raise UserError(msg)
     threads = threads or default_threads()
+    chosen = check_runtimes(runtimes)
     rows: list[Row] = []
     for path in paths:
         path = Path(path)
@@ -51,20 +56,22 @@ def bench(
         inputs = torch.randn((max(sizes), *shape), generator=generator)
         data = DataSpec([(inputs, None)])
         params, precision = _params_and_precision(path)
-        row = measure_onnx(
-            path,
-            name=path.stem if path.suffix == ".onnx" else path.name,
-            precision=precision,
-            data=data,
-            eval_fn=None,
-            params=params,
-            macs=None,
-            threads=threads,
-            throughput_batches=sizes[1:] or sizes,
-            latency_batch=sizes[0],
-            details={"file": str(path), "input_shape": list(shape)},
-        )
-        rows.append(row)
+        for runtime in chosen:
+            row = measure_onnx(
+                path,
+                name=path.stem if path.suffix == ".onnx" else path.name,
+                precision=precision,
+                data=data,
+                eval_fn=None,
+                params=params,
+                macs=None,
+                threads=threads,
+                throughput_batches=sizes[1:] or sizes,
+                latency_batch=sizes[0],
+                details={"file": str(path), "input_shape": list(shape)},
+                runtime=runtime,
+            )
+            rows.append(row)
     return Report(rows=rows, environment=environment(threads))
 
 
@@ -122,8 +129,15 @@ def _params_and_precision(path: Path) -> tuple[int, str]:
 
 
 def bench_summary(report: Report) -> dict[str, Any]:
-    """Each file's p50 latency relative to the first file's (side-by-side speedups)."""
+    """Each row's p50 latency relative to the first row's (side-by-side speedups).
+
+    Keys are the file names, with the runtime added when more than one measured.
+    """
     if not report.rows:
         return {}
     first = report.rows[0].latency_ms["p50"]
-    return {r.name: round(first / r.latency_ms["p50"], 3) for r in report.rows}
+    several = len({r.runtime for r in report.rows}) > 1
+    return {
+        (f"{r.name} ({r.runtime})" if several else r.name): round(first / r.latency_ms["p50"], 3)
+        for r in report.rows
+    }

@@ -37,7 +37,7 @@ def diagnose(
     final = rows[-1] if rows else None
     if final is not None and base_torch is not None and final is not base_onnx:
         quant = _quantization(rows)
-        slow = _speed_problems(final, base_onnx, quant)
+        slow = _speed_problems(final, base_onnx, quant) + _other_runtime_problems(rows, final)
         problems += slow
         if slow:
             causes += _speed_causes(quant, environment)
@@ -79,6 +79,22 @@ def _speed_problems(final: Row, base_onnx: Row | None, quant: dict[str, Any]) ->
             f"INT8 quantization made the model slower: {speedup:.2f}x of the same model's FP32 "
             "ONNX speed at batch 1."
         )
+    return problems
+
+
+def _other_runtime_problems(rows: Sequence[Row], final: Row) -> list[str]:
+    """The final file not faster than model.onnx in a runtime besides the final row's own."""
+    problems = []
+    for row in rows:
+        if row.name != final.name or row.runtime in (final.runtime, "torch"):
+            continue
+        base = find_row(rows, "baseline", row.runtime)
+        p50, base_p50 = row.latency_ms.get("p50"), base.latency_ms.get("p50") if base else None
+        if p50 and base_p50 and p50 >= base_p50:
+            problems.append(
+                f"In {row.runtime}, the final model ({final.name}) is not faster than the FP32 "
+                f"baseline: {p50:.3f} ms vs {base_p50:.3f} ms p50 at batch 1."
+            )
     return problems
 
 

@@ -1,14 +1,15 @@
-"""Every measurement the report holds, taken the same way for torch and ONNX Runtime.
+"""Every measurement the report holds, taken the same way in torch and every ONNX runtime.
 
-Accuracy runs the eval data through a ``predict`` callable (a torch module or an ONNX
-Runtime session behind the same signature); latency and throughput time that same
-callable with warm-up, a fixed thread count and medians.
+Accuracy runs the eval data through a ``predict`` callable (a torch module, an ONNX
+Runtime session or an OpenVINO compiled model behind the same signature); latency and
+throughput time that same callable with warm-up, a fixed thread count and medians.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import io
 import os
@@ -26,7 +27,9 @@ import torch
 from torch import nn
 
 from .data import DataSpec
+from .errors import UserError
 from .report import Row
+from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 EvalFn = Callable[[Predict, DataSpec], float]
@@ -77,11 +80,7 @@ def ort_session(path: str | Path, threads: int, optimized_path: str | Path | Non
     """An ONNX Runtime CPU session with all graph optimisations and fixed threads."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = ort_options(threads)
     options.log_severity_level = 3
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
@@ -97,6 +96,41 @@ def ort_predictor(session: Any) -> Predict:
         return torch.from_numpy(session.run(None, {name: array})[0])
 
     return predict
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    import openvino
+
+    return openvino.Core()
+
+
+def openvino_model(path: str | Path, threads: int) -> Any:
+    """The ONNX file compiled by OpenVINO for the CPU with `openvino_settings`."""
+    return _openvino_core().compile_model(str(path), "CPU", openvino_settings(threads))
+
+
+def openvino_predictor(compiled: Any) -> Predict:
+    """``predict`` for an OpenVINO compiled model with one input; returns the first output."""
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
+        array = inputs.detach().cpu().numpy().astype(np.float32, copy=False)
+        result = request.infer({0: array}, share_inputs=True)
+        return torch.from_numpy(np.array(result[output]))
+
+    return predict
+
+
+def onnx_predictor(path: str | Path, threads: int, runtime: str = "onnxruntime") -> Predict:
+    """``predict`` for an ONNX file in ``runtime`` (one of `ONNX_RUNTIMES`)."""
+    if runtime == "onnxruntime":
+        return ort_predictor(ort_session(path, threads))
+    if runtime == "openvino":
+        return openvino_predictor(openvino_model(path, threads))
+    msg = f"unknown runtime {runtime!r}; allowed: {', '.join(ONNX_RUNTIMES)}"
+    raise UserError(msg)
 
 
 @dataclass(frozen=True)
@@ -317,21 +351,22 @@ def measure_onnx(
     throughput_batches: Sequence[int] = (32,),
     latency_batch: int = 1,
     details: dict[str, Any] | None = None,
+    runtime: str = "onnxruntime",
 ) -> Row:
-    """Measure an ONNX file in ONNX Runtime: accuracy from running it, file size, latency.
+    """Measure an ONNX file in ``runtime``: accuracy from running it there, file size, latency.
 
     ``eval_fn=None`` leaves accuracy out (``compressor bench`` has no labelled data).
     """
     start = time.perf_counter()
     with PeakMemory() as memory:
-        predict = ort_predictor(ort_session(path, threads))
+        predict = onnx_predictor(path, threads, runtime)
         accuracy = float(eval_fn(predict, data)) if eval_fn else None
         timing = speed(
             predict, data, batch_size=latency_batch, throughput_batches=throughput_batches
         )
     return Row(
         name=name,
-        runtime="onnxruntime",
+        runtime=runtime,
         precision=precision,
         accuracy=accuracy,
         params=params,
@@ -425,6 +460,7 @@ def environment(threads: int) -> dict[str, Any]:
         "compressor": __version__,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        **runtime_versions(),
         "onnx": onnx.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

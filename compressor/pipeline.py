@@ -28,14 +28,14 @@ from .measure import (
     environment,
     measure_onnx,
     measure_torch,
-    ort_predictor,
-    ort_session,
+    onnx_predictor,
     sample_batch,
     top1,
 )
 from .output_folder import REPORT_FILES, run_folder
 from .recipe import load_recipe, recipe_to_dict, stages_from_recipe
 from .report import Report, Row
+from .runtimes import check_runtimes
 from .stage import Stage
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -85,6 +85,7 @@ class RunContext:
     progress: bool = True
     limit_train_batches: int | None = None
     throughput_batches: tuple[int, ...] = (32,)
+    runtimes: tuple[str, ...] = ("onnxruntime",)
     step: str = ""
     upcoming: tuple[Stage, ...] = ()
 
@@ -178,6 +179,7 @@ class Pipeline:
         limit_train_batches: int | None = None,
         throughput_batch: int | Sequence[int] = 32,
         resume: bool = False,
+        runtimes: Sequence[str] | None = None,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
 
@@ -200,6 +202,9 @@ class Pipeline:
             resume: continue from the checkpoints an earlier, interrupted run of this
                 pipeline left in ``output_dir``: the finished stages whose options are
                 unchanged are not run again. The model and settings must be the same.
+            runtimes: the ONNX runtimes that measure model.onnx and the final artifact, from
+                ``("onnxruntime", "openvino")``; ONNX Runtime always does. Default: every
+                one installed (OpenVINO with ``pip install 'compressor[openvino]'``).
 
         Returns:
             `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
@@ -210,6 +215,7 @@ class Pipeline:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module (got: {type(model).__name__})"
             raise UserError(msg)
+        chosen_runtimes = check_runtimes(runtimes)
         with run_folder(output_dir, resume=resume) as folder:
             ctx = RunContext(
                 train_data=as_data_spec(train_data, "train_data"),
@@ -223,8 +229,10 @@ class Pipeline:
                 progress=progress,
                 limit_train_batches=limit_train_batches,
                 throughput_batches=_batch_sizes(throughput_batch),
+                runtimes=chosen_runtimes,
             )
             state = self._run_stages(model, ctx, resume)
+            state = state.replace(rows=_other_runtime_rows(state, ctx))
             report = Report(
                 rows=list(state.rows),
                 environment=environment(ctx.threads),
@@ -364,7 +372,7 @@ class Pipeline:
             precision="fp32",
             params=torch_row.params,
             macs=torch_row.macs,
-            details={"parity": parity.to_dict()},
+            details={"file": "model.onnx", "parity": parity.to_dict()},
             **common,
         )
         onnx_row = dataclasses.replace(
@@ -389,7 +397,7 @@ class Pipeline:
                 precision=stage.precision,
                 params=params,
                 macs=macs,
-                details=state.details,
+                details={"file": state.onnx_path.name, **state.details},
                 **common,
             )
         return measure_torch(
@@ -401,14 +409,60 @@ class Pipeline:
         )
 
 
+def _other_runtime_rows(state: State, ctx: RunContext) -> tuple[Row, ...]:
+    """``state.rows`` with model.onnx and the final ONNX file also measured in other runtimes.
+
+    Each runtime besides ONNX Runtime adds a ``baseline`` row after the ONNX Runtime one and
+    a row of the final file just before the final row, so the last row stays the final
+    stage's own. Accuracy comes from running the file in that runtime; ``details.parity``
+    compares its outputs with model.onnx's in ONNX Runtime over the eval data.
+    """
+    rows = list(state.rows)
+    others = [r for r in ctx.runtimes if r != "onnxruntime"]
+    baseline = ctx.output_dir / "model.onnx"
+    if not others or not baseline.is_file():
+        return state.rows
+    base_index = next(
+        i for i, r in enumerate(rows) if r.name == "baseline" and r.runtime == "onnxruntime"
+    )
+    base_row = rows[base_index]
+    final_row = rows[-1]
+    final_file = state.onnx_path if final_row.runtime == "onnxruntime" else None
+    reference = onnx_predictor(baseline, ctx.threads)
+    before, after = [], []
+    for runtime in others:
+        targets = [(baseline, base_row, before)]
+        if final_file is not None and final_file != baseline:
+            targets.append((final_file, final_row, after))
+        for path, row, into in targets:
+            ctx.log(f"measuring {path.name} in {runtime}")
+            parity = compare_outputs(
+                reference, onnx_predictor(path, ctx.threads, runtime), ctx.eval_data
+            )
+            measured = measure_onnx(
+                path,
+                name=row.name,
+                precision=row.precision,
+                params=row.params,
+                macs=row.macs,
+                details={"file": path.name, "parity": parity},
+                runtime=runtime,
+                **ctx.measure_settings(),
+            )
+            into.append(measured)
+    rows[base_index + 1 : base_index + 1] = before
+    rows[-1:-1] = after
+    return tuple(rows)
+
+
 def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
     """The final ONNX file's outputs against the FP32 baseline file's over the eval data."""
     baseline = ctx.output_dir / "model.onnx"
     if state.onnx_path is None or state.onnx_path == baseline:
         return None
     ctx.log(f"comparing {state.onnx_path.name} with model.onnx over the eval data")
-    reference = ort_predictor(ort_session(baseline, ctx.threads))
-    candidate = ort_predictor(ort_session(state.onnx_path, ctx.threads))
+    reference = onnx_predictor(baseline, ctx.threads)
+    candidate = onnx_predictor(state.onnx_path, ctx.threads)
     try:
         parity = compare_outputs(reference, candidate, ctx.eval_data)
     except ValueError as exc:  # a stage changed the output shape; nothing to compare

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._io import write_text
 from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row
 from .errors import UserError, first_line
+from .runtimes import deployment_snippet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +56,7 @@ class Row:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def summarize(rows: list[Row]) -> dict[str, float | str | None]:
+def summarize(rows: list[Row]) -> dict[str, Any]:
     """Compare the final row with the baseline rows (see docs/report.md for each field)."""
     base_torch = find_row(rows, "baseline", "torch")
     base_onnx = find_row(rows, "baseline", "onnxruntime")
@@ -63,15 +64,14 @@ def summarize(rows: list[Row]) -> dict[str, float | str | None]:
     if final is None or base_torch is None:
         return {}
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 3) if a and b else None
-
     final_p50 = final.latency_ms.get("p50")
     return {
         "final": final.name,
-        "speedup_vs_torch": ratio(base_torch.latency_ms.get("p50"), final_p50),
-        "speedup_vs_onnx": ratio(base_onnx.latency_ms.get("p50"), final_p50) if base_onnx else None,
-        "size_ratio": ratio(
+        "speedup_vs_torch": _ratio(base_torch.latency_ms.get("p50"), final_p50),
+        "speedup_vs_onnx": (
+            _ratio(base_onnx.latency_ms.get("p50"), final_p50) if base_onnx else None
+        ),
+        "size_ratio": _ratio(
             (base_onnx or base_torch).size_bytes,
             final.size_bytes,
         ),
@@ -79,6 +79,45 @@ def summarize(rows: list[Row]) -> dict[str, float | str | None]:
             round(base_torch.accuracy - final.accuracy, 6)
             if final.accuracy is not None and base_torch.accuracy is not None
             else None
+        ),
+        **_runtime_summary(rows, final, base_torch),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def _runtime_summary(rows: list[Row], final: Row, base_torch: Row) -> dict[str, Any]:
+    """The final file in every runtime that ran it, the fastest, and its speedup.
+
+    ``runtimes`` maps each runtime that measured the final artifact to its p50 latency, its
+    speedup over the same runtime's FP32 baseline, and its accuracy; ``fastest_runtime``
+    is the one with the lowest p50, and ``speedup_vs_fastest_fp32`` that p50 against the
+    fastest FP32 baseline row in any runtime (torch included).
+    """
+    same_file = [r for r in rows if r.name == final.name and r.runtime != "torch"]
+    if final.runtime == "torch" or not same_file:
+        return {}
+    runtimes = {}
+    for row in same_file:
+        base = find_row(rows, "baseline", row.runtime)
+        runtimes[row.runtime] = {
+            "p50_ms": row.latency_ms.get("p50"),
+            "speedup_vs_fp32": _ratio(base.latency_ms.get("p50"), row.latency_ms.get("p50"))
+            if base
+            else None,
+            "accuracy": row.accuracy,
+        }
+    fastest = min(same_file, key=lambda r: r.latency_ms.get("p50") or float("inf"))
+    baselines = [r for r in rows if r.name == "baseline"] or [base_torch]
+    fastest_fp32 = min(baselines, key=lambda r: r.latency_ms.get("p50") or float("inf"))
+    return {
+        "runtimes": runtimes,
+        "fastest_runtime": fastest.runtime,
+        "fastest_fp32_runtime": fastest_fp32.runtime,
+        "speedup_vs_fastest_fp32": _ratio(
+            fastest_fp32.latency_ms.get("p50"), fastest.latency_ms.get("p50")
         ),
     }
 
@@ -102,6 +141,20 @@ class Report:
     environment: dict[str, Any]
     parity: dict[str, Any] | None = None
     accuracy_threshold: float = ACCURACY_THRESHOLD
+
+    def row(self, name: str, runtime: str | None = None) -> Row:
+        """The first row called ``name`` (measured in ``runtime``, when given).
+
+        Raises:
+            KeyError: no such row; the message lists the rows there are.
+        """
+        for r in self.rows:
+            if r.name == name and runtime in (None, r.runtime):
+                return r
+        msg = f"no row {name!r}{f' in {runtime}' if runtime else ''}; rows: " + ", ".join(
+            r.label for r in self.rows
+        )
+        raise KeyError(msg)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -218,6 +271,33 @@ class Report:
             + ("accuracy drop n/a." if drop is None else f"accuracy drop {drop * 100:+.2f} points.")
         )
 
+    def runtime_line(self) -> str | None:
+        """Which runtime runs the final file fastest, when more than one measured it."""
+        s = self.summary
+        runtimes = s.get("runtimes") or {}
+        if len(runtimes) < 2:
+            return None
+        each = ", ".join(
+            f"{name} {r['p50_ms']:.3f} ms ({_x(r['speedup_vs_fp32'])} over its FP32)"
+            for name, r in runtimes.items()
+        )
+        return (
+            f"The final file in each runtime (p50, batch 1): {each}. Fastest: "
+            f"{s['fastest_runtime']}, {_x(s['speedup_vs_fastest_fp32'])} faster than the "
+            f"fastest FP32 row ({s['fastest_fp32_runtime']})."
+        )
+
+    def deployment(self) -> tuple[str, str] | None:
+        """The recommended runtime for the final file and the lines that run it there."""
+        s = self.summary
+        runtime = s.get("fastest_runtime")
+        row = find_row(self.rows, s.get("final", ""), runtime or "")
+        file = row.details.get("file") if row else None
+        if not runtime or not file:
+            return None
+        threads = int(self.environment.get("threads") or 1)
+        return runtime, deployment_snippet(runtime, file, threads)
+
     def environment_line(self) -> str:
         """Where and with what the rows were measured, in one sentence."""
         env = self.environment
@@ -225,7 +305,8 @@ class Report:
             f"Measured on {env.get('cpu')} (INT8 instructions: "
             f"{env.get('int8_instructions', ', '.join(env.get('cpu_features', [])) or 'n/a')}), "
             f"{env.get('threads')} threads; torch {env.get('torch')}, "
-            f"onnxruntime {env.get('onnxruntime')}."
+            f"onnxruntime {env.get('onnxruntime')}"
+            + (f", openvino {env['openvino']}." if env.get("openvino") else ".")
         )
 
     def parity_line(self) -> str | None:
@@ -256,9 +337,14 @@ class Report:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         lines.append("")
-        for line in (self.summary_line(), self.parity_line()):
+        for line in (self.summary_line(), self.runtime_line(), self.parity_line()):
             if line:
                 lines += [line, ""]
+        deployment = self.deployment()
+        if deployment:
+            runtime, code = deployment
+            lines += [f"Deploy with {runtime} (the settings measured here):", ""]
+            lines += ["```python", code.rstrip("\n"), "```", ""]
         lines += [f"Note: {n}\n" for n in self.notes()]
         lines.append(self.environment_line())
         return "\n".join(lines) + "\n"

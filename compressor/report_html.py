@@ -27,9 +27,10 @@ tr.final td { font-weight: 600; background: #eef7ee; }
 .ok { border-left: 4px solid #1a7f37; background: #f1faf3; padding: 0.6rem 1rem; }
 .chart svg { max-width: 100%; height: auto; }
 .env td { text-align: left; }
+pre { background: #f6f8fa; padding: 0.6rem 1rem; overflow-x: auto; }
 """
 
-_COLORS = {"torch": "#4c72b0", "onnxruntime": "#dd8452"}
+_COLORS = {"torch": "#4c72b0", "onnxruntime": "#dd8452", "openvino": "#8172b3"}
 
 
 def render_html(report: Report) -> str:
@@ -46,9 +47,17 @@ def render_html(report: Report) -> str:
         "<h2>Comparison</h2>",
         _table_html(report),
     ]
-    for line in (report.summary_line(), report.parity_line()):
+    for line in (report.summary_line(), report.runtime_line(), report.parity_line()):
         if line:
             parts.append(f"<p>{e(line)}</p>")
+    deployment = report.deployment()
+    if deployment:
+        runtime, code = deployment
+        parts += [
+            f"<h2>Deploy with {e(runtime)}</h2>",
+            "<p>The settings measured here:</p>",
+            f'<pre id="deploy"><code>{e(code)}</code></pre>',
+        ]
     if report.rows:
         parts += [
             "<h2>Accuracy vs latency</h2>",

@@ -43,7 +43,13 @@ def test_all_four_stages_end_to_end(cls, data, tmp_path):
     before = copy.deepcopy(model.state_dict())
     params_before = [id(p) for p in model.parameters()]
     result = four_stages().run(
-        model, data[0], data[1], output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
+        model,
+        *data,
+        output_dir=tmp_path,
+        progress=False,
+        threads=1,
+        throughput_batch=8,
+        runtimes=["onnxruntime"],  # tests/test_runtimes.py adds OpenVINO's rows
     )
 
     # the user's model is untouched
@@ -138,7 +144,7 @@ def test_resume_continues_after_the_last_finished_stage(
         result = full.run(trained_resnet, *data, resume=True, **run)
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(result.model(x), distilled(x))
-    names = [r.name for r in result.report.rows]
+    names = [r.name for r in result.report.rows if r.runtime != "openvino"]
     assert names == [
         "baseline",
         "baseline",
@@ -196,7 +202,7 @@ def test_custom_loss_and_metric_are_used(trained_resnet, data, tmp_path):
         progress=False,
         threads=1,
     )
-    assert calls["loss"] == 8 and calls["eval"] == 3
+    assert calls["loss"] == 8 and calls["eval"] == len(result.report.rows)  # one per row
     assert all(r.accuracy == 0.25 for r in result.report.rows)
 
 

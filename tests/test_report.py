@@ -29,7 +29,13 @@ def run_dir(tmp_path_factory, data):
         cz.Int8Quantization(calibration_samples=64),
     ])  # fmt: skip
     pipeline.run(
-        model, data[0], data[1], output_dir=out, progress=False, threads=1, throughput_batch=(8, 16)
+        model,
+        *data,
+        output_dir=out,
+        progress=False,
+        threads=1,
+        throughput_batch=(8, 16),
+        runtimes=["onnxruntime"],  # tests/test_runtimes.py covers the others
     )
     return out
 
@@ -198,6 +204,7 @@ def test_report_command_rerenders_md_and_html(run_dir, tmp_path, capsys):
 
 def test_bench_command_prints_the_same_table_side_by_side(run_dir, capsys):
     argv = ["bench", str(run_dir / "model.onnx"), str(run_dir / "model.int8.onnx")]
+    argv += ["--runtime", "onnxruntime"]
     assert main([*argv, "--batch-sizes", "1", "4", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| model | onnxruntime | fp32 | n/a |" in out
