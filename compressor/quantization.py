@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from ._io import atomic_path
 from .data import DataSpec
 from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
+from .int8_placement import place_fp32
 from .measure import cpu_info, ort_predictor, ort_session, sample_batch, timed_runs
 from .recipe import register_stage
 from .stage import Stage, check_bool, check_choice, check_int
@@ -192,6 +193,12 @@ class Int8Quantization(Stage):
         weight_type: ``int8`` or ``uint8``.
         reduce_range: 7-bit weights; ``null`` chooses by CPU (on for x86 without VNNI).
         opset: ONNX opset of the export (>= 17).
+        fp32_placement: keep in FP32 the compute nodes INT8 makes slower: each suspect
+            (a conv with few input channels per group, such as an image stem) is reverted
+            to FP32 on trial and kept so when the whole file measures faster in the fastest
+            of the run's runtimes and accuracy on the eval data does not fall.
+        placement_candidates: how many suspect nodes to try at most (each costs a few
+            seconds of timing).
     """
 
     calibration_samples: int = 512
@@ -201,6 +208,8 @@ class Int8Quantization(Stage):
     weight_type: str = "int8"
     reduce_range: bool | None = None
     opset: int = DEFAULT_OPSET
+    fp32_placement: bool = True
+    placement_candidates: int = 3
 
     name = "int8_quantization"
     runtime = "onnxruntime"
@@ -215,6 +224,8 @@ class Int8Quantization(Stage):
         if self.reduce_range is not None:
             check_bool(self.name, "reduce_range", self.reduce_range)
         check_int(self.name, "opset", self.opset, minimum=17)
+        check_bool(self.name, "fp32_placement", self.fp32_placement)
+        check_int(self.name, "placement_candidates", self.placement_candidates, minimum=0)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
@@ -279,9 +290,18 @@ class Int8Quantization(Stage):
                     use_external_data_format=external,
                 )
             clock.lap("calibrate_quantize")
+            placement = None
+            if self.fp32_placement and self.placement_candidates and not external:
+                ctx.log(f"{ctx.step}: timing INT8 against FP32 for the suspect nodes")
+                quantized, placement = place_fp32(quantized, source, ctx, self.placement_candidates)
+                notes += placement.pop("notes")
+                clock.lap("placement")
+            kept = placement["fp32_nodes"] if placement else []
             with atomic_path(final) as out:
                 save_single_file(quantized, out, external)
-                graph = inspect_int8_graph(out, ctx.threads, Path(tmp) / "optimized.onnx")
+                graph = inspect_int8_graph(
+                    out, ctx.threads, Path(tmp) / "optimized.onnx", kept_fp32=kept
+                )
             speedup = _int8_speedup(fp32, final, ctx)
             clock.lap("check")
         if graph["float_compute_ops"]:
@@ -308,6 +328,7 @@ class Int8Quantization(Stage):
                 "pre_process": pre_process,
                 "types_reason": types.reason,
                 "speedup_vs_fp32_onnx": round(speedup, 3),
+                "placement": placement,
                 **graph,
                 "seconds": clock.laps,
             },
@@ -406,13 +427,17 @@ def _scratch_cwd(path: str) -> Iterator[None]:
 
 
 def inspect_int8_graph(
-    path: str | Path, threads: int, optimized_path: str | Path
+    path: str | Path,
+    threads: int,
+    optimized_path: str | Path,
+    kept_fp32: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Count INT8 and FP32 compute ops in the graph ONNX Runtime actually runs (after fusion).
 
     ``unfused_qdq`` counts the QuantizeLinear/DequantizeLinear nodes left inside the graph:
     a fully fused graph keeps only the one that quantizes the input and the one that
-    dequantizes the output.
+    dequantizes the output. Ops of the nodes in ``kept_fp32`` (kept in FP32 on purpose)
+    are listed as ``fp32_by_choice``, not among ``float_compute_ops``.
     """
     ort_session(path, threads, optimized_path=optimized_path)
     graph = onnx.load(str(optimized_path)).graph
@@ -425,6 +450,8 @@ def inspect_int8_graph(
         if n.op_type in _FLOAT_COMPUTE
         or (n.op_type.startswith("Nchwc") and not n.op_type.startswith("NchwcReorder"))
     ]
+    chosen = [n for n in floating if any(k and k in n.name for k in kept_fp32)]
+    floating = [n for n in floating if n not in chosen]
     unfused = [
         n
         for n in graph.node
@@ -434,6 +461,7 @@ def inspect_int8_graph(
     return {
         "int8_compute_ops": len(int8),
         "float_compute_ops": [f"{n.name or '?'} ({n.op_type})" for n in floating],
+        "fp32_by_choice": [f"{n.name or '?'} ({n.op_type})" for n in chosen],
         "unfused_qdq": len(unfused),
     }
 

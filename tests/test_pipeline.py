@@ -81,7 +81,7 @@ def test_all_four_stages_end_to_end(cls, data, tmp_path):
     # wall time of every stage (the torch baseline row is only measured)
     assert [sorted(r["seconds"]) for r in rows] == [["measure"]] + [["measure", "stage"]] * 5
     steps = rows[5]["details"]["quantization"]["seconds"]
-    assert list(steps) == ["export", "pre_process", "calibrate_quantize", "check"]
+    assert list(steps) == ["export", "pre_process", "calibrate_quantize", "placement", "check"]
     assert sum(steps.values()) <= rows[5]["seconds"]["stage"] + 0.05
     assert rows[3]["params"] < 0.5 * rows[0]["params"]
     assert rows[3]["macs"] < 0.5 * rows[0]["macs"]
