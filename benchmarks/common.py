@@ -78,9 +78,17 @@ def write_results(path: Path, settings: dict[str, Any], rows: list[dict[str, Any
 
 
 def compressor_int8(
-    model: torch.nn.Module, example: torch.Tensor, data: DataSpec, out: Path, threads: int
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    data: DataSpec,
+    out: Path,
+    threads: int,
+    runtimes: tuple[str, ...] = ("onnxruntime",),
 ) -> tuple[Path, dict[str, Any]]:
-    """compressor's Int8Quantization stage on ``model``; the file and the stage's details."""
+    """compressor's Int8Quantization stage on ``model``; the file and the stage's details.
+
+    ``runtimes`` are those its FP32 placement times the suspect nodes in.
+    """
     out.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(
         train_data=data,
@@ -92,6 +100,7 @@ def compressor_int8(
         threads=threads,
         progress=False,
         step="int8_quantization",
+        runtimes=runtimes,
     )
     stage = cz.Int8Quantization(calibration_samples=sum(len(x) for x, _ in data))
     state = stage.apply(State(model=model, teacher=model, example_input=example), ctx)

@@ -10,14 +10,19 @@ fixed threads, these rows are measured side by side at each batch size:
   pipeline's artifact without the training stages
 - ``ort quantize_static default``: ONNX Runtime's quantize_static with its default options
 - ``nncf``: nncf.quantize on the same FP32 ONNX file (when nncf is installed)
+- ``openvino fp32``, ``openvino int8 (compressor)``, ``openvino pruned ...``: the same three
+  compressor files run in OpenVINO (when ``compressor[openvino]`` is installed, or as
+  ``--runtimes`` says), with the settings the report uses (compressor.runtimes)
 
 Each cell is the median (and p90) of compressor's own timing loop (measure.timed_runs:
 warm-up, then until the median settles), run for every row in turn, three interleaved
-rounds, times pooled. Speedups are against ``ort fp32`` at the same batch size.
+rounds, times pooled. Speedups are against ``ort fp32`` at the same batch size, and against
+the fastest FP32 row (torch, ONNX Runtime or OpenVINO).
 
     pip install -r benchmarks/requirements.txt     # nncf, for the peer row
     python benchmarks/latency.py                   # resnet18 resnet50 mobilenet_v2, bs 1 and 16
     python benchmarks/latency.py resnet18 --batch-sizes 1 --no-peers
+    python benchmarks/latency.py --batch-sizes 1 --no-peers --runtimes onnxruntime openvino
 
 Prints a table and writes benchmarks/results/latency.json.
 """
@@ -50,13 +55,13 @@ import compressor as cz
 from compressor.export import export_onnx
 from compressor.measure import (
     count_params_macs,
-    ort_predictor,
-    ort_session,
+    onnx_predictor,
     torch_predictor,
     torch_threads,
 )
 from compressor.pruning import prune
 from compressor.quantization import inspect_int8_graph
+from compressor.runtimes import check_runtimes
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 BASELINE = "ort fp32"
@@ -70,6 +75,7 @@ def bench_model(
     ratio: float,
     peers: bool,
     rounds: int,
+    runtimes: tuple[str, ...] = ("onnxruntime",),
 ) -> list[dict[str, Any]]:
     """Build every variant of ``name`` and measure them side by side."""
     import torchvision
@@ -90,19 +96,21 @@ def bench_model(
         seconds["export"] = time.perf_counter() - t0
         built.append((BASELINE, out / "fp32.onnx", base))
         t0 = time.perf_counter()
-        int8, _ = compressor_int8(copy.deepcopy(model), example, data, out / "int8", threads)
+        int8, details = compressor_int8(
+            copy.deepcopy(model), example, data, out / "int8", threads, runtimes
+        )
         seconds["int8"] = time.perf_counter() - t0
-        built.append(("ort int8 (compressor)", int8, base))
+        built.append(("ort int8 (compressor)", int8, {**base, **_placement(details)}))
         t0 = time.perf_counter()
         pruned, _ = prune(copy.deepcopy(model), example, cz.StructuredPruning(ratio=ratio))
         p_params, p_macs = count_params_macs(pruned, example)
         seconds["prune"] = time.perf_counter() - t0
-        p_int8, _ = compressor_int8(pruned, example, data, out / "pruned", threads)
+        p_int8, details = compressor_int8(pruned, example, data, out / "pruned", threads, runtimes)
         built.append(
             (
                 f"pruned {ratio} + int8 (compressor)",
                 p_int8,
-                {"params": p_params, "macs": p_macs},
+                {"params": p_params, "macs": p_macs, **_placement(details)},
             )
         )
         if peers:
@@ -115,11 +123,19 @@ def bench_model(
             seconds["nncf"] = time.perf_counter() - t0
             if nncf_file is not None:
                 built.append(("nncf.quantize", nncf_file, base))
+        for runtime in runtimes[1:]:  # compressor's own files in the other runtimes
+            ours = [b for b in built[1:4] if isinstance(b[1], Path)]
+            built += [(f"{runtime} {_plain(v)}", (t, runtime), i) for v, t, i in ours]
         predictors, infos = {}, {}
         for variant, target, info in built:
-            if isinstance(target, Path):
-                predictors[variant] = ort_predictor(ort_session(target, threads))
-                infos[variant] = {**info, "size_bytes": target.stat().st_size}
+            if isinstance(target, tuple):
+                path, runtime = target
+                predictors[variant] = onnx_predictor(path, threads, runtime)
+                infos[variant] = {**info, "runtime": runtime, "size_bytes": path.stat().st_size}
+            elif isinstance(target, Path):
+                predictors[variant] = onnx_predictor(target, threads)
+                infos[variant] = {**info, "runtime": "onnxruntime"}
+                infos[variant]["size_bytes"] = target.stat().st_size
                 if variant != BASELINE:
                     # What ONNX Runtime runs in INT8 and what stayed FP32, for every quantizer.
                     graph = inspect_int8_graph(target, threads, out / "optimized.onnx")
@@ -129,7 +145,7 @@ def bench_model(
                         "unfused_qdq": graph["unfused_qdq"],
                     }
             else:
-                predictors[variant], infos[variant] = target, info
+                predictors[variant], infos[variant] = target, {**info, "runtime": "torch"}
         rows = []
         for batch in batch_sizes:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -143,13 +159,27 @@ def bench_model(
                     | timing
                 )
                 print(f"  {name} {variant} bs{batch}: {timing['p50']} ms", file=sys.stderr)
+    fp32 = {"torch fp32", BASELINE, *(f"{r} fp32" for r in runtimes[1:])}
     for row in rows:
-        ref = next(
-            r for r in rows if r["variant"] == BASELINE and r["batch_size"] == row["batch_size"]
-        )
+        same = [r for r in rows if r["batch_size"] == row["batch_size"]]
+        ref = next(r for r in same if r["variant"] == BASELINE)
+        fastest = min((r for r in same if r["variant"] in fp32), key=lambda r: r["p50"])
         row["speedup_vs_ort_fp32"] = round(ref["p50"] / row["p50"], 2)
+        row["speedup_vs_fastest_fp32"] = round(fastest["p50"] / row["p50"], 2)
+        row["fastest_fp32"] = fastest["variant"]
         row["build_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return rows
+
+
+def _placement(details: dict[str, Any]) -> dict[str, Any]:
+    """The nodes the INT8 stage kept in FP32, and what it timed to decide."""
+    placement = details["quantization"]["placement"] or {}
+    return {"fp32_nodes": placement.get("fp32_nodes", []), "placement": placement.get("tried")}
+
+
+def _plain(variant: str) -> str:
+    """The variant's name without its runtime: ``ort int8 (compressor)`` -> ``int8 (...)``."""
+    return variant.removeprefix("ort ")
 
 
 def main() -> int:
@@ -161,6 +191,11 @@ def main() -> int:
     parser.add_argument("--ratio", type=float, default=0.5, help="pruning ratio")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--no-peers", action="store_true", help="skip ORT default and NNCF")
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        help="ONNX runtimes for compressor's files (default: every installed one)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/latency.json")
     args = parser.parse_args()
     rows = []
@@ -173,6 +208,7 @@ def main() -> int:
             args.ratio,
             not args.no_peers,
             args.rounds,
+            check_runtimes(args.runtimes),
         )
     print_table(
         rows,
@@ -184,9 +220,11 @@ def main() -> int:
             ("p50 ms", "p50"),
             ("p90 ms", "p90"),
             ("x vs ORT FP32", "speedup_vs_ort_fp32"),
+            ("x vs fastest FP32", "speedup_vs_fastest_fp32"),
             ("INT8 ops", "int8_ops"),
             ("FP32 ops", "fp32_ops"),
             ("unfused Q/DQ", "unfused_qdq"),
+            ("kept FP32", "fp32_nodes"),
         ],
     )
     write_results(args.out, {"input_size": args.input_size, "threads": args.threads}, rows)

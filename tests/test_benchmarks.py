@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 pytestmark = pytest.mark.slow
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 def run(script: str, *args: str, cwd: Path) -> str:
@@ -30,14 +32,23 @@ def run(script: str, *args: str, cwd: Path) -> str:
 def test_latency_script(tmp_path):
     out = tmp_path / "latency.json"
     args = ["resnet18", "--input-size", "64", "--batch-sizes", "1", "--rounds", "1"]
+    args += ["--runtimes", "onnxruntime", *(["openvino"] if HAS_OPENVINO else [])]
     table = run("latency.py", *args, "--no-peers", "--out", str(out), cwd=tmp_path)
     rows = json.loads(out.read_text())["rows"]
+    ours = ["fp32", "int8 (compressor)", "pruned 0.5 + int8 (compressor)"]
     assert [r["variant"] for r in rows] == [
         "torch fp32", "ort fp32", "ort int8 (compressor)", "pruned 0.5 + int8 (compressor)"
-    ]  # fmt: skip
+    ] + [f"openvino {v}" for v in ours] * HAS_OPENVINO  # fmt: skip
+    assert [r["runtime"] for r in rows] == ["torch"] + ["onnxruntime"] * 3 + [
+        "openvino"
+    ] * 3 * HAS_OPENVINO
     assert rows[3]["macs"] < 0.3 * rows[1]["macs"]
     assert rows[2]["int8_ops"] == 21 and rows[2]["fp32_ops"] == 0
+    fastest = min(r["p50"] for r in rows if r["variant"].endswith("fp32"))
+    assert all(r["speedup_vs_fastest_fp32"] == round(fastest / r["p50"], 2) for r in rows)
     assert "| resnet18 | pruned 0.5 + int8 (compressor) | 1 |" in table
+    if HAS_OPENVINO:
+        assert "| resnet18 | openvino pruned 0.5 + int8 (compressor) | 1 |" in table
 
 
 def test_int8_knobs_script(tmp_path):
