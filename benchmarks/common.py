@@ -100,7 +100,7 @@ def compressor_int8(
         threads=threads,
         progress=False,
         step="int8_quantization",
-        runtimes=runtimes,
+        runtimes=tuple(dict.fromkeys(runtimes)),
     )
     stage = cz.Int8Quantization(calibration_samples=sum(len(x) for x, _ in data))
     state = stage.apply(State(model=model, teacher=model, example_input=example), ctx)

@@ -10,8 +10,13 @@ are measured side by side in one group of five interleaved rounds.
 
     python benchmarks/int8_knobs.py
     python benchmarks/int8_knobs.py mobilenet_v2 --round-to 0 8 16 32
+    python benchmarks/int8_knobs.py resnet18 --runtime openvino   # the same files in OpenVINO
 
-Prints a table and writes benchmarks/results/int8_knobs_MODEL.json.
+With ``--runtime openvino`` every file runs in OpenVINO (compressor's settings); the ONNX
+Runtime session knobs (graph optimisation levels) are left out there.
+
+Prints a table and writes benchmarks/results/int8_knobs_MODEL.json (``_openvino`` added for
+OpenVINO).
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ from common import (
 
 import compressor as cz
 from compressor.export import export_onnx
-from compressor.measure import count_params_macs
+from compressor.measure import count_params_macs, onnx_predictor
 from compressor.pruning import prune
+from compressor.runtimes import ONNX_RUNTIMES
 
 
 def session(path: Path, threads: int, level: str = "ALL") -> Callable[[np.ndarray], Any]:
@@ -56,6 +62,14 @@ def session(path: Path, threads: int, level: str = "ALL") -> Callable[[np.ndarra
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level}")
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: sess.run(None, {"input": x})
+
+
+def runner(path: Path, threads: int, runtime: str) -> Callable[[np.ndarray], Any]:
+    """A batch -> outputs call of ``path`` in ``runtime`` (ONNX Runtime: all optimisations)."""
+    if runtime == "onnxruntime":
+        return session(path, threads)
+    predict = onnx_predictor(path, threads, runtime)
+    return lambda x: predict(torch.from_numpy(x))
 
 
 def ort_int8(source: Path, out: Path, data: Any, **changes: Any) -> Path:
@@ -72,8 +86,10 @@ def ort_int8(source: Path, out: Path, data: Any, **changes: Any) -> Path:
     return out
 
 
-def knobs(model: torch.nn.Module, tag: str, tmp: Path, data: Any, threads: int) -> dict[str, Any]:
-    """Every knob's file (or session setting) for ``model``; name -> (call, info)."""
+def knobs(
+    model: torch.nn.Module, tag: str, tmp: Path, data: Any, threads: int, runtime: str
+) -> dict[str, Any]:
+    """Every knob's file (or session setting) for ``model``; name -> call."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -81,31 +97,36 @@ def knobs(model: torch.nn.Module, tag: str, tmp: Path, data: Any, threads: int) 
     fp32, pre = tmp / f"{tag}.onnx", tmp / f"{tag}.pre.onnx"
     export_onnx(model, example, fp32, threads=threads)
     quant_pre_process(str(fp32), str(pre))
-    ours, _ = compressor_int8(copy.deepcopy(model), example, data, tmp / tag, threads)
+    ours, _ = compressor_int8(
+        copy.deepcopy(model), example, data, tmp / tag, threads, ("onnxruntime", runtime)
+    )
     first_conv = next(n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv")
-    variants = {
-        "fp32": session(fp32, threads),
-        "fp32, graph level EXTENDED (no NCHWc layout)": session(fp32, threads, "EXTENDED"),
-        "int8 compressor (reference)": session(ours, threads),
-        "int8, graph level EXTENDED (no NHWC layout)": session(ours, threads, "EXTENDED"),
-        "int8, graph level BASIC": session(ours, threads, "BASIC"),
-        "int8 without quant_pre_process": session(
-            ort_int8(fp32, tmp / f"{tag}.nopre.onnx", data), threads
+
+    def run(path: Path) -> Callable[[np.ndarray], Any]:
+        return runner(path, threads, runtime)
+
+    variants = {"fp32": run(fp32), "int8 compressor (reference)": run(ours)}
+    if runtime == "onnxruntime":
+        variants |= {
+            "fp32, graph level EXTENDED (no NCHWc layout)": session(fp32, threads, "EXTENDED"),
+            "int8, graph level EXTENDED (no NHWC layout)": session(ours, threads, "EXTENDED"),
+            "int8, graph level BASIC": session(ours, threads, "BASIC"),
+        }
+    variants |= {
+        "int8 without quant_pre_process": run(ort_int8(fp32, tmp / f"{tag}.nopre.onnx", data)),
+        "int8, first conv kept FP32": run(
+            ort_int8(pre, tmp / f"{tag}.first.onnx", data, nodes_to_exclude=[first_conv])
         ),
-        "int8, first conv kept FP32": session(
-            ort_int8(pre, tmp / f"{tag}.first.onnx", data, nodes_to_exclude=[first_conv]), threads
+        "int8, per-tensor weights": run(
+            ort_int8(pre, tmp / f"{tag}.pt.onnx", data, per_channel=False)
         ),
-        "int8, per-tensor weights": session(
-            ort_int8(pre, tmp / f"{tag}.pt.onnx", data, per_channel=False), threads
-        ),
-        "int8, symmetric activations": session(
+        "int8, symmetric activations": run(
             ort_int8(
                 pre, tmp / f"{tag}.sym.onnx", data, extra_options={"ActivationSymmetric": True}
-            ),
-            threads,
+            )
         ),
-        "int8, int8 activations": session(
-            ort_int8(pre, tmp / f"{tag}.s8.onnx", data, activation_type=QuantType.QInt8), threads
+        "int8, int8 activations": run(
+            ort_int8(pre, tmp / f"{tag}.s8.onnx", data, activation_type=QuantType.QInt8)
         ),
     }
     bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(fp32)).graph.node)
@@ -123,6 +144,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--runtime", default="onnxruntime", choices=ONNX_RUNTIMES)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -139,15 +161,18 @@ def main() -> int:
         pruned, _ = prune(copy.deepcopy(model), example, cz.StructuredPruning(ratio=args.ratio))
         for tag, m in (("full", model), (f"pruned {args.ratio}", pruned)):
             macs[tag] = count_params_macs(m, example)[1]
-            for knob, call in knobs(m, tag.replace(" ", "_"), tmp, data, args.threads).items():
+            found = knobs(m, tag.replace(" ", "_"), tmp, data, args.threads, args.runtime)
+            for knob, call in found.items():
                 calls[tag, knob] = call
         for round_to in args.round_to:
             options = cz.StructuredPruning(ratio=args.ratio, round_to=round_to or None)
             m, _ = prune(copy.deepcopy(model), example, options)
             tag = f"pruned {args.ratio}, round_to {round_to or 'none'}"
             macs[tag] = count_params_macs(m, example)[1]
-            path, _ = compressor_int8(m, example, data, tmp / f"r{round_to}", args.threads)
-            calls[tag, "int8 compressor"] = session(path, args.threads)
+            path, _ = compressor_int8(
+                m, example, data, tmp / f"r{round_to}", args.threads, ("onnxruntime", args.runtime)
+            )
+            calls[tag, "int8 compressor"] = runner(path, args.threads, args.runtime)
         timings = side_by_side(
             {key: (lambda c=c: c(x)) for key, c in calls.items()}, rounds=args.rounds
         )
@@ -174,8 +199,10 @@ def main() -> int:
             ("x vs unpruned fp32", "vs_fp32"),
         ],
     )
-    out = args.out or Path(__file__).parent / "results" / f"int8_knobs_{args.model}.json"
-    write_results(out, {"model": args.model, "threads": args.threads, "batch_size": 1}, rows)
+    suffix = "" if args.runtime == "onnxruntime" else f"_{args.runtime}"
+    out = args.out or Path(__file__).parent / "results" / f"int8_knobs_{args.model}{suffix}.json"
+    summary = {"model": args.model, "runtime": args.runtime, "threads": args.threads}
+    write_results(out, {**summary, "batch_size": 1}, rows)
     return 0
 
 
