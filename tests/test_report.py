@@ -143,6 +143,37 @@ def test_diagnosis_names_the_causes_of_a_slow_int8_model():
     assert md.startswith("**Warning:**")
 
 
+def test_diagnosis_and_summary_cover_every_runtime():
+    vnni = {**AVX2_ONLY, "cpu_features": ["avx2", "avx512_vnni"], "threads": 2}
+    rows = [
+        _row("baseline", "torch", "fp32", 0.90, 4.0),
+        _row("baseline", "onnxruntime", "fp32", 0.90, 2.0),
+        _row("baseline", "openvino", "fp32", 0.90, 1.0),
+        _row("int8_quantization", "openvino", "int8", 0.895, 1.5, {"file": "model.int8.onnx"}),
+        _row("int8_quantization", "onnxruntime", "int8", 0.895, 0.5, {"file": "model.int8.onnx"}),
+    ]
+    found = diagnose(rows, vnni)
+    assert found["problems"] == [
+        "In openvino, the final model (int8_quantization) is not faster than the FP32 "
+        "baseline: 1.500 ms vs 1.000 ms p50 at batch 1."
+    ]
+    report = Report(rows, vnni)
+    s = report.summary
+    assert s["speedup_vs_onnx"] == 4.0  # the final stage's own row, in ONNX Runtime
+    assert s["runtimes"]["openvino"] == {"p50_ms": 1.5, "speedup_vs_fp32": 0.667, "accuracy": 0.895}
+    assert (s["fastest_runtime"], s["fastest_fp32_runtime"]) == ("onnxruntime", "openvino")
+    assert s["speedup_vs_fastest_fp32"] == 2.0
+    assert report.row("int8_quantization", "openvino") is rows[3]
+    with pytest.raises(KeyError, match="no row 'int8_quantization' in torch; rows: baseline"):
+        report.row("int8_quantization", "torch")
+    runtime, code = report.deployment()
+    assert runtime == "onnxruntime" and "options.intra_op_num_threads = 2" in code
+    assert 'id="deploy"' in report.to_html() and "Deploy with onnxruntime" in report.to_markdown()
+    # a report of torch stages only has no runtime summary and no snippet
+    torch_only = Report([*rows[:3], _row("structured_pruning", "torch", "fp32", 0.9, 2.0)], vnni)
+    assert "runtimes" not in torch_only.summary and torch_only.deployment() is None
+
+
 def test_diagnosis_points_at_the_stage_that_lost_accuracy():
     rows = [
         _row("baseline", "torch", "fp32", 0.90, 4.0),
