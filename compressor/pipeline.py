@@ -232,7 +232,6 @@ class Pipeline:
                 runtimes=chosen_runtimes,
             )
             state = self._run_stages(model, ctx, resume)
-            state = state.replace(rows=_other_runtime_rows(state, ctx))
             report = Report(
                 rows=list(state.rows),
                 environment=environment(ctx.threads),
@@ -271,7 +270,11 @@ class Pipeline:
             stage_s = time.perf_counter() - start
             row = self._measure(stage, step, state, ctx)
             row = dataclasses.replace(row, seconds={"stage": round(stage_s, 2), **row.seconds})
-            state = state.replace(rows=(*state.rows, row))
+            others = []
+            if index == len(self.stages) - 1 and row.runtime == "onnxruntime" and state.onnx_path:
+                # the final file in the other runtimes, just before its own (last) row
+                others = _in_other_runtimes(state.onnx_path, row, ctx)
+            state = state.replace(rows=(*state.rows, *others, row))
             save_checkpoint(
                 _checkpoint_path(ctx, index, step),
                 state.model,
@@ -378,8 +381,12 @@ class Pipeline:
         onnx_row = dataclasses.replace(
             onnx_row, seconds={"stage": round(export_s, 2), **onnx_row.seconds}
         )
+        others = _in_other_runtimes(ctx.output_dir / "model.onnx", onnx_row, ctx)
         return State(
-            model=student, teacher=teacher, example_input=example, rows=(torch_row, onnx_row)
+            model=student,
+            teacher=teacher,
+            example_input=example,
+            rows=(torch_row, onnx_row, *others),
         )
 
     @staticmethod
@@ -409,37 +416,23 @@ class Pipeline:
         )
 
 
-def _other_runtime_rows(state: State, ctx: RunContext) -> tuple[Row, ...]:
-    """``state.rows`` with model.onnx and the final ONNX file also measured in other runtimes.
+def _in_other_runtimes(path: Path, row: Row, ctx: RunContext) -> list[Row]:
+    """The ONNX file ``row`` measured in every runtime of the run besides ONNX Runtime.
 
-    Each runtime besides ONNX Runtime adds a ``baseline`` row after the ONNX Runtime one and
-    a row of the final file just before the final row, so the last row stays the final
-    stage's own. Accuracy comes from running the file in that runtime; ``details.parity``
-    compares its outputs with model.onnx's in ONNX Runtime over the eval data.
+    Accuracy comes from running the file in that runtime; ``details.parity`` compares its
+    outputs with model.onnx's in ONNX Runtime over the eval data.
     """
-    rows = list(state.rows)
     others = [r for r in ctx.runtimes if r != "onnxruntime"]
-    baseline = ctx.output_dir / "model.onnx"
-    if not others or not baseline.is_file():
-        return state.rows
-    base_index = next(
-        i for i, r in enumerate(rows) if r.name == "baseline" and r.runtime == "onnxruntime"
-    )
-    base_row = rows[base_index]
-    final_row = rows[-1]
-    final_file = state.onnx_path if final_row.runtime == "onnxruntime" else None
-    reference = onnx_predictor(baseline, ctx.threads)
-    before, after = [], []
+    if not others:
+        return []
+    reference = onnx_predictor(ctx.output_dir / "model.onnx", ctx.threads)
+    rows = []
     for runtime in others:
-        targets = [(baseline, base_row, before)]
-        if final_file is not None and final_file != baseline:
-            targets.append((final_file, final_row, after))
-        for path, row, into in targets:
-            ctx.log(f"measuring {path.name} in {runtime}")
-            parity = compare_outputs(
-                reference, onnx_predictor(path, ctx.threads, runtime), ctx.eval_data
-            )
-            measured = measure_onnx(
+        ctx.log(f"measuring {path.name} in {runtime}")
+        candidate = onnx_predictor(path, ctx.threads, runtime)
+        parity = compare_outputs(reference, candidate, ctx.eval_data)
+        rows.append(
+            measure_onnx(
                 path,
                 name=row.name,
                 precision=row.precision,
@@ -449,10 +442,8 @@ def _other_runtime_rows(state: State, ctx: RunContext) -> tuple[Row, ...]:
                 runtime=runtime,
                 **ctx.measure_settings(),
             )
-            into.append(measured)
-    rows[base_index + 1 : base_index + 1] = before
-    rows[-1:-1] = after
-    return tuple(rows)
+        )
+    return rows
 
 
 def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
@@ -503,6 +494,7 @@ def _resume_settings(ctx: RunContext) -> dict[str, Any]:
         "threads": ctx.threads,
         "limit_train_batches": ctx.limit_train_batches,
         "throughput_batches": list(ctx.throughput_batches),
+        "runtimes": list(ctx.runtimes),
     }
 
 

@@ -135,6 +135,10 @@ def test_report_summary_and_round_trip(tmp_path):
         "speedup_vs_onnx": 4.0,
         "size_ratio": 4.0,
         "accuracy_drop": pytest.approx(0.01),
+        "runtimes": {"onnxruntime": {"p50_ms": 1.0, "speedup_vs_fp32": 4.0, "accuracy": 0.89}},
+        "fastest_runtime": "onnxruntime",
+        "fastest_fp32_runtime": "onnxruntime",
+        "speedup_vs_fastest_fp32": 4.0,
     }
     report.save(tmp_path)
     loaded = Report.load(tmp_path / "report.json")
