@@ -42,7 +42,9 @@ def place_fp32(
 
     Each trial file is timed against the current one at batch 1 in every runtime of the
     run, interleaved over `ROUNDS` rounds; it is kept when the fastest runtime's p50 drops
-    by at least `MARGIN` and its accuracy on the eval data (in ONNX Runtime) does not fall.
+    by at least `MARGIN`, its accuracy on the eval data (in ONNX Runtime) does not fall,
+    and its outputs on eval inputs are no further from the FP32 model's than the current
+    file's (a node in FP32 should only bring them closer).
     Returns the file to ship and what was tried (``runtimes``, ``tried``, ``fp32_nodes``,
     ``notes``).
     """
@@ -52,9 +54,12 @@ def place_fp32(
     notes: list[str] = []
     if found:
         x = sample_batch(ctx.eval_data, 1)
+        check = sample_batch(ctx.eval_data, 64)
+        reference = onnx_predictor(fp32, ctx.threads)(check)
         current_path = quantized
         current = _predictors(current_path, ctx)
         current_accuracy = float(ctx.eval_fn(current["onnxruntime"], ctx.eval_data))
+        current_error = _error(current["onnxruntime"], check, reference)
         for index, candidate in enumerate(found):
             trial_path = quantized.with_name(f"placement_{index}.onnx")
             nodes = [*result["fp32_nodes"], candidate.node]
@@ -63,16 +68,23 @@ def place_fp32(
             times = _interleaved(current, trial, x)
             before = min(t["int8"] for t in times.values())
             after = min(t["fp32"] for t in times.values())
-            accuracy = None
+            accuracy = error = None
             if after <= before * (1 - MARGIN):
                 accuracy = float(ctx.eval_fn(trial["onnxruntime"], ctx.eval_data))
-            keep = accuracy is not None and accuracy >= current_accuracy
+                error = _error(trial["onnxruntime"], check, reference)
+            keep = (
+                accuracy is not None
+                and error is not None
+                and accuracy >= current_accuracy
+                and error <= current_error * 1.05 + 1e-6
+            )
             result["tried"].append(
                 {
                     "node": candidate.node,
                     "reason": candidate.reason,
                     "p50_ms": times,
                     "accuracy": {"int8": current_accuracy, "fp32": accuracy},
+                    "error_vs_fp32": {"int8": current_error, "fp32": error},
                     "kept_fp32": keep,
                 }
             )
@@ -82,9 +94,15 @@ def place_fp32(
                     f"{before:.3f} -> {after:.3f} ms p50 in the fastest runtime"
                 )
                 result["fp32_nodes"].append(candidate.node)
-                current, current_path, current_accuracy = trial, trial_path, accuracy
+                current, current_path = trial, trial_path
+                current_accuracy, current_error = accuracy, error
         quantized = current_path
     return quantized, {**result, "notes": notes}
+
+
+def _error(predict: Predict, inputs: Any, reference: Any) -> float:
+    """Mean absolute difference of ``predict``'s outputs from the FP32 model's."""
+    return round(float((predict(inputs).float() - reference.float()).abs().mean()), 7)
 
 
 def _predictors(path: Path, ctx: RunContext) -> dict[str, Predict]:
@@ -138,9 +156,12 @@ def keep_fp32(
 ) -> onnx.ModelProto:
     """A copy of ``quantized`` in which the nodes ``names`` compute in FP32 again.
 
-    Each such node reads the float tensors its Quantize/Dequantize pairs were made from and
-    its float weights and bias from ``fp32`` (the model that was quantized); Quantize and
-    Dequantize nodes and quantized weights nothing reads any more are dropped.
+    Each such node computes in FP32 with its float weights and bias from ``fp32`` (the model
+    that was quantized). Its activation inputs stay dequantized INT8 tensors, except the
+    model's own inputs, which it reads directly: the quantizer drops a Relu or Clip before a
+    Quantize whose range already clips, so the float tensor before an inner Quantize is
+    not the activation the node computed on. Quantize and Dequantize nodes and quantized
+    weights nothing reads any more are dropped.
 
     Raises:
         ValueError: a name is not a compute node of both models.
@@ -152,6 +173,7 @@ def keep_fp32(
     float_inits = {t.name: t for t in fp32.graph.initializer}
     produced_by = {out: n for n in graph.node for out in n.output}
     have = {t.name for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
     for name in names:
         node = next((n for n in graph.node if n.name == name), None)
         original = float_nodes.get(name)
@@ -162,8 +184,8 @@ def keep_fp32(
             source = original.input[index] if index < len(original.input) else ""
             if source in float_inits:  # a weight or bias: the float original
                 node.input[index] = _add_float(graph, float_inits[source], have, produced_by)
-            else:  # an activation: skip its Dequantize(Quantize(x)) pair
-                node.input[index] = _float_source(tensor, produced_by)
+            elif (source := _float_source(tensor, produced_by)) in inputs:
+                node.input[index] = source  # the model's input: skip its Quantize/Dequantize
     _drop_unused(graph)
     return model
 
