@@ -58,7 +58,7 @@ def place_fp32(
         reference = onnx_predictor(fp32, ctx.threads)(check)
         current_path = quantized
         current = _predictors(current_path, ctx)
-        current_accuracy = float(ctx.eval_fn(current["onnxruntime"], ctx.eval_data))
+        current_accuracy: float | None = None  # a pass over the eval data: only when needed
         current_error = _error(current["onnxruntime"], check, reference)
         for index, candidate in enumerate(found):
             trial_path = quantized.with_name(f"placement_{index}.onnx")
@@ -70,11 +70,14 @@ def place_fp32(
             after = min(t["fp32"] for t in times.values())
             accuracy = error = None
             if after <= before * (1 - MARGIN):
+                if current_accuracy is None:
+                    current_accuracy = float(ctx.eval_fn(current["onnxruntime"], ctx.eval_data))
                 accuracy = float(ctx.eval_fn(trial["onnxruntime"], ctx.eval_data))
                 error = _error(trial["onnxruntime"], check, reference)
             keep = (
                 accuracy is not None
                 and error is not None
+                and current_accuracy is not None
                 and accuracy >= current_accuracy
                 and error <= current_error * 1.05 + 1e-6
             )
