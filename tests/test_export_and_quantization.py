@@ -75,7 +75,7 @@ def test_int8_quantization_writes_a_real_int8_model(trained_resnet, data, exampl
         step="int8_quantization",
     )  # fmt: skip
     state = State(model=trained_resnet, teacher=trained_resnet, example_input=example)
-    out = cz.Int8Quantization(calibration_samples=64).apply(state, ctx)
+    out = cz.Int8Quantization(calibration_samples=64, fp32_placement=False).apply(state, ctx)
     assert out.onnx_path == tmp_path / "model.int8.onnx"
     ops = {n.op_type for n in onnx.load(str(out.onnx_path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -117,7 +117,9 @@ def test_calibration_in_pieces_gives_the_same_int8_model(
             step="int8_quantization",
         )
         state = State(model=trained_resnet, teacher=trained_resnet, example_input=example)
-        out = cz.Int8Quantization(calibration_samples=40).apply(state, ctx)
+        # placement keeps a node FP32 by timing, which differs from run to run: off here
+        stage = cz.Int8Quantization(calibration_samples=40, fp32_placement=False)
+        out = stage.apply(state, ctx)
         graph = onnx.load(str(out.onnx_path)).graph
         scales = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in graph.initializer}
         return out.details["quantization"], scales
