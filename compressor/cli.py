@@ -30,6 +30,8 @@ EXAMPLES = """examples:
   compressor compress --recipe fast --print-recipe   # the resolved recipe, then exit
   compressor report runs/demo/report.json      # re-render report.md and report.html
   compressor bench runs/demo/model.onnx runs/demo/model.int8.onnx --batch-sizes 1 32
+  compressor load runs/demo/model.onnx runs/demo/model.int8.onnx --concurrency 1 8 32
+  compressor serve runs/demo/model.int8.onnx --port 8000 --max-batch 16 --max-wait-ms 2
 """
 
 
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(commands, common)
     _add_report(commands, common)
     _add_bench(commands, common)
+    _add_load(commands, common)
+    _add_serve(commands, common)
     return parser
 
 
@@ -268,6 +272,148 @@ def _add_bench(commands: Any, common: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", action="store_true", help="print the rows as JSON")
     _add_runtime(bench)
     bench.set_defaults(func=_bench)
+
+
+def _add_batching(parser: argparse.ArgumentParser, max_batch: int, max_wait: float) -> None:
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=max_batch,
+        metavar="N",
+        help=f"most rows the dynamic batcher runs at once (default: {max_batch}; 1: no batching)",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=max_wait,
+        metavar="MS",
+        help=f"longest a request waits for others to join its batch (default: {max_wait:g})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most requests waiting; more get 'busy' (HTTP 503) (default: 256)",
+    )
+
+
+def _add_load(commands: Any, common: argparse.ArgumentParser) -> None:
+    load = commands.add_parser(
+        "load",
+        parents=[common],
+        help="closed-loop load test of ONNX files (or of a running server) at several "
+        "concurrency levels",
+        description="N clients each send one request (one row) at a time and wait for the "
+        "answer, at each concurrency level, bounded in requests and seconds. By default each "
+        "file runs in this process under four settings: one session with every core and one "
+        "session per core, each without batching and with the dynamic batcher. Per level: "
+        "throughput, p50/p90/p95/p99 latency, rows per run, queue vs run time, and a queueing "
+        "estimate. With --url, the clients talk to a running server over HTTP instead.",
+    )
+    load.add_argument("models", nargs="*", type=Path, metavar="MODEL.onnx")
+    load.add_argument(
+        "--concurrency",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4, 8, 16, 32, 64],
+        metavar="N",
+        help="client counts (default: 1 2 4 8 16 32 64)",
+    )
+    load.add_argument(
+        "--requests", type=int, default=400, metavar="N", help="requests per level (default: 400)"
+    )
+    load.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="longest a level runs (default: 5)",
+    )
+    load.add_argument(
+        "--p99-ms",
+        type=float,
+        default=50.0,
+        metavar="MS",
+        help="the latency bound the best setting must keep (default: 50)",
+    )
+    load.add_argument(
+        "--threads", type=int, metavar="N", help="cores to split between sessions (default: all)"
+    )
+    load.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        metavar="N",
+        help="the dynamic batcher's largest batch (default: 32)",
+    )
+    load.add_argument(
+        "--input-shape",
+        nargs="+",
+        type=int,
+        metavar="D",
+        help="input shape without the batch axis, for models whose shape is dynamic",
+    )
+    load.add_argument("--url", metavar="URL", help="load a running server (http://HOST:PORT)")
+    load.add_argument("--name", help="the model's name on the server (with --url)")
+    load.add_argument(
+        "--json-tensors",
+        action="store_true",
+        help="with --url, send tensors as JSON lists instead of the binary extension",
+    )
+    load.add_argument("--json", action="store_true", help="print the results as JSON")
+    load.set_defaults(func=_load)
+
+
+def _add_serve(commands: Any, common: argparse.ArgumentParser) -> None:
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="serve an ONNX file over HTTP (KServe V2 / Triton protocol) with dynamic batching",
+        description="Serve MODEL.onnx with the Open Inference Protocol's REST form "
+        "(GET /v2/health/live, /v2/health/ready, /v2/models/NAME; POST "
+        "/v2/models/NAME/infer, JSON or binary tensors), behind a dynamic batcher with a "
+        "bounded queue. Ctrl-C or SIGTERM stops it after the requests in flight finish. "
+        "Needs the serve extra: pip install 'compressor[serve]'.",
+    )
+    serve.add_argument("model", type=Path, metavar="MODEL.onnx")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; the server has "
+        "no authentication, so put a proxy in front before listening elsewhere)",
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port (default: 8000; 0: any free one)"
+    )
+    serve.add_argument("--name", help="the model's name in URLs (default: the file's stem)")
+    _add_batching(serve, 16, 2.0)
+    serve.add_argument(
+        "--max-rows",
+        type=int,
+        default=64,
+        metavar="N",
+        help="most rows one request may hold; larger ones get HTTP 400 (default: 64)",
+    )
+    serve.add_argument(
+        "--sessions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ONNX Runtime sessions running batches side by side (default: 1)",
+    )
+    serve.add_argument(
+        "--threads", type=int, metavar="N", help="intra-op threads per session (default: all "
+        "cores divided by --sessions)"
+    )  # fmt: skip
+    serve.add_argument(
+        "--stop-after-requests",
+        type=int,
+        metavar="N",
+        help="stop after N infer requests (for scripts and tests)",
+    )
+    serve.add_argument("--stop-after-s", type=float, metavar="S", help="stop after S seconds")
+    serve.set_defaults(func=_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -522,6 +668,78 @@ def _bench(args: argparse.Namespace) -> int:
         first = next(iter(speedups))
         shown = ", ".join(f"{name} {value:.2f}x" for name, value in speedups.items())
         print(f"p50 speedup vs {first}: {shown}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    from .load import default_settings, load_file, load_url, to_markdown
+
+    _check_positive(args, "threads", "max_batch", "requests")
+    if args.seconds <= 0 or args.p99_ms <= 0:
+        msg = f"--seconds and --p99-ms must be > 0 (got: {args.seconds}, {args.p99_ms})"
+        raise UserError(msg)
+    say = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    common = {
+        "levels": args.concurrency,
+        "max_requests": args.requests,
+        "max_seconds": args.seconds,
+        "input_shape": args.input_shape,
+        "p99_ms": args.p99_ms,
+        "progress": say,
+    }
+    if args.url:
+        if args.models or not args.name:
+            msg = "--url loads a server: give the model's --name, and no MODEL.onnx"
+            raise UserError(msg)
+        results = [load_url(args.url, args.name, binary=not args.json_tensors, **common)]
+    elif not args.models:
+        msg = "give one or more MODEL.onnx files, or --url and --name of a running server"
+        raise UserError(msg)
+    else:
+        settings = default_settings(args.threads, args.max_batch)
+        results = [load_file(m, settings=settings, **common) for m in args.models]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(to_markdown(results))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .batching import BatchSettings
+    from .measure import default_threads
+    from .serve import serve
+
+    _check_positive(args, "sessions", "threads", "max_batch", "max_queue", "max_rows")
+    threads = args.threads or max(1, default_threads() // args.sessions)
+    settings = BatchSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        sessions=args.sessions,
+        threads=threads,
+        max_queue=args.max_queue,
+        max_rows=args.max_rows,
+    )
+
+    def ready(url: str) -> None:
+        name = args.name or args.model.stem
+        print(
+            f"compressor: serving {name} at {url}/v2/models/{name} ({settings.label}); "
+            "Ctrl-C stops",
+            flush=True,
+        )
+
+    answered = serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        settings=settings,
+        stop_after_requests=args.stop_after_requests,
+        stop_after_s=args.stop_after_s,
+        on_ready=ready,
+    )
+    print(f"compressor: stopped after {answered} infer request(s)", flush=True)
     return 0
 
 
