@@ -5,6 +5,8 @@ from .adapter import Adapter as Adapter
 from .adapter import Attention as Attention
 from .adapter import class_named as class_named
 from .adapters import register_adapter as register_adapter
+from .batching import BatchSettings as BatchSettings
+from .batching import DynamicBatcher as DynamicBatcher
 from .data import DataSpec as DataSpec
 from .distillation import Distillation as Distillation
 from .errors import CompressorError as CompressorError
@@ -14,6 +16,9 @@ from .errors import ModelError as ModelError
 from .errors import RecipeError as RecipeError
 from .errors import UserError as UserError
 from .export import export_onnx as export_onnx
+from .load import LoadTest as LoadTest
+from .load import load_file as load_file
+from .load import load_url as load_url
 from .pipeline import Pipeline as Pipeline
 from .pipeline import PipelineResult as PipelineResult
 from .pipeline import RunContext as RunContext
@@ -23,18 +28,22 @@ from .quantization import Int8Quantization as Int8Quantization
 from .recipe import register_stage as register_stage
 from .report import Report as Report
 from .report import Row as Row
+from .serve import serve as serve
 from .sparsity import SparsityTraining as SparsityTraining
 from .stage import Stage as Stage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchSettings",
     "CompressorError",
     "DataError",
     "DataSpec",
     "Distillation",
+    "DynamicBatcher",
     "ExportError",
     "Int8Quantization",
+    "LoadTest",
     "ModelError",
     "Pipeline",
     "PipelineResult",
@@ -48,5 +57,8 @@ __all__ = [
     "StructuredPruning",
     "UserError",
     "export_onnx",
+    "load_file",
+    "load_url",
     "register_stage",
+    "serve",
 ]

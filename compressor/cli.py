@@ -209,6 +209,13 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         help="batch size(s) of the throughput measurement (default: 32)",
     )
     _add_runtime(run)
+    run.add_argument(
+        "--load-test",
+        action="store_true",
+        help="also load-test model.onnx and the final file under concurrent requests "
+        "(1 to 64 clients, with and without dynamic batching; about a minute) and add the "
+        "results to the report",
+    )
     compress.set_defaults(func=_compress)
 
 
@@ -550,6 +557,7 @@ def _compress(args: argparse.Namespace) -> int:
             throughput_batch=args.throughput_batch,
             resume=args.resume,
             runtimes=args.runtime,
+            load_test=args.load_test,
         )
     if args.json:
         document = {

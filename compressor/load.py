@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -353,6 +354,7 @@ def load_file(
                 entry["levels"].append(level)
                 if progress:
                     progress(f"{Path(path).name} {setting.label}: {level_line(level)}")
+            entry["best"] = best_setting([entry], p99_ms)
             result["settings"].append(entry)
             if batcher.fixed_batch:
                 break  # no other setting batches a file whose batch size is fixed
@@ -463,3 +465,56 @@ def to_markdown(results: Sequence[Mapping[str, Any]]) -> str:
                         f"- {entry['label']}, {level['concurrency']} clients: {level['note']}"
                     )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoadTest:
+    """The load test a pipeline run adds to its report (``Pipeline.run(load_test=...)``).
+
+    The FP32 baseline file and the final artifact each run under `default_settings`
+    (``max_batch``) at each of ``levels`` clients, each level bounded by ``max_requests``
+    and ``max_seconds``; the best setting is the fastest with a p99 within ``p99_ms``.
+    """
+
+    levels: tuple[int, ...] = (1, 4, 16, 64)
+    max_requests: int = 300
+    max_seconds: float = 2.0
+    max_batch: int = 32
+    p99_ms: float = 50.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(_check_levels(self.levels)))
+        for name in ("max_requests", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                msg = f"LoadTest {name} must be an integer >= 1 (got: {value!r})"
+                raise UserError(msg)
+        for name in ("max_seconds", "p99_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                msg = f"LoadTest {name} must be a number > 0 (got: {value!r})"
+                raise UserError(msg)
+
+    def run(
+        self,
+        files: Mapping[str, str | Path],
+        threads: int,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Load-test each of ``files`` (role -> path, e.g. ``baseline`` and ``final``);
+        the report's ``load`` section."""
+        settings = default_settings(threads, self.max_batch)
+        section: dict[str, Any] = {"p99_ms": self.p99_ms, "threads": threads, "files": {}}
+        for role, path in files.items():
+            result = load_file(
+                path,
+                settings=settings,
+                levels=self.levels,
+                max_requests=self.max_requests,
+                max_seconds=self.max_seconds,
+                p99_ms=self.p99_ms,
+                progress=progress,
+            )
+            result["file"] = Path(path).name
+            section["files"][role] = result
+        return section

@@ -20,6 +20,7 @@ from .data import DataSpec, as_data_spec
 from .errors import DataError, ModelError, RecipeError, UserError
 from .export import export_onnx
 from .layers import call_naming_layer
+from .load import LoadTest
 from .measure import (
     EvalFn,
     compare_outputs,
@@ -180,6 +181,7 @@ class Pipeline:
         throughput_batch: int | Sequence[int] = 32,
         resume: bool = False,
         runtimes: Sequence[str] | None = None,
+        load_test: bool | LoadTest = False,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
 
@@ -205,6 +207,9 @@ class Pipeline:
             runtimes: the ONNX runtimes that measure model.onnx and the final artifact, from
                 ``("onnxruntime", "openvino")``; ONNX Runtime always does. Default: every
                 one installed (OpenVINO with ``pip install 'compressor[openvino]'``).
+            load_test: also load-test model.onnx and the final file under concurrent
+                requests (`LoadTest`; True: its defaults, about a minute) and add the
+                results to the report's ``load`` section.
 
         Returns:
             `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
@@ -216,6 +221,11 @@ class Pipeline:
             msg = f"model must be a torch.nn.Module (got: {type(model).__name__})"
             raise UserError(msg)
         chosen_runtimes = check_runtimes(runtimes)
+        if load_test is True:
+            load_test = LoadTest()
+        elif load_test is not False and not isinstance(load_test, LoadTest):
+            msg = f"load_test must be True, False or a cz.LoadTest (got: {load_test!r})"
+            raise UserError(msg)
         with run_folder(output_dir, resume=resume) as folder:
             ctx = RunContext(
                 train_data=as_data_spec(train_data, "train_data"),
@@ -232,10 +242,19 @@ class Pipeline:
                 runtimes=chosen_runtimes,
             )
             state = self._run_stages(model, ctx, resume)
+            load = None
+            if load_test:
+                ctx.log("load test: model.onnx and the final file under concurrent requests")
+                files = {"baseline": ctx.output_dir / "model.onnx"}
+                if state.onnx_path and state.onnx_path.name != "model.onnx":
+                    files["final"] = state.onnx_path
+                say = ctx.log if ctx.progress else None
+                load = load_test.run(files, ctx.threads, progress=say)
             report = Report(
                 rows=list(state.rows),
                 environment=environment(ctx.threads),
                 parity=_final_parity(state, ctx),
+                load_test=load,
             )
             report.save(ctx.output_dir)
             checkpoints = [

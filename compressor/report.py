@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._io import write_text
 from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row
 from .errors import UserError, first_line
+from .load_table import load_lines
 from .runtimes import deployment_snippet
 
 if TYPE_CHECKING:
@@ -135,12 +136,15 @@ class Report:
         parity: the final ONNX file's outputs against the FP32 baseline file's, over the
             eval data (top-1 agreement, max and mean abs difference), when there is one.
         accuracy_threshold: the accuracy drop (a fraction) above which `diagnosis` warns.
+        load_test: the load test of the baseline file and the final artifact under concurrent
+            requests (`compressor.load.LoadTest.run`), when the run asked for one.
     """
 
     rows: list[Row]
     environment: dict[str, Any]
     parity: dict[str, Any] | None = None
     accuracy_threshold: float = ACCURACY_THRESHOLD
+    load_test: dict[str, Any] | None = None
 
     def row(self, name: str, runtime: str | None = None) -> Row:
         """The first row called ``name`` (measured in ``runtime``, when given).
@@ -175,6 +179,7 @@ class Report:
             "summary": self.summary,
             "parity": self.parity,
             "diagnosis": self.diagnosis,
+            **({"load": self.load_test} if self.load_test else {}),
         }
 
     def to_json(self) -> str:
@@ -191,7 +196,14 @@ class Report:
             msg = f"not a compressor report: {first_line(exc)}"
             raise UserError(msg) from exc
         threshold = (data.get("diagnosis") or {}).get("accuracy_threshold", ACCURACY_THRESHOLD)
-        return cls(rows, environment, parity=data.get("parity"), accuracy_threshold=threshold)
+        load = data.get("load")
+        return cls(
+            rows,
+            environment,
+            parity=data.get("parity"),
+            accuracy_threshold=threshold,
+            load_test=load if isinstance(load, dict) and "files" in load else None,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
@@ -345,6 +357,12 @@ class Report:
             runtime, code = deployment
             lines += [f"Deploy with {runtime} (the settings measured here):", ""]
             lines += ["```python", code.rstrip("\n"), "```", ""]
+        if self.load_test:
+            header, body, summary = load_lines(self.load_test)
+            lines += ["Under concurrent load (closed loop, one row per request):", ""]
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(cells) + " |" for cells in body]
+            lines += ["", summary, ""]
         lines += [f"Note: {n}\n" for n in self.notes()]
         lines.append(self.environment_line())
         return "\n".join(lines) + "\n"
@@ -356,13 +374,17 @@ class Report:
         return render_html(self)
 
     def charts(self) -> dict[str, Figure]:
-        """report.html's charts as matplotlib figures: ``accuracy_latency`` and ``per_stage``.
+        """report.html's charts as matplotlib figures: ``accuracy_latency``, ``per_stage``
+        and, with a load test, ``load``.
 
         In a notebook, ``display(figure)`` (after ``%matplotlib inline``) shows one inline.
         """
-        from .report_html import accuracy_chart, stage_bars
+        from .report_html import accuracy_chart, load_chart, stage_bars
 
-        return {"accuracy_latency": accuracy_chart(self.rows), "per_stage": stage_bars(self.rows)}
+        charts = {"accuracy_latency": accuracy_chart(self.rows), "per_stage": stage_bars(self.rows)}
+        if self.load_test:
+            charts["load"] = load_chart(self.load_test)
+        return charts
 
     def __str__(self) -> str:
         return self.to_markdown()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import html
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .load_table import load_lines
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,6 +68,16 @@ def render_html(report: Report) -> str:
             "<h2>Size, MACs and latency per stage</h2>",
             f'<figure class="chart" id="per-stage">{_svg(stage_bars(report.rows))}</figure>',
         ]
+    if report.load_test:
+        header, body, summary = load_lines(report.load_test)
+        parts += ["<h2>Under concurrent load</h2>", '<table id="load">', "<thead><tr>"]
+        parts += [f"<th>{e(h)}</th>" for h in header]
+        parts.append("</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in body]
+        parts += ["</tbody></table>", f"<p>{e(summary)}</p>"]
+        parts.append(
+            f'<figure class="chart" id="load-chart">{_svg(load_chart(report.load_test))}</figure>'
+        )
     notes = report.notes()
     if notes:
         parts.append("<h2>Notes</h2><ul>")
@@ -188,4 +200,36 @@ def stage_bars(rows: list[Row]) -> Figure:
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(True, axis="x", alpha=0.3)
+    return figure
+
+
+def load_chart(section: dict[str, Any]) -> Figure:
+    """Throughput against p99 latency across concurrency levels, one line per file and
+    setting (report.json's ``load`` section); the p99 bound as a dashed line."""
+    from matplotlib.ticker import FuncFormatter
+
+    figure = _figure(8.5, 4.2)
+    ax = figure.add_subplot()
+    styles = {"baseline": "--", "final": "-"}
+    for role, result in section["files"].items():
+        for index, entry in enumerate(result["settings"]):
+            levels = [lv for lv in entry["levels"] if "throughput" in lv]
+            if not levels:
+                continue
+            ax.plot(
+                [lv["latency_ms"]["p99"] for lv in levels],
+                [lv["throughput"] for lv in levels],
+                styles.get(role, ":"),
+                marker="o",
+                markersize=4,
+                color=f"C{index}",
+                label=f"{result['file']}: {entry['label']}",
+            )
+    ax.axvline(section["p99_ms"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_xlabel("p99 latency, ms (log scale); each point one concurrency level")
+    ax.set_ylabel("requests per second")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
     return figure

@@ -385,3 +385,43 @@ def test_load_and_serve_commands_refuse_bad_input(two_inputs, capsys):
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     assert main(["serve", "missing.onnx", "--port", "0", "--stop-after-s", "1"]) == 2
     assert "'missing.onnx' does not exist" in capsys.readouterr().err
+
+
+def test_a_pipeline_run_reports_its_files_under_load(trained_resnet, data, tmp_path):
+    import compressor as cz
+    from compressor.cli import main as cli
+
+    load = cz.LoadTest(levels=(1, 4), max_requests=40, max_seconds=2, max_batch=8)
+    result = cz.Pipeline([cz.Int8Quantization(calibration_samples=32)]).run(
+        trained_resnet, *data, output_dir=tmp_path, progress=False, threads=1,
+        throughput_batch=8, runtimes=["onnxruntime"], load_test=load,
+    )  # fmt: skip
+    section = json.loads((tmp_path / "report.json").read_text())["load"]
+    assert set(section["files"]) == {"baseline", "final"}
+    assert section["files"]["final"]["file"] == "model.int8.onnx"
+    for role in ("baseline", "final"):
+        settings = section["files"][role]["settings"]
+        assert [e["label"] for e in settings] == [
+            "1x1 threads, no batching",
+            "1x1 threads, batch<=8 wait<=2ms",
+        ]  # one thread: no split into sessions
+        assert all(lv["requests"] == 40 for e in settings for lv in e["levels"])
+    assert result.report.load_test == section
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Under concurrent load" in markdown and "| model.int8.onnx | 1x1 threads" in markdown
+    assert "The artifact serves" in markdown
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="load-chart"' in page and 'id="load"' in page
+    assert set(result.report.charts()) == {"accuracy_latency", "per_stage", "load"}
+    # a report.json without the section (older, or no load test) still renders
+    document = json.loads((tmp_path / "report.json").read_text())
+    del document["load"]
+    (tmp_path / "report.json").write_text(json.dumps(document))
+    assert cli(["report", str(tmp_path)]) == 0
+    assert "Under concurrent load" not in (tmp_path / "report.md").read_text()
+    with pytest.raises(cz.UserError, match=r"load_test must be True, False or a cz\.LoadTest"):
+        cz.Pipeline([cz.Int8Quantization()]).run(
+            trained_resnet, *data, output_dir=tmp_path / "x", load_test="yes"
+        )
+    with pytest.raises(cz.UserError, match=r"LoadTest max_seconds must be a number > 0"):
+        cz.LoadTest(max_seconds=0)
