@@ -45,12 +45,24 @@ def diagnose(
         if drop:
             problems.append(drop)
             causes += _accuracy_causes(rows, accuracy_threshold)
+    unsettled = [r.label for r in rows if not settled(r)]
+    if unsettled:
+        problems.append(
+            f"the batch-1 timing of {', '.join(unsettled)} did not settle before the time "
+            "limit (the machine was busy or throttling): those latencies and the speedups "
+            "built on them are uncertain; rerun on a quiet machine, or with fewer --threads"
+        )
     return {
         "status": "warning" if problems else "ok",
         "accuracy_threshold": accuracy_threshold,
         "problems": problems,
         "causes": causes,
     }
+
+
+def settled(row: Row) -> bool:
+    """Whether the row's batch-1 timing settled (rows from before the flag count as settled)."""
+    return row.latency_ms.get("stable", True) is not False
 
 
 def find_row(rows: Sequence[Row], name: str, runtime: str) -> Row | None:

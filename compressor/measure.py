@@ -28,6 +28,7 @@ from torch import nn
 
 from .data import DataSpec
 from .errors import UserError
+from .onnx_files import onnx_size
 from .report import Row
 from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
 
@@ -371,7 +372,7 @@ def measure_onnx(
         accuracy=accuracy,
         params=params,
         macs=macs,
-        size_bytes=Path(path).stat().st_size,
+        size_bytes=onnx_size(path),
         memory=memory.to_dict(),
         seconds={"measure": round(time.perf_counter() - start, 2)},
         details=details or {},

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import UserError
+from .onnx_files import external_files
 
 LOCK_NAME = ".compressor.lock"
 STAGING_NAME = ".compressor-run"
@@ -87,9 +88,15 @@ class RunFolder:
         ``keep`` names the files of the result, relative to the staging folder
         (``checkpoints/00_baseline.pt`` is always kept when there). Checkpoints go first
         and report.json last; files of an earlier result that this one does not have (an
-        INT8 file, checkpoints of stages it does not have) are removed.
+        INT8 file, checkpoints of stages it does not have) are removed. The tensor files
+        of ONNX files over 2 GB move and go with their ONNX file.
         """
         keep = [*keep, "checkpoints/00_baseline.pt"]
+        for name in list(keep):  # an ONNX file over 2 GB brings its tensor files along
+            if name.endswith(".onnx") and (self.staging / name).is_file():
+                extra = external_files(self.staging / name)
+                keep += [p.relative_to(self.staging).as_posix() for p in extra]
+        previous = [f for old in _result_files(self.output) for f in external_files(old)]
         found = [self.staging / name for name in dict.fromkeys(keep)]
         found = [p for p in found if p.is_file()]
         found.sort(key=lambda p: (p.parent.name != "checkpoints", p.name == "report.json"))
@@ -97,7 +104,7 @@ class RunFolder:
         for path in found:
             os.replace(path, self.output / path.relative_to(self.staging))
         names = {p.relative_to(self.staging).as_posix() for p in found}
-        for old in _result_files(self.output):
+        for old in _result_files(self.output) + previous:
             if old.name not in names:
                 old.unlink(missing_ok=True)
         for old in (self.output / "checkpoints").glob("[0-9][0-9]_*.pt"):
@@ -189,7 +196,8 @@ def _copy_result(output: Path, staging: Path) -> None:
     for path in checkpoints:
         _link_or_copy(path, staging / "checkpoints" / path.name)
     for path in _result_files(output):
-        _link_or_copy(path, staging / path.name)
+        for file in [path, *external_files(path)]:
+            _link_or_copy(file, staging / file.name)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

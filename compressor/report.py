@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import write_text
-from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row
+from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row, settled
 from .errors import UserError, first_line
 from .load_table import load_lines
 from .runtimes import deployment_snippet
@@ -261,7 +261,7 @@ class Report:
                     _count(r.params),
                     _count(r.macs),
                     _size(r.size_bytes),
-                    f"{r.latency_ms['p50']:.3f}",
+                    f"{r.latency_ms['p50']:.3f}{_UNSETTLED if not settled(r) else ''}",
                     f"{r.latency_ms['p95']:.3f}",
                     *[_number(by_batch.get(b), ".1f") for b in sizes],
                     _number((r.memory or {}).get("increase_bytes"), ".1f", scale=1e-6),
@@ -277,10 +277,21 @@ class Report:
         drop = s["accuracy_drop"]
         return (
             f"Final ({s['final']}) vs baseline: "
-            f"{_x(s['speedup_vs_torch'])} faster than torch FP32, "
-            f"{_x(s['speedup_vs_onnx'])} faster than ONNX Runtime FP32, "
+            f"{_x(s['speedup_vs_onnx'])} faster than ONNX Runtime FP32 (the fair baseline), "
+            f"{_x(s['speedup_vs_torch'])} faster than eager torch FP32, "
             f"{_x(s['size_ratio'])} smaller, "
             + ("accuracy drop n/a." if drop is None else f"accuracy drop {drop * 100:+.2f} points.")
+        )
+
+    def unsettled_line(self) -> str | None:
+        """The footnote for rows whose batch-1 timing did not settle, when there are any."""
+        rows = [r.label for r in self.rows if not settled(r)]
+        if not rows:
+            return None
+        return (
+            f"{_UNSETTLED} The timing of {', '.join(rows)} did not settle: its median still "
+            "moved when the time limit ended it (a busy or throttling machine); compare those "
+            "p50s with care."
         )
 
     def runtime_line(self) -> str | None:
@@ -349,6 +360,9 @@ class Report:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         lines.append("")
+        footnote = self.unsettled_line()
+        if footnote:
+            lines += [footnote, ""]
         for line in (self.summary_line(), self.runtime_line(), self.parity_line()):
             if line:
                 lines += [line, ""]
@@ -395,6 +409,9 @@ class Report:
         write_text(directory / "report.json", self.to_json())
         write_text(directory / "report.md", self.to_markdown())
         write_text(directory / "report.html", self.to_html())
+
+
+_UNSETTLED = "†"
 
 
 def _count(n: int | None) -> str:

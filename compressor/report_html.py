@@ -49,7 +49,8 @@ def render_html(report: Report) -> str:
         "<h2>Comparison</h2>",
         _table_html(report),
     ]
-    for line in (report.summary_line(), report.runtime_line(), report.parity_line()):
+    lines = (report.unsettled_line(), report.summary_line(), report.runtime_line())
+    for line in (*lines, report.parity_line()):
         if line:
             parts.append(f"<p>{e(line)}</p>")
     deployment = report.deployment()

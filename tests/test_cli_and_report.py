@@ -146,4 +146,4 @@ def test_report_summary_and_round_trip(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["schema_version"] == 1
     md = (tmp_path / "report.md").read_text()
     assert md == str(report)
-    assert "8.00x faster than torch FP32" in md and "4.00x smaller" in md
+    assert "8.00x faster than eager torch FP32" in md and "4.00x smaller" in md
