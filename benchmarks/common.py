@@ -18,7 +18,7 @@ import compressor as cz
 from compressor._io import write_text
 from compressor.data import DataSpec
 from compressor.measure import environment, timed_runs, top1
-from compressor.pipeline import RunContext, State
+from compressor.stage import RunContext, State
 
 
 def side_by_side(runs: dict[Any, Callable[[], Any]], rounds: int = 3) -> dict[Any, dict[str, Any]]:

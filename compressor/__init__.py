@@ -1,6 +1,7 @@
 """compressor: take a trained PyTorch model to a small, fast INT8 ONNX artifact, with a report."""
 
 from . import adapters as adapters
+from ._version import __version__ as __version__
 from .adapter import Adapter as Adapter
 from .adapter import Attention as Attention
 from .adapter import class_named as class_named
@@ -25,14 +26,12 @@ from .pipeline import RunContext as RunContext
 from .pipeline import State as State
 from .pruning import StructuredPruning as StructuredPruning
 from .quantization import Int8Quantization as Int8Quantization
-from .recipe import register_stage as register_stage
 from .report import Report as Report
 from .report import Row as Row
 from .serve import serve as serve
 from .sparsity import SparsityTraining as SparsityTraining
 from .stage import Stage as Stage
-
-__version__ = "0.1.0"
+from .stage import register_stage as register_stage
 
 __all__ = [
     "BatchSettings",

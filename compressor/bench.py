@@ -16,7 +16,8 @@ import torch
 from .data import DataSpec
 from .errors import UserError, first_line
 from .measure import default_threads, environment, measure_onnx, ort_session
-from .report import Report, Row
+from .report import Report
+from .row import Row
 from .runtimes import check_runtimes
 
 _INT8_OPS = ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")

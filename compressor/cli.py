@@ -752,7 +752,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return f"compressor {__version__}"
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .report import Row
+    from .row import Row
 
 ACCURACY_THRESHOLD = 0.01
 """Default accuracy drop (a fraction: 0.01 = 1 point) above which the report warns."""

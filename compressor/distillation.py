@@ -10,12 +10,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .recipe import register_stage
-from .stage import Stage, check_float, check_int
+from .stage import Stage, check_float, check_int, register_stage
 from .training import LossAndLogits, logits_of, train
 
 if TYPE_CHECKING:
-    from .pipeline import LossFn, RunContext, State
+    from .stage import LossFn, RunContext, State
 
 
 def kd_loss(

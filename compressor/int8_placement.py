@@ -19,7 +19,7 @@ import onnx
 from .measure import Predict, onnx_predictor, sample_batch, timed_runs
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext
+    from .stage import RunContext
 
 _COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MARGIN = 0.03

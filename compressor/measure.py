@@ -29,7 +29,7 @@ from torch import nn
 from .data import DataSpec
 from .errors import UserError
 from .onnx_files import onnx_size
-from .report import Row
+from .row import Row
 from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -454,7 +454,7 @@ def environment(threads: int) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
-    from . import __version__
+    from ._version import __version__
 
     cpu, features = cpu_info()
     return {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
-from .data import DataSpec, as_data_spec
+from .data import as_data_spec
 from .errors import DataError, ModelError, RecipeError, UserError
 from .export import export_onnx
 from .layers import call_naming_layer
@@ -37,72 +36,8 @@ from .output_folder import REPORT_FILES, run_folder
 from .recipe import load_recipe, recipe_to_dict, stages_from_recipe
 from .report import Report, Row
 from .runtimes import check_runtimes
-from .stage import Stage
-
-LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class State:
-    """What one stage hands the next; small and plain so a run can be checkpointed.
-
-    Attributes:
-        model: the current torch model (CPU), owned by the pipeline, never the user's.
-        teacher: a frozen copy of the model as given (the distillation teacher).
-        example_input: one input sample with a batch axis of 1 (tracing, export, MACs).
-        onnx_path: the latest ONNX artifact a stage produced, if any.
-        rows: the measurements taken so far (baseline first).
-        details: what the running stage reports about itself; it goes into its report row.
-    """
-
-    model: nn.Module
-    teacher: nn.Module
-    example_input: torch.Tensor
-    onnx_path: Path | None = None
-    rows: tuple[Row, ...] = ()
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def replace(self, **changes: Any) -> State:
-        """A copy of the state with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """The run's fixed inputs and settings, passed to every stage beside the state.
-
-    ``step`` is the running stage's report name; ``upcoming`` the stages after it (sparsity
-    training aims at the pruning that follows it).
-    """
-
-    train_data: DataSpec
-    eval_data: DataSpec
-    output_dir: Path
-    loss_fn: LossFn
-    eval_fn: EvalFn
-    device: torch.device
-    seed: int = 0
-    threads: int = 1
-    progress: bool = True
-    limit_train_batches: int | None = None
-    throughput_batches: tuple[int, ...] = (32,)
-    runtimes: tuple[str, ...] = ("onnxruntime",)
-    step: str = ""
-    upcoming: tuple[Stage, ...] = ()
-
-    def measure_settings(self) -> dict[str, Any]:
-        """The keyword arguments every row's measurement shares (same data, threads, batch)."""
-        return {
-            "data": self.eval_data,
-            "eval_fn": self.eval_fn,
-            "threads": self.threads,
-            "throughput_batches": self.throughput_batches,
-        }
-
-    def log(self, message: str) -> None:
-        """Print a progress line to stderr unless progress is off."""
-        if self.progress:
-            print(f"[compressor] {message}", file=sys.stderr, flush=True)
+from .stage import LossFn, RunContext, Stage, State
+from .training import resolve_device
 
 
 @dataclass(frozen=True)
@@ -536,21 +471,6 @@ def _batch_sizes(value: int | Sequence[int]) -> tuple[int, ...]:
 
 def _cross_entropy(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     return F.cross_entropy(outputs, targets)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device; CUDA when available if None."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        msg = f"unknown device {device!r} (allowed: 'cpu', 'cuda', 'cuda:N')"
-        raise UserError(msg) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        msg = f"device {device!r} was asked for, but CUDA is not available here (use 'cpu')"
-        raise UserError(msg)
-    return resolved
 
 
 def _check_weights(model: nn.Module) -> None:

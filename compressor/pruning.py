@@ -34,12 +34,11 @@ from .pruning_plan import (
     plan_pruning,
     resolve_importance,
 )
-from .recipe import register_stage
-from .stage import Stage, check_bool, check_choice, check_float, check_int
+from .stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
 from .training import recalibrate_batchnorm
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext, State
+    from .stage import RunContext, State
 
 
 @register_stage("structured_pruning")

@@ -26,11 +26,10 @@ from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .int8_placement import place_fp32
 from .measure import cpu_info, ort_predictor, ort_session, sample_batch, timed_runs
-from .recipe import register_stage
-from .stage import Stage, check_bool, check_choice, check_int
+from .stage import Stage, check_bool, check_choice, check_int, register_stage
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext, State
+    from .stage import RunContext, State
 
 METHODS = ("minmax", "entropy", "percentile")
 TYPES = ("auto", "uint8", "int8")

@@ -6,35 +6,18 @@ one registered stage and its options.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from .errors import RecipeError
-from .stage import Stage
-
-STAGES: dict[str, type[Stage]] = {}
+from .stage import STAGES, Stage
 
 _PRESET_DIR = Path(__file__).parent / "recipes"
 PRESETS = ("fast", "balanced", "max-compression")
 """Recipes shipped in compressor/recipes/NAME.yaml; docs/recipes.md compares them."""
-
-S = TypeVar("S", bound=type[Stage])
-
-
-def register_stage(name: str) -> Callable[[S], S]:
-    """Class decorator: make a stage available to recipes under ``name``."""
-
-    def register(cls: S) -> S:
-        if name in STAGES:
-            msg = f"a stage named {name!r} is already registered ({STAGES[name].__qualname__})"
-            raise RecipeError(msg)
-        STAGES[name] = cls
-        return cls
-
-    return register
 
 
 def stage_from_dict(name: str, options: Mapping[str, Any] | None = None) -> Stage:

@@ -5,9 +5,8 @@ The JSON layout is a contract (``schema_version`` 1, see docs/report.md): tools 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,46 +14,14 @@ from ._io import write_text
 from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row, settled
 from .errors import UserError, first_line
 from .load_table import load_lines
+from .report_html import Page, accuracy_chart, load_chart, render_html, stage_bars
+from .row import Row
 from .runtimes import deployment_snippet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Row:
-    """One measured model: the baseline in one runtime, or the result of one stage."""
-
-    name: str
-    runtime: str
-    precision: str
-    accuracy: float | None
-    params: int | None
-    macs: int | None
-    size_bytes: int
-    latency_ms: dict[str, Any]
-    throughput: dict[str, float]
-    throughput_by_batch: list[dict[str, float]] = field(default_factory=list)
-    memory: dict[str, int] | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """``name (runtime precision)``, as tables and charts name the row."""
-        return f"{self.name} ({self.runtime} {self.precision})"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The row as report.json holds it."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Row:
-        """Inverse of `to_dict`; keys this version does not know are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def summarize(rows: list[Row]) -> dict[str, Any]:
@@ -383,9 +350,18 @@ class Report:
 
     def to_html(self) -> str:
         """report.html: one self-contained page with the table and the charts."""
-        from .report_html import render_html
-
-        return render_html(self)
+        lines = (self.unsettled_line(), self.summary_line(), self.runtime_line())
+        page = Page(
+            diagnosis=self.diagnosis,
+            table=self.table(),
+            lines=[line for line in (*lines, self.parity_line()) if line],
+            deployment=self.deployment(),
+            rows=self.rows,
+            load=self.load_test,
+            notes=self.notes(),
+            environment=self.environment,
+        )
+        return render_html(page)
 
     def charts(self) -> dict[str, Figure]:
         """report.html's charts as matplotlib figures: ``accuracy_latency``, ``per_stage``
@@ -393,8 +369,6 @@ class Report:
 
         In a notebook, ``display(figure)`` (after ``%matplotlib inline``) shows one inline.
         """
-        from .report_html import accuracy_chart, load_chart, stage_bars
-
         charts = {"accuracy_latency": accuracy_chart(self.rows), "per_stage": stage_bars(self.rows)}
         if self.load_test:
             charts["load"] = load_chart(self.load_test)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .load_table import load_lines
@@ -15,7 +16,7 @@ from .load_table import load_lines
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .report import Report, Row
+    from .row import Row
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -35,7 +36,22 @@ pre { background: #f6f8fa; padding: 0.6rem 1rem; overflow-x: auto; }
 _COLORS = {"torch": "#4c72b0", "onnxruntime": "#dd8452", "openvino": "#8172b3"}
 
 
-def render_html(report: Report) -> str:
+@dataclass(frozen=True)
+class Page:
+    """What report.html shows, as `compressor.report.Report` prepares it: this module draws
+    and lays out, the report decides what is said."""
+
+    diagnosis: dict[str, Any]
+    table: tuple[list[str], list[list[str]]]
+    lines: list[str]
+    deployment: tuple[str, str] | None
+    rows: list[Row]
+    load: dict[str, Any] | None
+    notes: list[str]
+    environment: dict[str, Any]
+
+
+def render_html(page: Page) -> str:
     """The whole page: diagnosis, table, summary, charts, notes and environment."""
     e = html.escape
     parts = [
@@ -45,15 +61,12 @@ def render_html(report: Report) -> str:
         "<title>compressor report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>compressor report</h1>",
-        _diagnosis_html(report),
+        _diagnosis_html(page),
         "<h2>Comparison</h2>",
-        _table_html(report),
+        _table_html(page),
     ]
-    lines = (report.unsettled_line(), report.summary_line(), report.runtime_line())
-    for line in (*lines, report.parity_line()):
-        if line:
-            parts.append(f"<p>{e(line)}</p>")
-    deployment = report.deployment()
+    parts += [f"<p>{e(line)}</p>" for line in page.lines]
+    deployment = page.deployment
     if deployment:
         runtime, code = deployment
         parts += [
@@ -61,39 +74,39 @@ def render_html(report: Report) -> str:
             "<p>The settings measured here:</p>",
             f'<pre id="deploy"><code>{e(code)}</code></pre>',
         ]
-    if report.rows:
+    if page.rows:
         parts += [
             "<h2>Accuracy vs latency</h2>",
-            f'<figure class="chart" id="accuracy-latency">{_svg(accuracy_chart(report.rows))}'
+            f'<figure class="chart" id="accuracy-latency">{_svg(accuracy_chart(page.rows))}'
             "</figure>",
             "<h2>Size, MACs and latency per stage</h2>",
-            f'<figure class="chart" id="per-stage">{_svg(stage_bars(report.rows))}</figure>',
+            f'<figure class="chart" id="per-stage">{_svg(stage_bars(page.rows))}</figure>',
         ]
-    if report.load_test:
-        header, body, summary = load_lines(report.load_test)
+    if page.load:
+        header, body, summary = load_lines(page.load)
         parts += ["<h2>Under concurrent load</h2>", '<table id="load">', "<thead><tr>"]
         parts += [f"<th>{e(h)}</th>" for h in header]
         parts.append("</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in body]
         parts += ["</tbody></table>", f"<p>{e(summary)}</p>"]
         parts.append(
-            f'<figure class="chart" id="load-chart">{_svg(load_chart(report.load_test))}</figure>'
+            f'<figure class="chart" id="load-chart">{_svg(load_chart(page.load))}</figure>'
         )
-    notes = report.notes()
+    notes = page.notes
     if notes:
         parts.append("<h2>Notes</h2><ul>")
         parts += [f"<li>{e(n)}</li>" for n in notes]
         parts.append("</ul>")
     parts += ["<h2>Environment</h2>", '<table class="env">']
-    for key, value in report.environment.items():
+    for key, value in page.environment.items():
         shown = ", ".join(value) if isinstance(value, list) else value
         parts.append(f"<tr><th>{e(str(key))}</th><td>{e(str(shown))}</td></tr>")
     parts += ["</table>", "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
-def _diagnosis_html(report: Report) -> str:
-    diagnosis = report.diagnosis
+def _diagnosis_html(page: Page) -> str:
+    diagnosis = page.diagnosis
     if not diagnosis["problems"]:
         return '<div class="ok" id="diagnosis">No problems found.</div>'
     items = [f"<li>{html.escape(p)}</li>" for p in diagnosis["problems"]]
@@ -107,8 +120,8 @@ def _diagnosis_html(report: Report) -> str:
     )
 
 
-def _table_html(report: Report) -> str:
-    header, body = report.table()
+def _table_html(page: Page) -> str:
+    header, body = page.table
     rows = ['<table id="comparison"><thead><tr>']
     rows += [f"<th>{html.escape(h)}</th>" for h in header]
     rows.append("</tr></thead><tbody>")

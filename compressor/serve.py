@@ -61,7 +61,7 @@ def max_body_bytes(batcher: DynamicBatcher) -> int:
 def make_app(batcher: DynamicBatcher, name: str, on_answer: Callable[[], None] | None = None):
     """The aiohttp application serving ``batcher`` under the model name ``name``."""
     web = _aiohttp()
-    from . import __version__
+    from ._version import __version__
 
     max_body = max_body_bytes(batcher)
     output_names = [o.name for o in batcher.outputs]

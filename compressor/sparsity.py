@@ -13,12 +13,11 @@ from .adapters import restructure, untraceable_blocks
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .pruning import StructuredPruning, failing_groups, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
-from .recipe import register_stage
-from .stage import Stage, check_choice, check_float, check_int
+from .stage import Stage, check_choice, check_float, check_int, register_stage
 from .training import LossAndLogits, logits_of, recalibrate_batchnorm, train
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext, State
+    from .stage import RunContext, State
 
 METHODS = ("growing", "l1")
 BN_RECALIBRATION_BATCHES = 32

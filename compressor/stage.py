@@ -1,21 +1,32 @@
-"""The Stage base class and the option validators the stages share.
+"""What a stage is and what it is given: the Stage base class, the stage registry, the
+state record stages hand each other, the run context, and the option validators.
 
 A stage is a frozen dataclass whose fields are its options; it validates them in
 `__post_init__` (so a bad option fails before any training) and does its work in
-`apply(state, ctx) -> State`.
+`apply(state, ctx) -> State`. Stage modules import this module only, never the pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+import sys
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
 
 from .errors import RecipeError
 
 if TYPE_CHECKING:
-    from .pipeline import RunContext, State
+    from pathlib import Path
+
+    from torch import nn
+
+    from .data import DataSpec
+    from .measure import EvalFn
+    from .row import Row
 
 
 class Stage:
@@ -108,3 +119,87 @@ def check_bool(stage: str, option: str, value: Any) -> None:
     if not isinstance(value, bool):
         msg = f"{stage}.{option} must be true or false (got: {value!r})"
         raise RecipeError(msg)
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+S = TypeVar("S", bound=type[Stage])
+
+
+def register_stage(name: str) -> Callable[[S], S]:
+    """Class decorator: make a stage available to recipes under ``name``."""
+
+    def register(cls: S) -> S:
+        if name in STAGES:
+            msg = f"a stage named {name!r} is already registered ({STAGES[name].__qualname__})"
+            raise RecipeError(msg)
+        STAGES[name] = cls
+        return cls
+
+    return register
+
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class State:
+    """What one stage hands the next; small and plain so a run can be checkpointed.
+
+    Attributes:
+        model: the current torch model (CPU), owned by the pipeline, never the user's.
+        teacher: a frozen copy of the model as given (the distillation teacher).
+        example_input: one input sample with a batch axis of 1 (tracing, export, MACs).
+        onnx_path: the latest ONNX artifact a stage produced, if any.
+        rows: the measurements taken so far (baseline first).
+        details: what the running stage reports about itself; it goes into its report row.
+    """
+
+    model: nn.Module
+    teacher: nn.Module
+    example_input: torch.Tensor
+    onnx_path: Path | None = None
+    rows: tuple[Row, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> State:
+        """A copy of the state with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run's fixed inputs and settings, passed to every stage beside the state.
+
+    ``step`` is the running stage's report name; ``upcoming`` the stages after it (sparsity
+    training aims at the pruning that follows it).
+    """
+
+    train_data: DataSpec
+    eval_data: DataSpec
+    output_dir: Path
+    loss_fn: LossFn
+    eval_fn: EvalFn
+    device: torch.device
+    seed: int = 0
+    threads: int = 1
+    progress: bool = True
+    limit_train_batches: int | None = None
+    throughput_batches: tuple[int, ...] = (32,)
+    runtimes: tuple[str, ...] = ("onnxruntime",)
+    step: str = ""
+    upcoming: tuple[Stage, ...] = ()
+
+    def measure_settings(self) -> dict[str, Any]:
+        """The keyword arguments every row's measurement shares (same data, threads, batch)."""
+        return {
+            "data": self.eval_data,
+            "eval_fn": self.eval_fn,
+            "threads": self.threads,
+            "throughput_batches": self.throughput_batches,
+        }
+
+    def log(self, message: str) -> None:
+        """Print a progress line to stderr unless progress is off."""
+        if self.progress:
+            print(f"[compressor] {message}", file=sys.stderr, flush=True)

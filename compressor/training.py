@@ -16,7 +16,7 @@ from .errors import DataError, UserError, first_line
 
 if TYPE_CHECKING:
     from .data import DataSpec
-    from .pipeline import RunContext
+    from .stage import RunContext
 
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
 ComputeLoss = Callable[[nn.Module, torch.Tensor, Any], "torch.Tensor | LossAndLogits"]
@@ -208,7 +208,7 @@ def fit_baseline(
     """
     from .data import as_data_spec
     from .measure import top1
-    from .pipeline import RunContext, resolve_device
+    from .stage import RunContext
 
     data = as_data_spec(train_data, "train_data")
     ctx = RunContext(
@@ -228,3 +228,18 @@ def fit_baseline(
         return F.cross_entropy(logits, targets), logits
 
     return train(model, ctx, epochs=epochs, lr=lr, compute_loss=compute_loss, desc="baseline")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; CUDA when available if None."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        msg = f"unknown device {device!r} (allowed: 'cpu', 'cuda', 'cuda:N')"
+        raise UserError(msg) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {device!r} was asked for, but CUDA is not available here (use 'cpu')"
+        raise UserError(msg)
+    return resolved

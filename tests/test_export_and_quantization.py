@@ -12,8 +12,8 @@ import compressor as cz
 from compressor import quantization
 from compressor.export import check_parity, export_onnx
 from compressor.measure import ort_predictor, ort_session, top1
-from compressor.pipeline import RunContext, State
 from compressor.quantization import activation_bytes, choose_types
+from compressor.stage import RunContext, State
 
 
 def test_export_matches_torch_and_has_a_dynamic_batch(trained_resnet, example, tmp_path):

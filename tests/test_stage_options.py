@@ -5,10 +5,10 @@ from compressor.recipe import (
     STAGES,
     load_recipe,
     recipe_to_yaml,
-    register_stage,
     stage_from_dict,
     stages_from_recipe,
 )
+from compressor.stage import register_stage
 
 ALL = [
     cz.SparsityTraining(epochs=1, l1=1e-3),

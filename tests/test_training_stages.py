@@ -9,7 +9,7 @@ from torch.nn import functional as F
 import compressor as cz
 from compressor.distillation import kd_loss
 from compressor.measure import top1
-from compressor.pipeline import RunContext, State
+from compressor.stage import RunContext, State
 
 
 def context(data, tmp_path: Path, **kw) -> RunContext:
