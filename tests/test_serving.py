@@ -372,6 +372,40 @@ def test_sigterm_finishes_and_reports(two_inputs):
     assert "stopped after 1 infer request(s)" in out
 
 
+def test_shutdown_answers_the_request_in_flight(tmp_path):
+    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=16)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compressor", "serve", str(slow), "--port", "0", "--threads",
+         "1", "--stop-after-s", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = process.stdout.readline().split(" at ")[1].split("/v2/")[0]
+    inputs = _rows(64, 0, width=1024)  # about a second of work on one thread
+    body, headers = encode_request(inputs, binary=True)
+    answers = []
+    client = threading.Thread(
+        target=lambda: answers.append(_post_binary(url + "/v2/models/slow/infer", body, headers))
+    )
+    client.start()
+    threading.Event().wait(0.3)  # the request is in flight
+    process.send_signal(signal.SIGTERM)
+    client.join(60)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    ((status, outputs),) = answers
+    assert status == 200
+    np.testing.assert_allclose(outputs, _direct(slow, inputs), rtol=1e-5)
+    assert "stopped after 1 infer request(s)" in out
+
+
+def _post_binary(url: str, body: bytes, headers: dict) -> tuple[int, np.ndarray]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        header = json.loads(response.read())
+    (out,) = header["outputs"]
+    return response.status, np.array(out["data"], np.float32).reshape(out["shape"])
+
+
 def test_load_and_serve_commands_refuse_bad_input(two_inputs, capsys):
     assert main(["load"]) == 2
     assert "give one or more MODEL.onnx files" in capsys.readouterr().err
