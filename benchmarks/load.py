@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--overhead-rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -104,7 +105,9 @@ def main() -> None:
                 )
                 for role, path in files.items()
             }
-            overhead = batcher_overhead(files["final"], args.size, args.threads)
+            overhead = batcher_overhead(
+                files["final"], args.size, args.threads, args.overhead_rounds
+            )
             runs.append({"results": results, **overhead})
 
     rows = []

@@ -398,6 +398,38 @@ def test_shutdown_answers_the_request_in_flight(tmp_path):
     assert "stopped after 1 infer request(s)" in out
 
 
+def test_a_full_queue_answers_503_over_http(tmp_path):
+    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=8)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compressor", "serve", str(slow), "--port", "0", "--threads",
+         "1", "--max-batch", "1", "--max-queue", "1", "--stop-after-s", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = process.stdout.readline().split(" at ")[1].split("/v2/")[0]
+        body, headers = encode_request(_rows(64, 0, width=1024), binary=True)
+        answers = []
+
+        def send() -> None:
+            status, answer = _post(url + "/v2/models/slow/infer", body, headers)
+            answers.append(status)
+            if status == 503:
+                assert "already waiting; retry later" in answer["error"]
+
+        clients = [threading.Thread(target=send) for _ in range(6)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(120)
+        # one runs, one waits, the others are told at once that the server is busy
+        assert len(answers) == 6 and 200 in answers and 503 in answers
+        status, _ = _post(url + "/v2/models/slow/infer", b"{", {})
+        assert status == 400  # and it still answers
+    finally:
+        process.kill()
+        process.wait(30)
+
+
 def _post_binary(url: str, body: bytes, headers: dict) -> tuple[int, np.ndarray]:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=60) as response:
