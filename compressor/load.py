@@ -30,7 +30,8 @@ LEVELS = (1, 2, 4, 8, 16, 32, 64)
 """The default concurrency levels."""
 
 Call = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
-"""One client's call: sends a request, waits, returns ``queue_ms``, ``run_ms``, ``batch_rows``."""
+"""One client's call: sends a request, waits, returns ``queue_ms``, ``run_ms`` and
+``batch_rows`` (an empty dict when the server does not say)."""
 
 
 def default_settings(threads: int | None = None, max_batch: int = 32) -> list[BatchSettings]:
@@ -131,24 +132,26 @@ def _summarize(
     if not records:
         return level
     latency = np.array([r[0] for r in records])
-    rows_per_run = np.array([max(r[1]["batch_rows"], 1) for r in records])
-    run_ms = np.array([r[1]["run_ms"] for r in records])
-    runs = float(np.sum(1 / rows_per_run))  # each request is 1/B of its run
-    busy_ms = float(np.sum(run_ms / rows_per_run))
     throughput = len(records) / seconds
-    estimate = sessions * len(records) / (busy_ms / 1000) if busy_ms > 0 else None
-    level.update(
-        {
-            "throughput": round(throughput, 2),
-            "latency_ms": {
-                f"p{q}": round(float(np.percentile(latency, q)), 3) for q in (50, 90, 95, 99)
-            },
-            "mean_batch": round(len(records) / runs, 2),
-            "queue_ms": round(float(np.mean([r[1]["queue_ms"] for r in records])), 3),
-            "run_ms": round(float(np.mean(run_ms)), 3),
-            "estimate": None if estimate is None else round(estimate, 2),
-        }
-    )
+    level["throughput"] = round(throughput, 2)
+    level["latency_ms"] = {
+        f"p{q}": round(float(np.percentile(latency, q)), 3) for q in (50, 90, 95, 99)
+    }
+    timed = [r[1] for r in records if r[1]]  # a server may not say where the time went
+    estimate = None
+    level.update(mean_batch=None, queue_ms=None, run_ms=None, estimate=None)
+    if timed:
+        rows_per_run = np.array([max(t["batch_rows"], 1) for t in timed])
+        run_ms = np.array([t["run_ms"] for t in timed])
+        runs = float(np.sum(1 / rows_per_run))  # each request is 1/B of its run
+        busy_ms = float(np.sum(run_ms / rows_per_run))
+        estimate = sessions * len(timed) / (busy_ms / 1000) if busy_ms > 0 else None
+        level.update(
+            mean_batch=round(len(timed) / runs, 2),
+            queue_ms=round(float(np.mean([t["queue_ms"] for t in timed])), 3),
+            run_ms=round(float(np.mean(run_ms)), 3),
+            estimate=None if estimate is None else round(estimate, 2),
+        )
     level["note"] = _estimate_note(throughput, estimate)
     return level
 
@@ -209,7 +212,9 @@ def http_client(url: str, model: str, binary: bool = True) -> Callable[[], Call]
                 raise RuntimeError(msg)
             size = response.getheader("Inference-Header-Content-Length")
             header = json.loads(data[: int(size)] if size else data)
-            p = header.get("parameters", {})
+            p = header.get("parameters") or {}
+            if not all(k in p for k in ("queue_us", "compute_us", "batch_rows")):
+                return {}  # another server: latency and throughput only
             return {
                 "queue_ms": p["queue_us"] / 1000,
                 "run_ms": p["compute_us"] / 1000,
@@ -391,9 +396,11 @@ def level_line(level: Mapping[str, Any]) -> str:
     if "throughput" not in level:
         return f"concurrency {level['concurrency']}: no answer ({level.get('first_error')})"
     lat = level["latency_ms"]
+    rows = level.get("mean_batch")
     return (
         f"concurrency {level['concurrency']}: {level['throughput']:.1f}/s, "
-        f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} ms, {level['mean_batch']:.1f} rows/run"
+        f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} ms"
+        + (f", {rows:.1f} rows/run" if rows is not None else "")
     )
 
 
@@ -461,9 +468,8 @@ def to_markdown(results: Sequence[Mapping[str, Any]]) -> str:
                 lines.append(f"- {entry['note']}")
             for level in entry["levels"]:
                 if level.get("note"):
-                    lines.append(
-                        f"- {entry['label']}, {level['concurrency']} clients: {level['note']}"
-                    )
+                    n = level["concurrency"]
+                    lines.append(f"- {entry['label']}, {n} client{'s' * (n != 1)}: {level['note']}")
     return "\n".join(lines)
 
 

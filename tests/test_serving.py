@@ -491,3 +491,15 @@ def test_a_pipeline_run_reports_its_files_under_load(trained_resnet, data, tmp_p
         )
     with pytest.raises(cz.UserError, match=r"LoadTest max_seconds must be a number > 0"):
         cz.LoadTest(max_seconds=0)
+
+
+def test_a_server_that_does_not_say_where_the_time_went_still_gets_numbers():
+    from compressor.load import _summarize, level_line
+
+    records = [(2.0 + i / 10, {}) for i in range(20)]  # latency ms, no timing from the server
+    level = _summarize(4, records, [], seconds=1.0, sessions=1)
+    assert level["throughput"] == 20 and level["latency_ms"]["p50"] == pytest.approx(2.95)
+    assert level["mean_batch"] is level["estimate"] is level["run_ms"] is None
+    assert "rows/run" not in level_line(level) and "20.0/s" in level_line(level)
+    assert "| - |" in to_markdown([{"file": "m", "p99_ms": 50, "best": None,
+                                   "settings": [{"label": "HTTP", "levels": [level]}]}])  # fmt: skip
