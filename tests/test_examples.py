@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import compressor as cz
-import compressor.recipe as recipe_module
+from compressor.stage import STAGES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -47,13 +47,15 @@ def test_custom_stage_runs_from_a_recipe(tmp_path):
 
 def test_example_recipes_load(monkeypatch):
     # The example registers its stage on import; keep that registration inside this test.
-    monkeypatch.setattr(recipe_module, "STAGES", dict(recipe_module.STAGES))
+    before = dict(STAGES)
     monkeypatch.syspath_prepend(str(EXAMPLES))
     sys.modules.pop("custom_stage", None)
     try:
         check_recipes(importlib.import_module("custom_stage"))
     finally:
         sys.modules.pop("custom_stage", None)
+        STAGES.clear()
+        STAGES.update(before)
 
 
 def check_recipes(custom_stage) -> None:
