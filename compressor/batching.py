@@ -1,5 +1,5 @@
-"""A dynamic batcher in front of ONNX Runtime sessions, shared by `compressor load` and
-`compressor serve`.
+"""A dynamic batcher in front of ONNX Runtime (or OpenVINO) sessions, shared by
+`compressor load` and `compressor serve`.
 
 Requests wait in one bounded queue. Each worker owns one ONNX Runtime session and takes
 the oldest request, then more until the batch holds ``max_batch`` rows or the oldest
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .measure import ort_session
+from .measure import openvino_model, ort_session
+from .runtimes import check_runtimes
 
 V2_DATATYPES = {
     "tensor(bool)": "BOOL",
@@ -112,8 +113,9 @@ _STOP = object()
 @dataclass(frozen=True)
 class BatchSettings:
     """How requests are run: up to ``max_batch`` rows per run, waiting at most
-    ``max_wait_ms`` for more, on ``sessions`` sessions of ``threads`` intra-op threads;
-    at most ``max_queue`` requests wait, and one request holds at most ``max_rows`` rows."""
+    ``max_wait_ms`` for more, on ``sessions`` sessions of ``threads`` intra-op threads in
+    ``runtime`` (``onnxruntime`` or ``openvino``, with the report's settings for each); at
+    most ``max_queue`` requests wait, and one request holds at most ``max_rows`` rows."""
 
     max_batch: int = 1
     max_wait_ms: float = 0.0
@@ -121,8 +123,10 @@ class BatchSettings:
     threads: int = 1
     max_queue: int = 256
     max_rows: int = 64
+    runtime: str = "onnxruntime"
 
     def __post_init__(self) -> None:
+        check_runtimes([self.runtime])  # a clear error for an unknown or missing runtime
         for name in ("max_batch", "sessions", "threads", "max_queue", "max_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -139,7 +143,8 @@ class BatchSettings:
             if self.max_batch == 1
             else f"batch<={self.max_batch} wait<={self.max_wait_ms:g}ms"
         )
-        return f"{self.sessions}x{self.threads} threads, {batching}"
+        where = "" if self.runtime == "onnxruntime" else f"{self.runtime}, "
+        return f"{where}{self.sessions}x{self.threads} threads, {batching}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -149,7 +154,60 @@ class BatchSettings:
             "threads": self.threads,
             "max_queue": self.max_queue,
             "max_rows": self.max_rows,
+            "runtime": self.runtime,
         }
+
+
+class _ORTSession:
+    """An ONNX Runtime session with the report's settings; ``run`` gives every output."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.session = ort_session(path, threads)
+        self.inputs = [_tensor_info(a) for a in self.session.get_inputs()]
+        self.outputs = [_tensor_info(a) for a in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+_OPENVINO_TYPES = {
+    "boolean": "BOOL",
+    "u8": "UINT8",
+    "u16": "UINT16",
+    "u32": "UINT32",
+    "u64": "UINT64",
+    "i8": "INT8",
+    "i16": "INT16",
+    "i32": "INT32",
+    "i64": "INT64",
+    "f16": "FP16",
+    "f32": "FP32",
+    "f64": "FP64",
+}
+
+
+class _OpenVINOSession:
+    """An OpenVINO compiled model and one infer request, with the report's settings."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.compiled = openvino_model(path, threads)
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [self._info(p) for p in self.compiled.inputs]
+        self.outputs = [self._info(p) for p in self.compiled.outputs]
+
+    @staticmethod
+    def _info(port: Any) -> TensorInfo:
+        kind, name = port.get_element_type().to_string(), port.get_any_name()
+        if kind not in _OPENVINO_TYPES:
+            msg = f"tensor {name!r} has type {kind}, which the batcher does not serve"
+            raise UserError(msg)
+        shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+        return TensorInfo(name, _OPENVINO_TYPES[kind], shape)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)
+        # the request reuses its output memory: copy before the next run
+        return [np.array(result[port]) for port in self.compiled.outputs]
 
 
 class DynamicBatcher:
@@ -166,12 +224,12 @@ class DynamicBatcher:
             msg = f"ONNX file {str(self.path)!r} does not exist"
             raise UserError(msg)
         self.settings = settings or BatchSettings()
+        make = _OpenVINOSession if self.settings.runtime == "openvino" else _ORTSession
         self._sessions = [
-            ort_session(self.path, self.settings.threads) for _ in range(self.settings.sessions)
+            make(self.path, self.settings.threads) for _ in range(self.settings.sessions)
         ]
         first = self._sessions[0]
-        self.inputs = [_tensor_info(a) for a in first.get_inputs()]
-        self.outputs = [_tensor_info(a) for a in first.get_outputs()]
+        self.inputs, self.outputs = first.inputs, first.outputs
         batch_dims = {i.shape[0] if i.shape else 1 for i in self.inputs}
         self.fixed_batch = max(batch_dims) if -1 not in batch_dims else None
         """The batch size the file fixes (requests must have exactly that many rows), or None."""
@@ -304,7 +362,7 @@ class DynamicBatcher:
                 feeds = batch[0].inputs
             else:
                 feeds = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
-            results = session.run(None, feeds)
+            results = session.run(feeds)
             if len(batch) > 1 and any(r.ndim == 0 or r.shape[0] != rows for r in results):
                 msg = "an output has no batch axis to split"  # run each request alone
                 raise ValueError(msg)

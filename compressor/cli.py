@@ -361,6 +361,14 @@ def _add_load(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="D",
         help="input shape without the batch axis, for models whose shape is dynamic",
     )
+    load.add_argument(
+        "--runtime",
+        nargs="+",
+        default=["onnxruntime"],
+        choices=ONNX_RUNTIMES,
+        metavar="NAME",
+        help="run the files in these runtimes: onnxruntime, openvino (default: onnxruntime)",
+    )
     load.add_argument("--url", metavar="URL", help="load a running server (http://HOST:PORT)")
     load.add_argument("--name", help="the model's name on the server (with --url)")
     load.add_argument(
@@ -394,6 +402,13 @@ def _add_serve(commands: Any, common: argparse.ArgumentParser) -> None:
         "--port", type=int, default=8000, help="port (default: 8000; 0: any free one)"
     )
     serve.add_argument("--name", help="the model's name in URLs (default: the file's stem)")
+    serve.add_argument(
+        "--runtime",
+        default="onnxruntime",
+        choices=ONNX_RUNTIMES,
+        help="the runtime behind the server: onnxruntime (default) or openvino "
+        "(pip install 'compressor[openvino]')",
+    )
     _add_batching(serve, 16, 2.0)
     serve.add_argument(
         "--max-rows",
@@ -704,7 +719,7 @@ def _load(args: argparse.Namespace) -> int:
         msg = "give one or more MODEL.onnx files, or --url and --name of a running server"
         raise UserError(msg)
     else:
-        settings = default_settings(args.threads, args.max_batch)
+        settings = default_settings(args.threads, args.max_batch, args.runtime)
         results = [load_file(m, settings=settings, **common) for m in args.models]
     if args.json:
         print(json.dumps(results, indent=2))
@@ -727,6 +742,7 @@ def _serve(args: argparse.Namespace) -> int:
         threads=threads,
         max_queue=args.max_queue,
         max_rows=args.max_rows,
+        runtime=args.runtime,
     )
 
     def ready(url: str) -> None:

@@ -34,13 +34,21 @@ Call = Callable[[Mapping[str, np.ndarray]], dict[str, float]]
 ``batch_rows`` (an empty dict when the server does not say)."""
 
 
-def default_settings(threads: int | None = None, max_batch: int = 32) -> list[BatchSettings]:
-    """The settings a load test compares: one session with all cores and one session per
-    core, each without batching and with a dynamic batcher (``max_batch``, 2 ms wait)."""
+def default_settings(
+    threads: int | None = None,
+    max_batch: int = 32,
+    runtimes: Sequence[str] = ("onnxruntime",),
+) -> list[BatchSettings]:
+    """The settings a load test compares, in each of ``runtimes``: one session with all
+    cores and one session per core, each without batching and with a dynamic batcher
+    (``max_batch``, 2 ms wait)."""
     cores = threads or default_threads()
     splits = [(1, cores)] + ([(cores, 1)] if cores > 1 else [])
     return [
-        BatchSettings(max_batch=b, max_wait_ms=w, sessions=s, threads=t, max_queue=1024)
+        BatchSettings(
+            max_batch=b, max_wait_ms=w, sessions=s, threads=t, max_queue=1024, runtime=runtime
+        )
+        for runtime in dict.fromkeys(runtimes)
         for s, t in splits
         for b, w in ((1, 0.0), (max_batch, 2.0))
     ]

@@ -68,7 +68,7 @@ def make_app(batcher: DynamicBatcher, name: str, on_answer: Callable[[], None] |
     metadata = {
         "name": name,
         "versions": ["1"],
-        "platform": "onnxruntime_onnx",
+        "platform": f"{batcher.settings.runtime}_onnx",
         "inputs": [i.to_dict() for i in batcher.inputs],
         "outputs": [o.to_dict() for o in batcher.outputs],
     }

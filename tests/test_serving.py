@@ -503,3 +503,45 @@ def test_a_server_that_does_not_say_where_the_time_went_still_gets_numbers():
     assert "rows/run" not in level_line(level) and "20.0/s" in level_line(level)
     assert "| - |" in to_markdown([{"file": "m", "p99_ms": 50, "best": None,
                                    "settings": [{"label": "HTTP", "levels": [level]}]}])  # fmt: skip
+
+
+def test_openvino_can_run_behind_the_batcher_and_the_server(two_inputs, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra: pip install 'compressor[openvino]'")
+    settings = BatchSettings(max_batch=8, max_wait_ms=10, sessions=2, threads=1, runtime="openvino")
+    requests = [_rows(1 + i % 3, seed=i) for i in range(12)]
+    with DynamicBatcher(two_inputs, settings) as batcher:
+        assert [i.to_dict() for i in batcher.inputs] == [
+            {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "ids", "datatype": "INT64", "shape": [-1, 3]},
+        ]
+        answers = [f.result(timeout=30) for f in [batcher.submit(r) for r in requests]]
+    for request, answer in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(
+            answer.outputs["y"], _direct(two_inputs, request), rtol=1e-5, atol=1e-5
+        )
+    assert max(a.batch_rows for a in answers) > 3
+    assert settings.label == "openvino, 2x1 threads, batch<=8 wait<=10ms"
+    with pytest.raises(UserError, match=r"unknown runtime 'tensorrt'; allowed: onnxruntime"):
+        BatchSettings(runtime="tensorrt")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compressor", "serve", str(two_inputs), "--port", "0",
+         "--runtime", "openvino", "--stop-after-requests", "1", "--stop-after-s", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = process.stdout.readline().split(" at ")[1].split("/v2/")[0]
+    with urllib.request.urlopen(url + "/v2/models/two", timeout=30) as response:
+        assert json.loads(response.read())["platform"] == "openvino_onnx"
+    inputs = _rows(2, 5)
+    status, answer = _post(url + "/v2/models/two/infer", *encode_request(inputs, binary=False))
+    assert status == 200
+    got = np.array(answer["outputs"][0]["data"], np.float32).reshape(2, 4)
+    np.testing.assert_allclose(got, _direct(two_inputs, inputs), rtol=1e-5, atol=1e-5)
+    assert process.wait(60) == 0
+    result = load_file(
+        two_inputs,
+        settings=[BatchSettings(max_batch=4, max_wait_ms=2, threads=1, runtime="openvino")],
+        levels=[4],
+        max_requests=40,
+    )
+    assert result["settings"][0]["levels"][0]["requests"] == 40
+    assert result["settings"][0]["runtime"] == "openvino"
