@@ -133,7 +133,7 @@ def _summarize(
         "concurrency": concurrency,
         "requests": len(records),
         "errors": len(errors),
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 6),
     }
     if errors:
         level["first_error"] = errors[0]

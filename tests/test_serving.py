@@ -153,18 +153,19 @@ def test_load_test_numbers_add_up(two_inputs):
             lat = level["latency_ms"]
             assert level["requests"] == 80 and level["errors"] == 0
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"]
-            assert level["throughput"] == pytest.approx(80 / level["seconds"], rel=0.05)
+            assert level["throughput"] == pytest.approx(80 / level["seconds"], rel=1e-3)
             assert level["estimate"] > 0
     unbatched, batched = (e["levels"][-1] for e in result["settings"])
     assert unbatched["mean_batch"] == 1.0
     assert batched["mean_batch"] > 1.5  # 8 clients, 5 ms to gather them
+    within = [lv for e in result["settings"] for lv in e["levels"] if lv["latency_ms"]["p99"] <= 50]
     best = result["best"]
-    assert best["throughput"] == max(
-        level["throughput"] for e in result["settings"] for level in e["levels"]
+    assert (
+        best is None if not within else best["throughput"] == max(lv["throughput"] for lv in within)
     )
     text = to_markdown([result])
     assert "| two.onnx | 1x1 threads, no batching | 1 |" in text
-    assert "best within p99 50 ms" in text
+    assert ("best within p99 50 ms" in text) == (best is not None)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +374,7 @@ def test_sigterm_finishes_and_reports(two_inputs):
 
 
 def test_shutdown_answers_the_request_in_flight(tmp_path):
-    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=16)
+    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=24)
     process = subprocess.Popen(
         [sys.executable, "-m", "compressor", "serve", str(slow), "--port", "0", "--threads",
          "1", "--stop-after-s", "120"],
@@ -457,7 +458,8 @@ def test_a_pipeline_run_reports_its_files_under_load(trained_resnet, data, tmp_p
     import compressor as cz
     from compressor.cli import main as cli
 
-    load = cz.LoadTest(levels=(1, 4), max_requests=40, max_seconds=2, max_batch=8)
+    # a loose p99 bound: on a busy machine a tiny model's p99 still fits, so both have a best
+    load = cz.LoadTest(levels=(1, 4), max_requests=40, max_seconds=2, max_batch=8, p99_ms=2000)
     result = cz.Pipeline([cz.Int8Quantization(calibration_samples=32)]).run(
         trained_resnet, *data, output_dir=tmp_path, progress=False, threads=1,
         throughput_batch=8, runtimes=["onnxruntime"], load_test=load,
