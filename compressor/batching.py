@@ -10,6 +10,7 @@ them as one batch and gives each request its own rows back. A full queue answers
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -55,6 +56,8 @@ NUMPY_DTYPES = {
     "FP32": np.float32,
     "FP64": np.float64,
 }
+DATATYPES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
+"""A numpy dtype's name in the Open Inference Protocol (the inverse of `NUMPY_DTYPES`)."""
 
 
 class Busy(UserError):
@@ -147,15 +150,7 @@ class BatchSettings:
         return f"{where}{self.sessions}x{self.threads} threads, {batching}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_batch": self.max_batch,
-            "max_wait_ms": self.max_wait_ms,
-            "sessions": self.sessions,
-            "threads": self.threads,
-            "max_queue": self.max_queue,
-            "max_rows": self.max_rows,
-            "runtime": self.runtime,
-        }
+        return dataclasses.asdict(self)
 
 
 class _ORTSession:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .batching import NUMPY_DTYPES, BatchSettings, DynamicBatcher, TensorInfo
+from .batching import DATATYPES, NUMPY_DTYPES, BatchSettings, DynamicBatcher, TensorInfo
 from .errors import UserError
 from .measure import default_threads
 
@@ -244,13 +244,12 @@ def _check_url(url: str) -> str:
 
 def encode_request(inputs: Mapping[str, np.ndarray], binary: bool) -> tuple[bytes, dict]:
     """An Open Inference Protocol infer request for ``inputs`` (body, headers)."""
-    names = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
     tensors, blobs = [], []
     for name, array in inputs.items():
         tensor: dict[str, Any] = {
             "name": name,
             "shape": list(array.shape),
-            "datatype": names[array.dtype],
+            "datatype": DATATYPES[array.dtype],
         }
         if binary:
             blob = np.ascontiguousarray(array).tobytes()
@@ -301,19 +300,10 @@ def load_url(
     make_call = http_client(base, model, binary)
     run_level(make_call, inputs, min(max(levels), 8), max_requests=16, max_seconds=max_seconds)
     label = f"HTTP {base} ({'binary' if binary else 'JSON'} tensors)"
-    entry: dict[str, Any] = {"label": label, "url": base, "levels": []}
-    for n in levels:
-        level = run_level(
-            make_call,
-            inputs,
-            n,
-            max_requests=max_requests,
-            max_seconds=max_seconds,
-            sessions=sessions,
-        )
-        entry["levels"].append(level)
-        if progress:
-            progress(f"{model} {label}: {level_line(level)}")
+    entry: dict[str, Any] = {"label": label, "url": base}
+    entry["levels"] = _run_levels(
+        make_call, inputs, levels, max_requests, max_seconds, sessions, progress, f"{model} {label}"
+    )
     result = {"file": model, "p99_ms": p99_ms, "settings": [entry]}
     result["best"] = best_setting(result["settings"], p99_ms)
     return result
@@ -352,27 +342,48 @@ def load_file(
                 max_requests=2 * batcher.max_batch * setting.sessions,
                 max_seconds=max_seconds,
             )
-            entry = {"label": setting.label, **setting.to_dict(), "levels": []}
+            entry = {"label": setting.label, **setting.to_dict()}
             if batcher.note:
                 entry["note"] = batcher.note
-            for n in levels:
-                level = run_level(
-                    make_call,
-                    inputs,
-                    n,
-                    max_requests=max_requests,
-                    max_seconds=max_seconds,
-                    sessions=setting.sessions,
-                )
-                entry["levels"].append(level)
-                if progress:
-                    progress(f"{Path(path).name} {setting.label}: {level_line(level)}")
+            entry["levels"] = _run_levels(
+                make_call,
+                inputs,
+                levels,
+                max_requests,
+                max_seconds,
+                setting.sessions,
+                progress,
+                f"{Path(path).name} {setting.label}",
+            )
             entry["best"] = best_setting([entry], p99_ms)
             result["settings"].append(entry)
             if batcher.fixed_batch:
                 break  # no other setting batches a file whose batch size is fixed
     result["best"] = best_setting(result["settings"], p99_ms)
     return result
+
+
+def _run_levels(
+    make_call: Callable[[], Call],
+    inputs: Mapping[str, np.ndarray],
+    levels: Sequence[int],
+    max_requests: int,
+    max_seconds: float,
+    sessions: int,
+    progress: Callable[[str], None] | None,
+    what: str,
+) -> list[dict[str, Any]]:
+    """`run_level` at each of ``levels``, reporting each as ``what: ...`` to ``progress``."""
+    results = []
+    for n in levels:
+        level = run_level(
+            make_call, inputs, n, max_requests=max_requests, max_seconds=max_seconds,
+            sessions=sessions,
+        )  # fmt: skip
+        results.append(level)
+        if progress:
+            progress(f"{what}: {level_line(level)}")
+    return results
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:

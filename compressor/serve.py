@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .batching import NUMPY_DTYPES, BadRequest, BatchSettings, Busy, DynamicBatcher
+from .batching import DATATYPES, NUMPY_DTYPES, BadRequest, BatchSettings, Busy, DynamicBatcher
 from .errors import UserError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -260,13 +260,12 @@ def respond(web: Any, header: dict[str, Any], answer: Any, wanted: dict | None, 
     names = list(answer.outputs)
     if wanted is not None and "*" not in wanted:
         names = [n for n in names if n in wanted]
-    reverse = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
     outputs, blobs = [], []
     for out in names:
         array = answer.outputs[out]
         tensor: dict[str, Any] = {
             "name": out,
-            "datatype": reverse[array.dtype],
+            "datatype": DATATYPES[array.dtype],
             "shape": list(array.shape),
         }
         if wanted is not None and wanted.get(out, wanted.get("*", False)):
