@@ -84,10 +84,12 @@ def compressor_int8(
     out: Path,
     threads: int,
     runtimes: tuple[str, ...] = ("onnxruntime",),
+    placement: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """compressor's Int8Quantization stage on ``model``; the file and the stage's details.
 
-    ``runtimes`` are those its FP32 placement times the suspect nodes in.
+    ``runtimes`` are those its FP32 placement times the suspect nodes in; ``placement``
+    False turns that timing off (every node INT8).
     """
     out.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(
@@ -102,7 +104,9 @@ def compressor_int8(
         step="int8_quantization",
         runtimes=tuple(dict.fromkeys(runtimes)),
     )
-    stage = cz.Int8Quantization(calibration_samples=sum(len(x) for x, _ in data))
+    stage = cz.Int8Quantization(
+        calibration_samples=sum(len(x) for x, _ in data), fp32_placement=placement
+    )
     state = stage.apply(State(model=model, teacher=model, example_input=example), ctx)
     return state.onnx_path, state.details
 

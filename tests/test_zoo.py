@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
 from torchvision.models import (
     ConvNeXt,
@@ -98,8 +99,10 @@ HEADS_INSIDE = {"swin": ".attn", "swin_v2": ".attn", "maxvit": ".attn_layer."}
 
 
 def _check(name, size, cwd):
+    torch.manual_seed(0)  # the same weights, so the same outcome, on every run
     model = tiny(name).eval() if name in TINY else build(name)
-    row = check_model(model, name, size, threads=2, latency=False)
+    # the INT8 stage's FP32 placement (timing) has tests of its own
+    row = check_model(model, name, size, threads=2, latency=False, placement=False)
     assert list(cwd.iterdir()) == [], "scratch files were left in the working directory"
     assert row["status"] == "pass", row.get("reason")
     assert row["params_after"] < row["params_before"], "nothing was pruned"
