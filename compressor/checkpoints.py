@@ -42,34 +42,26 @@ def plain_attributes(module: nn.Module) -> dict[str, Any]:
     return found
 
 
-def save_checkpoint(
-    path: str | Path, model: nn.Module, *, step: str, stage: dict[str, Any], extra: dict[str, Any]
-) -> None:
-    """Write ``model``'s weights and layer widths, the stage's options and ``extra``."""
+def model_payload(model: nn.Module) -> dict[str, Any]:
+    """``model``'s weights, layer widths and restructured blocks: tensors and plain values only.
+
+    `rebuild` turns it back into the model from a copy of the original; checkpoints store
+    it, and rank 0 of a data-parallel run sends it to the other ranks.
+    """
     widths: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         attrs = plain_attributes(module)
         if attrs:
             widths[name] = attrs
-    payload = {
-        "format": FORMAT,
-        "step": step,
-        "stage": stage,
+    return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "widths": widths,
         "restructured": restructured(model),
-        "extra": extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the checkpointed model from a copy of ``template`` (the original model).
-
-    Returns the model and the checkpoint's payload (step, stage options, extra).
-    """
-    payload = read_checkpoint(path)
+def rebuild(payload: dict[str, Any], template: nn.Module) -> nn.Module:
+    """The model of a `model_payload`, rebuilt from a copy of ``template`` (the original)."""
     model = copy.deepcopy(template)
     restructure_named(model, payload.get("restructured", {}))
     modules = dict(model.named_modules())
@@ -92,7 +84,31 @@ def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, d
             owner.register_buffer(leaf, tensor.clone())
     model.load_state_dict(state)
     after_pruning(model)  # adapters' fix-ups that follow from the restored widths
-    return model, payload
+    return model
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, *, step: str, stage: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """Write ``model``'s weights and layer widths, the stage's options and ``extra``."""
+    payload = {
+        "format": FORMAT,
+        "step": step,
+        "stage": stage,
+        **model_payload(model),
+        "extra": extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, template: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the checkpointed model from a copy of ``template`` (the original model).
+
+    Returns the model and the checkpoint's payload (step, stage options, extra).
+    """
+    payload = read_checkpoint(path)
+    return rebuild(payload, template), payload
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
