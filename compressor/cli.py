@@ -8,6 +8,7 @@ and exit with status 2; ``--debug`` shows their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -198,7 +199,19 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         "--limit-train-batches",
         type=int,
         metavar="N",
-        help="stop each training epoch after N batches (quick trials)",
+        help="stop each training epoch after N batches (quick trials; per rank under torchrun)",
+    )
+    run.add_argument(
+        "--mixed-precision",
+        choices=("bf16", "fp16"),
+        help="train in autocast with this precision (fp16 with a gradient scaler)",
+    )
+    run.add_argument(
+        "--accumulate-grad-batches",
+        type=int,
+        default=1,
+        metavar="N",
+        help="add up the gradients of N batches per optimizer step (default: 1)",
     )
     run.add_argument(
         "--throughput-batch",
@@ -479,13 +492,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
+    from . import distributed
     from .checkpoints import load_checkpoint, save_checkpoint
     from .pipeline import Pipeline
     from .recipe import recipe_to_yaml
     from .sources import DataOptions, check_model_fits_data, load_data, load_model
     from .training import fit_baseline
 
-    _check_positive(args, "threads", "limit_train_batches", "num_classes")
+    _check_positive(
+        args, "threads", "limit_train_batches", "num_classes", "accumulate_grad_batches"
+    )
     if min(args.throughput_batch) < 1:
         msg = f"--throughput-batch sizes must be >= 1 (got: {args.throughput_batch})"
         raise UserError(msg)
@@ -521,27 +537,33 @@ def _compress(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         msg = "--resume continues the run in --output and --overwrite starts anew: pass one"
         raise UserError(msg)
-    output = _check_output(args.output, args.overwrite, args.resume)
+    parallel = distributed.setup()  # under torchrun: rank 0 writes, every rank trains
+    leader = not distributed.is_follower()
+    progress = progress and leader
+    output = _check_output(args.output, args.overwrite, args.resume) if leader else args.output
     epochs = args.baseline_epochs
     if epochs is None:
         epochs = 3 if args.model == "demo" and args.weights is None else 0
-    if epochs == 0 and args.weights is None and args.model.startswith("torchvision:"):
+    if leader and epochs == 0 and args.weights is None and args.model.startswith("torchvision:"):
         print(
             f"compressor: warning: {args.model} has random weights and --baseline-epochs is 0; "
             "the report's accuracy will mean nothing (pass --weights or --baseline-epochs)",
             file=sys.stderr,
         )
     start = time.perf_counter()
-    with run_folder(output, resume=args.resume) as folder:
-        trained = folder.staging / "checkpoints" / "00_baseline.pt"
-        if epochs and args.resume and trained.is_file():
+    with run_folder(output, resume=args.resume) if leader else contextlib.nullcontext() as folder:
+        trained = folder.staging / "checkpoints" / "00_baseline.pt" if leader else None
+        if leader and epochs and args.resume and trained.is_file():
             # the baseline trained by the interrupted run (CUDA training is not bit-exact)
             try:
                 model, _ = load_checkpoint(trained, model)
             except UserError as exc:
                 print(f"[compressor] resume: {exc}; training it again", file=sys.stderr)
                 trained.unlink()
-        if epochs and not (args.resume and trained.is_file()):
+        train_baseline = bool(epochs) and not (leader and args.resume and trained.is_file())
+        if parallel:  # rank 0 decides: every rank trains the baseline, or none does
+            train_baseline = distributed.share(train_baseline)
+        if train_baseline:
             if progress:
                 print(
                     f"[compressor] baseline: training {args.model} for {epochs} epoch(s) on "
@@ -557,8 +579,11 @@ def _compress(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=progress,
                 limit_train_batches=args.limit_train_batches,
+                mixed_precision=args.mixed_precision,
+                accumulate_grad_batches=args.accumulate_grad_batches,
             )
-            save_checkpoint(trained, model, step="baseline", stage={}, extra={"epochs": epochs})
+            if leader:
+                save_checkpoint(trained, model, step="baseline", stage={}, extra={"epochs": epochs})
         result = pipeline.run(
             model,
             train_loader,
@@ -569,11 +594,15 @@ def _compress(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=progress,
             limit_train_batches=args.limit_train_batches,
+            mixed_precision=args.mixed_precision,
+            accumulate_grad_batches=args.accumulate_grad_batches,
             throughput_batch=args.throughput_batch,
             resume=args.resume,
             runtimes=args.runtime,
             load_test=args.load_test,
         )
+    if not leader:  # rank 0 prints the report
+        return 0
     if args.json:
         document = {
             "output_dir": str(result.output_dir),

@@ -60,6 +60,7 @@ class Distillation(Stage):
     lr: float = 0.01
 
     name = "distillation"
+    trains = True
 
     def __post_init__(self) -> None:
         check_int(self.name, "epochs", self.epochs, minimum=1)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import distributed
 from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
 from .data import as_data_spec
 from .errors import DataError, ModelError, RecipeError, UserError
@@ -33,11 +36,12 @@ from .measure import (
     top1,
 )
 from .output_folder import REPORT_FILES, run_folder
+from .pipeline_ranks import follow, in_sync, send_result, send_state
 from .recipe import load_recipe, recipe_to_dict, stages_from_recipe
 from .report import Report, Row
 from .runtimes import check_runtimes
 from .stage import LossFn, RunContext, Stage, State
-from .training import resolve_device
+from .training import check_training_options, resolve_device
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Pipeline:
                 raise RecipeError(msg)
         _check_order(stages)
         self.stages = stages
+        self._training = False  # rank 0 is in a stage every rank trains
 
     @classmethod
     def from_recipe(cls, recipe: Mapping[str, Any] | str | Path) -> Pipeline:
@@ -113,12 +118,19 @@ class Pipeline:
         threads: int | None = None,
         progress: bool = True,
         limit_train_batches: int | None = None,
+        mixed_precision: str | None = None,
+        accumulate_grad_batches: int = 1,
         throughput_batch: int | Sequence[int] = 32,
         resume: bool = False,
         runtimes: Sequence[str] | None = None,
         load_test: bool | LoadTest = False,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
+
+        Under ``torchrun`` every rank calls this with the same arguments: the training
+        stages run data-parallel (DDP, each rank on its share of ``train_data``), rank 0
+        alone prunes, exports, quantizes, measures and writes ``output_dir``, and every
+        rank returns rank 0's result (docs/scale.md).
 
         Args:
             model: the trained float model. It is never modified; a frozen copy is the teacher.
@@ -133,7 +145,11 @@ class Pipeline:
             seed: seeds every training stage.
             threads: CPU threads for every measurement (torch and ONNX Runtime alike).
             progress: show progress bars and stage messages on stderr.
-            limit_train_batches: stop each training epoch after this many batches.
+            limit_train_batches: stop each training epoch after this many batches (per
+                rank under torchrun).
+            mixed_precision: ``"bf16"`` or ``"fp16"`` (with a gradient scaler) runs the
+                training stages' forward passes in autocast; None trains in FP32.
+            accumulate_grad_batches: batches whose gradients add up to one optimizer step.
             throughput_batch: batch size(s) of the throughput measurement; the first is the
                 row's ``throughput``, all are in its ``throughput_by_batch``.
             resume: continue from the checkpoints an earlier, interrupted run of this
@@ -156,26 +172,55 @@ class Pipeline:
             msg = f"model must be a torch.nn.Module (got: {type(model).__name__})"
             raise UserError(msg)
         chosen_runtimes = check_runtimes(runtimes)
+        check_training_options(mixed_precision, accumulate_grad_batches)
         if load_test is True:
             load_test = LoadTest()
         elif load_test is not False and not isinstance(load_test, LoadTest):
             msg = f"load_test must be True, False or a cz.LoadTest (got: {load_test!r})"
             raise UserError(msg)
+        parallel = distributed.setup()  # under torchrun: join its process group
+        settings: dict[str, Any] = {
+            "train_data": as_data_spec(train_data, "train_data"),
+            "eval_data": as_data_spec(eval_data, "eval_data"),
+            "loss_fn": loss_fn or _cross_entropy,
+            "eval_fn": eval_fn or top1,
+            "device": distributed.local_device(resolve_device(device)),
+            "seed": _check_seed(seed),
+            "threads": _check_threads(threads),
+            "limit_train_batches": limit_train_batches,
+            "mixed_precision": mixed_precision,
+            "accumulate_grad_batches": accumulate_grad_batches,
+            "throughput_batches": _batch_sizes(throughput_batch),
+            "runtimes": chosen_runtimes,
+        }
+        if distributed.is_follower():  # trains with rank 0, writes nothing
+            with tempfile.TemporaryDirectory(prefix="compressor-rank-") as scratch:
+                ctx = RunContext(output_dir=Path(scratch), progress=False, **settings)
+                trained, onnx, report, output = follow(self.stages, self.step_names(), model, ctx)
+            return PipelineResult(model=trained, onnx_path=onnx, report=report, output_dir=output)
+        try:
+            result = self._lead(model, output_dir, settings, progress, resume, load_test)
+        except Exception as exc:
+            if parallel and not self._training:  # the others wait for a message: tell them
+                distributed.send_error(exc)
+            raise
+        if parallel:
+            send_result(result.model, result.onnx_path, result.report, result.output_dir)
+        return result
+
+    def _lead(
+        self,
+        model: nn.Module,
+        output_dir: str | Path,
+        settings: dict[str, Any],
+        progress: bool,
+        resume: bool,
+        load_test: LoadTest | bool,
+    ) -> PipelineResult:
+        """`run` in one process, or on rank 0 of a data-parallel run."""
+        self._training = False
         with run_folder(output_dir, resume=resume) as folder:
-            ctx = RunContext(
-                train_data=as_data_spec(train_data, "train_data"),
-                eval_data=as_data_spec(eval_data, "eval_data"),
-                output_dir=folder.staging,
-                loss_fn=loss_fn or _cross_entropy,
-                eval_fn=eval_fn or top1,
-                device=resolve_device(device),
-                seed=_check_seed(seed),
-                threads=_check_threads(threads),
-                progress=progress,
-                limit_train_batches=limit_train_batches,
-                throughput_batches=_batch_sizes(throughput_batch),
-                runtimes=chosen_runtimes,
-            )
+            ctx = RunContext(output_dir=folder.staging, progress=progress, **settings)
             state = self._run_stages(model, ctx, resume)
             load = None
             if load_test:
@@ -217,10 +262,17 @@ class Pipeline:
                 continue
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
             step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(self.stages[index + 1 :]))
+            parallel = stage.trains and distributed.active()
+            if parallel:  # the other ranks train this stage with rank 0
+                send_state(index, state)
             torch.manual_seed(ctx.seed)  # each stage starts from the seed: resume is exact
             ctx.train_data.reseed(ctx.seed)
             start = time.perf_counter()
+            self._training = parallel
             state = stage.apply(state.replace(details={}), step_ctx)
+            if parallel:
+                state = _with_ranks(state, in_sync(state.model))
+            self._training = False
             stage_s = time.perf_counter() - start
             row = self._measure(stage, step, state, ctx)
             row = dataclasses.replace(row, seconds={"stage": round(stage_s, 2), **row.seconds})
@@ -400,6 +452,20 @@ def _in_other_runtimes(path: Path, row: Row, ctx: RunContext) -> list[Row]:
     return rows
 
 
+def _with_ranks(state: State, synced: bool) -> State:
+    """The stage's details with the data-parallel run's size and whether ranks agree."""
+    ranks = {"world_size": distributed.world_size(), "in_sync": synced}
+    details = {**state.details, "data_parallel": ranks}
+    if not synced:
+        note = (
+            f"{ranks['world_size']} ranks trained this stage, but their weights differ "
+            "afterwards; rank 0's model goes on (a stage that is not deterministic per rank?)"
+        )
+        warnings.warn(note, stacklevel=2)
+        details["notes"] = [*details.get("notes", []), note]
+    return state.replace(details=details)
+
+
 def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
     """The final ONNX file's outputs against the FP32 baseline file's over the eval data."""
     baseline = ctx.output_dir / "model.onnx"
@@ -449,6 +515,13 @@ def _resume_settings(ctx: RunContext) -> dict[str, Any]:
         "limit_train_batches": ctx.limit_train_batches,
         "throughput_batches": list(ctx.throughput_batches),
         "runtimes": list(ctx.runtimes),
+        # only when set, so that checkpoints from before these options still resume
+        **({"mixed_precision": ctx.mixed_precision} if ctx.mixed_precision else {}),
+        **(
+            {"accumulate_grad_batches": ctx.accumulate_grad_batches}
+            if ctx.accumulate_grad_batches != 1
+            else {}
+        ),
     }
 
 

@@ -63,6 +63,7 @@ class SparsityTraining(Stage):
     ramp: float = 0.5
 
     name = "sparsity_training"
+    trains = True
 
     def __post_init__(self) -> None:
         check_int(self.name, "epochs", self.epochs, minimum=1)

@@ -35,12 +35,15 @@ class Stage:
     Subclasses are ``@dataclass(frozen=True)`` classes. Class attributes:
     ``name`` is the stage's recipe key and report row name; ``runtime`` says where the
     pipeline measures the stage's result: ``"torch"`` (``state.model``) or
-    ``"onnxruntime"`` (``state.onnx_path``); ``precision`` is the report row's precision.
+    ``"onnxruntime"`` (``state.onnx_path``); ``precision`` is the report row's precision;
+    ``trains`` is True for stages that train with `compressor.training.train`: under
+    torchrun every rank runs them together (data-parallel), while rank 0 alone runs the rest.
     """
 
     name: ClassVar[str] = ""
     runtime: ClassVar[str] = "torch"
     precision: ClassVar[str] = "fp32"
+    trains: ClassVar[bool] = False
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Run the stage on ``state`` and return the next state."""
@@ -172,7 +175,8 @@ class RunContext:
     """The run's fixed inputs and settings, passed to every stage beside the state.
 
     ``step`` is the running stage's report name; ``upcoming`` the stages after it (sparsity
-    training aims at the pruning that follows it).
+    training aims at the pruning that follows it). ``mixed_precision`` (None, ``bf16`` or
+    ``fp16``) and ``accumulate_grad_batches`` are how the training stages train.
     """
 
     train_data: DataSpec
@@ -185,6 +189,8 @@ class RunContext:
     threads: int = 1
     progress: bool = True
     limit_train_batches: int | None = None
+    mixed_precision: str | None = None
+    accumulate_grad_batches: int = 1
     throughput_batches: tuple[int, ...] = (32,)
     runtimes: tuple[str, ...] = ("onnxruntime",)
     step: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import DataError, UserError, first_line
 
 if TYPE_CHECKING:
@@ -65,88 +67,154 @@ def train(
     (``step`` counts from 1; e.g. a proximal update). The model comes back on the CPU, in
     eval mode, with contiguous tensors.
 
+    ``ctx.mixed_precision`` (``bf16`` or ``fp16``) runs the forward passes in autocast,
+    fp16 with a gradient scaler; ``ctx.accumulate_grad_batches`` sums the gradients of that
+    many batches per optimizer step. On a GPU the host reads the loss every
+    `SYNC_EVERY` batches only, not after each one.
+
+    Under torchrun (`compressor.distributed`) every rank calls this together: the model
+    trains in DistributedDataParallel on the rank's share of the batches, every rank takes
+    the same number of steps, and the losses are averaged over all ranks.
+
     Raises:
         DataError: the training data yields no batch.
         UserError: the loss stops being finite (lower the learning rate).
     """
-    data = ctx.train_data
     device = ctx.device
-    torch.manual_seed(ctx.seed)
-    data.reseed(ctx.seed)
+    parallel = distributed.active()
+    torch.manual_seed(ctx.seed + distributed.rank())  # dropout differs between ranks
+    ctx.train_data.reseed(ctx.seed)
+    data = distributed.shard(ctx.train_data, ctx.seed) if parallel else ctx.train_data
     model.to(device).train()
+    channels_last = ctx.train_data.example_input().dim() == 4
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = distributed.wrap(model, device) if parallel else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     per_epoch = data.num_batches(ctx.limit_train_batches)
-    if per_epoch is None and after_step is not None:  # a schedule needs the step count
+    if per_epoch is None and (after_step is not None or parallel):  # the step count is needed
         per_epoch = sum(1 for _ in data.iter_batches(ctx.limit_train_batches))
-    total = epochs * per_epoch if per_epoch else None
+    if parallel:  # every rank takes as many steps, with the same learning rates
+        per_epoch = int(distributed.all_min([per_epoch or 0])[0])
+    accumulate = ctx.accumulate_grad_batches
+    total = epochs * math.ceil(per_epoch / accumulate) if per_epoch else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))) if total else 1.0,
     )
-    channels_last = data.example_input().dim() == 4
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.mixed_precision or "")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY  # a host read is free on the CPU
     history: list[float] = []
     step = 0
+
+    def optimizer_step() -> None:
+        nonlocal step
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(step, max(total or step, step))
+
     try:
         for epoch in range(epochs):
             bar = tqdm(
-                data.iter_batches(ctx.limit_train_batches),
+                data.iter_batches(per_epoch if parallel else ctx.limit_train_batches),
                 total=per_epoch,
                 desc=f"{desc} {epoch + 1}/{epochs}",
                 disable=None if ctx.progress else True,
                 leave=False,
                 unit="batch",
             )
-            loss_sum, batches, correct, seen = 0.0, 0, 0, 0
-            for batch in bar:
+            # loss sum, batches, correct, seen: kept on the device, read every sync_every
+            tally = torch.zeros(4, dtype=torch.float64, device=device)
+            pending = 0  # batches whose gradients wait for an optimizer step
+            for index, batch in enumerate(bar):
                 inputs = _to_device(data.input_fn(batch), device)
                 targets = _to_device(data.target_fn(batch), device)
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
-                try:
-                    loss = compute_loss(model, inputs, targets)
-                except IndexError as exc:  # cross-entropy on a class the model lacks
-                    msg = (
-                        f"{desc}: a training batch has targets the model's outputs cannot "
-                        f"take ({first_line(exc)}); give the model one output per class"
-                    )
-                    raise DataError(msg) from exc
-                if isinstance(loss, tuple):
-                    loss, logits = loss
-                    hits = _correct(logits, targets)
-                    if hits is not None:
-                        correct, seen = correct + hits, seen + int(targets.shape[0])
-                if not torch.isfinite(loss):
-                    msg = (
-                        f"{desc}: the loss became {float(loss.detach())} in epoch {epoch + 1}; "
-                        f"lower the learning rate (lr={lr})"
-                    )
-                    raise UserError(msg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                if after_step is not None:
-                    with torch.no_grad():
-                        after_step(step, max(total or step, step))
-                loss_sum += float(loss.detach())
-                batches += 1
-                postfix = {"loss": f"{loss_sum / batches:.4f}"}
-                if seen:
-                    postfix["acc"] = f"{correct / seen:.3f}"
-                bar.set_postfix(postfix)
+                pending += 1
+                boundary = pending == accumulate or index + 1 == per_epoch
+                no_sync = parallel and not boundary  # DDP averages at the boundary only
+                with net.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+                        loss, counts = _batch_loss(compute_loss, net, inputs, targets, desc)
+                    scaler.scale(loss / accumulate).backward()
+                if boundary:
+                    optimizer_step()
+                    pending = 0
+                tally += torch.cat([loss.detach().double().view(1), counts])
+                if (index + 1) % sync_every == 0:
+                    _check_finite(tally, desc, epoch, lr)
+                    bar.set_postfix(_postfix(tally))
+            if pending:  # the epoch's last batches (a data set of unknown length)
+                optimizer_step()
+            # over every rank's batches (a no-op in one process)
+            loss_sum, batches, correct, seen = distributed.all_sum(tally.tolist())
+            _check_finite(tally, desc, epoch, lr)
             if batches == 0:
                 msg = f"{desc}: the training data yielded no batch in epoch {epoch + 1}"
                 raise DataError(msg)
             history.append(loss_sum / batches)
             if ctx.progress:
                 acc = f", train accuracy {correct / seen:.4f}" if seen else ""
-                ctx.log(f"{desc} epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}{acc}")
+                ranks = f" ({distributed.world_size()} ranks)" if parallel else ""
+                ctx.log(f"{desc} epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}{acc}{ranks}")
+        if parallel:
+            distributed.same_buffers(model)
     finally:
         model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return history
+
+
+SYNC_EVERY = 25  # batches between two reads of the loss on a GPU (each read waits for it)
+
+
+def _batch_loss(
+    compute_loss: ComputeLoss, net: nn.Module, inputs: Any, targets: Any, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's loss, and ``[1, top-1 hits, samples]`` (hits and samples 0 if unknown)."""
+    try:
+        loss = compute_loss(net, inputs, targets)
+    except IndexError as exc:  # cross-entropy on a class the model lacks
+        msg = (
+            f"{desc}: a training batch has targets the model's outputs cannot "
+            f"take ({first_line(exc)}); give the model one output per class"
+        )
+        raise DataError(msg) from exc
+    logits = None
+    if isinstance(loss, tuple):
+        loss, logits = loss
+    hits = None if logits is None else _correct(logits, targets)
+    counts = torch.zeros(3, dtype=torch.float64, device=loss.device)
+    counts[0] = 1
+    if hits is not None:
+        counts[1] = hits
+        counts[2] = targets.shape[0]
+    return loss, counts
+
+
+def _check_finite(tally: torch.Tensor, desc: str, epoch: int, lr: float) -> None:
+    """Raise when the running loss sum stopped being finite (a NaN stays in the sum)."""
+    loss_sum = float(tally[0])
+    if not math.isfinite(loss_sum):
+        msg = (
+            f"{desc}: the loss became {loss_sum} in epoch {epoch + 1}; "
+            f"lower the learning rate (lr={lr})"
+        )
+        raise UserError(msg)
+
+
+def _postfix(tally: torch.Tensor) -> dict[str, str]:
+    loss_sum, batches, correct, seen = tally.tolist()
+    postfix = {"loss": f"{loss_sum / max(batches, 1):.4f}"}
+    if seen:
+        postfix["acc"] = f"{correct / seen:.3f}"
+    return postfix
 
 
 def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int:
@@ -177,8 +245,8 @@ def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int
     return seen
 
 
-def _correct(logits: torch.Tensor, targets: Any) -> int | None:
-    """Top-1 hits in a batch, when the targets are class indices for these logits."""
+def _correct(logits: torch.Tensor, targets: Any) -> torch.Tensor | None:
+    """Top-1 hits in a batch (on its device), when the targets are class indices."""
     if (
         isinstance(targets, torch.Tensor)
         and targets.dim() == 1
@@ -186,7 +254,7 @@ def _correct(logits: torch.Tensor, targets: Any) -> int | None:
         and logits.dim() == 2
         and logits.shape[0] == targets.shape[0]
     ):
-        return int((logits.detach().argmax(dim=1) == targets).sum())
+        return (logits.detach().argmax(dim=1) == targets).sum()
     return None
 
 
@@ -200,16 +268,21 @@ def fit_baseline(
     seed: int = 0,
     progress: bool = True,
     limit_train_batches: int | None = None,
+    mixed_precision: str | None = None,
+    accumulate_grad_batches: int = 1,
 ) -> list[float]:
     """Train ``model`` in place with cross-entropy (the CLI's ``--baseline-epochs``).
 
     For models that arrive untrained (the demo, or ``--model`` without ``--weights``):
     compressing a model that has learned nothing measures nothing but speed and size.
+    Under torchrun every rank calls it, and they train data-parallel.
     """
+    check_training_options(mixed_precision, accumulate_grad_batches)
     from .data import as_data_spec
     from .measure import top1
     from .stage import RunContext
 
+    distributed.setup()  # under torchrun: every rank trains its share together
     data = as_data_spec(train_data, "train_data")
     ctx = RunContext(
         train_data=data,
@@ -217,10 +290,12 @@ def fit_baseline(
         output_dir=Path("."),
         loss_fn=F.cross_entropy,
         eval_fn=top1,
-        device=resolve_device(device),
+        device=distributed.local_device(resolve_device(device)),
         seed=seed,
-        progress=progress,
+        progress=progress and not distributed.is_follower(),
         limit_train_batches=limit_train_batches,
+        mixed_precision=mixed_precision,
+        accumulate_grad_batches=accumulate_grad_batches,
     )
 
     def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
@@ -228,6 +303,26 @@ def fit_baseline(
         return F.cross_entropy(logits, targets), logits
 
     return train(model, ctx, epochs=epochs, lr=lr, compute_loss=compute_loss, desc="baseline")
+
+
+MIXED_PRECISION = ("bf16", "fp16")
+
+
+def check_training_options(mixed_precision: Any, accumulate_grad_batches: Any) -> None:
+    """Raise a `UserError` naming a bad ``mixed_precision`` or ``accumulate_grad_batches``."""
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        msg = (
+            f"unknown mixed_precision {mixed_precision!r} (allowed: None, "
+            f"{', '.join(repr(m) for m in MIXED_PRECISION)})"
+        )
+        raise UserError(msg)
+    if (
+        isinstance(accumulate_grad_batches, bool)
+        or not isinstance(accumulate_grad_batches, int)
+        or accumulate_grad_batches < 1
+    ):
+        msg = f"accumulate_grad_batches must be an integer >= 1 (got: {accumulate_grad_batches!r})"
+        raise UserError(msg)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
