@@ -119,10 +119,17 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_clear_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """The output folder of the fault run, uninterrupted (one for every signal)."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert _python(str(HERE / "fault_run.py"), str(out)).wait(timeout=600) == 0
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_an_interrupted_run_resumed_gives_the_same_artifact_bytes(tmp_path, sig):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert _python(str(HERE / "fault_run.py"), str(whole)).wait(timeout=600) == 0
+def test_an_interrupted_run_resumed_gives_the_same_artifact_bytes(whole, tmp_path, sig):
+    cut = tmp_path / "cut"
     run = _python(str(HERE / "fault_run.py"), str(cut), "--slow-stage", "60")
     _wait_for(cut / ".compressor-run" / "checkpoints" / "02_structured_pruning.pt", run)
     run.send_signal(sig)
