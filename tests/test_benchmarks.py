@@ -154,3 +154,16 @@ def test_load_script(tmp_path):
     assert len(summary["ratios"]) == 2 and summary["ratio_median"] > 0
     assert summary["overhead_ms_median"] is not None
     assert "| final | 2x1 threads, batch<=32 wait<=2ms | 4 |" in table
+
+
+def test_scale_script(tmp_path):
+    out = tmp_path / "scale.json"
+    args = ["resnet18", "--samples", "16", "32", "--runs", "1", "--threads", "1"]
+    table = run("scale.py", *args, "--out", str(out), cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["samples"]) for r in rows] == [("resnet18", 16), ("resnet18", 32)]
+    for row in rows:
+        for stage in ("sparsity_training", "structured_pruning", "distillation"):
+            assert row[stage]["seconds"] > 0
+            assert row[stage]["peak_mb"] > 100  # torch and a ResNet-18 are in memory
+    assert "| resnet18 |" in table
