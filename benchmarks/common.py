@@ -77,6 +77,21 @@ def write_results(path: Path, settings: dict[str, Any], rows: list[dict[str, Any
     print(f"\nwrote {path}", file=sys.stderr)
 
 
+def cpu_context(data: DataSpec, out: Path, threads: int, **settings: Any) -> RunContext:
+    """A quiet RunContext on the CPU: ``data`` for training and evaluation, cross-entropy, top-1."""
+    return RunContext(
+        train_data=data,
+        eval_data=data,
+        output_dir=out,
+        loss_fn=torch.nn.functional.cross_entropy,
+        eval_fn=top1,
+        device=torch.device("cpu"),
+        threads=threads,
+        progress=False,
+        **settings,
+    )
+
+
 def compressor_int8(
     model: torch.nn.Module,
     example: torch.Tensor,
@@ -92,17 +107,8 @@ def compressor_int8(
     False turns that timing off (every node INT8).
     """
     out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(
-        train_data=data,
-        eval_data=data,
-        output_dir=out,
-        loss_fn=torch.nn.functional.cross_entropy,
-        eval_fn=top1,
-        device=torch.device("cpu"),
-        threads=threads,
-        progress=False,
-        step="int8_quantization",
-        runtimes=tuple(dict.fromkeys(runtimes)),
+    ctx = cpu_context(
+        data, out, threads, step="int8_quantization", runtimes=tuple(dict.fromkeys(runtimes))
     )
     stage = cz.Int8Quantization(
         calibration_samples=sum(len(x) for x, _ in data), fp32_placement=placement

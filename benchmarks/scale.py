@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results
+from common import cpu_context, print_table, write_results
 
 MODELS = ["resnet18", "resnet50", "resnet101", "wide_resnet50_2"]  # depth, then width x2
 SAMPLES = [64, 128, 256]  # the data-size rows, on resnet18
@@ -74,8 +74,6 @@ def context(samples: int, out: Path, threads: int) -> Any:
     from torch.utils.data import DataLoader, TensorDataset
 
     from compressor.data import DataSpec
-    from compressor.measure import top1
-    from compressor.stage import RunContext
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(samples, 3, SIZE, SIZE, generator=generator)
@@ -86,16 +84,7 @@ def context(samples: int, out: Path, threads: int) -> Any:
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
     )
-    return RunContext(
-        train_data=DataSpec(loader),
-        eval_data=DataSpec(loader),
-        output_dir=out,
-        loss_fn=torch.nn.functional.cross_entropy,
-        eval_fn=top1,
-        device=torch.device("cpu"),
-        threads=threads,
-        progress=False,
-    )
+    return cpu_context(DataSpec(loader), out, threads)
 
 
 def one(model_name: str, samples: int, threads: int) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -89,6 +93,20 @@ class TinyNoBNNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def write_image_folder(root: Path, size: int = 20, train: int = 12, val: int = 4) -> Path:
+    """imagefolder layout under ``root``: train/ and val/, 4 classes of coloured PNG images."""
+    colors = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (200, 200, 40)]
+    g = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for index, color in enumerate(colors):
+            folder = root / split / f"class_{index}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(g.normal(color, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
 
 
 def synthetic_classification(

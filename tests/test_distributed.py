@@ -9,11 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import TinyNoBNNet, synthetic_classification
-from PIL import Image
+from conftest import TinyNoBNNet, synthetic_classification, write_image_folder
 from torch.utils.data import DataLoader
 
 import compressor as cz
@@ -104,22 +102,8 @@ def test_rank_zero_failing_alone_stops_the_others_with_its_message(tmp_path):
     assert not (tmp_path / "out" / "report.json").exists()
 
 
-def _image_folder(root: Path) -> Path:
-    """imagefolder layout: train/ and val/, 4 classes of coloured 16x16 images."""
-    colors = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (200, 200, 40)]
-    g = np.random.default_rng(0)
-    for split, count in (("train", 16), ("val", 8)):
-        for index, color in enumerate(colors):
-            folder = root / split / f"class_{index}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(g.normal(color, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 def test_the_cli_under_torchrun_prints_and_writes_once(tmp_path):
-    images = _image_folder(tmp_path / "images")
+    images = write_image_folder(tmp_path / "images", size=16, train=16, val=8)
     done = torchrun(
         "-m", "compressor", "compress",
         "--model", f"{HERE / 'user_models.py'}:build",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_image_folder
 
 import compressor as cz
 from compressor.checkpoints import save_checkpoint
@@ -48,17 +48,7 @@ def fashion_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
     """imagefolder layout: train/ and val/, 4 classes of coloured 20x20 images."""
-    root = tmp_path_factory.mktemp("images")
-    colors = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (200, 200, 40)]
-    g = np.random.default_rng(0)
-    for split, count in (("train", 12), ("val", 4)):
-        for index, color in enumerate(colors):
-            folder = root / split / f"class_{index}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(g.normal(color, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
 # ----------------------------------------------------------------------------- sources
