@@ -1,6 +1,7 @@
 """What each INT8 choice buys: one knob changed at a time against compressor's defaults.
 
-On one model (default resnet18, random weights, 224x224) and its 0.5-pruned copy, at batch 1:
+On one model (default resnet18, random weights, 224x224 or --input-size) and its
+0.5-pruned copy, at batch 1:
 the FP32 export and compressor's INT8 file (the reference), then ONNX Runtime's
 quantize_static with one setting changed from compressor's: the graph optimisation level of
 the session (EXTENDED lacks the NHWC layout rewrite of the INT8 convs, BASIC also the fusions),
@@ -87,13 +88,19 @@ def ort_int8(source: Path, out: Path, data: Any, **changes: Any) -> Path:
 
 
 def knobs(
-    model: torch.nn.Module, tag: str, tmp: Path, data: Any, threads: int, runtime: str
+    model: torch.nn.Module,
+    tag: str,
+    tmp: Path,
+    data: Any,
+    threads: int,
+    runtime: str,
+    size: int = 224,
 ) -> dict[str, Any]:
-    """Every knob's file (or session setting) for ``model``; name -> call."""
+    """Every knob's file (or session setting) for ``model`` at ``size``; name -> call."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    example = torch.randn(1, 3, 224, 224)
+    example = torch.randn(1, 3, size, size)
     fp32, pre = tmp / f"{tag}.onnx", tmp / f"{tag}.pre.onnx"
     export_onnx(model, example, fp32, threads=threads)
     quant_pre_process(str(fp32), str(pre))
@@ -143,15 +150,17 @@ def main() -> int:
     parser.add_argument("--round-to", type=int, nargs="+", default=[0, 8, 16, 32])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--input-size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--runtime", default="onnxruntime", choices=ONNX_RUNTIMES)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None).eval()
-    example = torch.randn(1, 3, 224, 224)
-    data = calibration_data(224, 64)
-    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    size = args.input_size
+    example = torch.randn(1, 3, size, size)
+    data = calibration_data(size, 64)
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size), dtype=np.float32)
     # Every variant in one interleaved group: this shared machine's speed drifts by tens of
     # percent over minutes, so only numbers measured side by side may be divided.
     calls: dict[tuple[str, str], Any] = {}
@@ -161,7 +170,7 @@ def main() -> int:
         pruned, _ = prune(copy.deepcopy(model), example, cz.StructuredPruning(ratio=args.ratio))
         for tag, m in (("full", model), (f"pruned {args.ratio}", pruned)):
             macs[tag] = count_params_macs(m, example)[1]
-            found = knobs(m, tag.replace(" ", "_"), tmp, data, args.threads, args.runtime)
+            found = knobs(m, tag.replace(" ", "_"), tmp, data, args.threads, args.runtime, size)
             for knob, call in found.items():
                 calls[tag, knob] = call
         for round_to in args.round_to:

@@ -58,6 +58,8 @@ def test_int8_knobs_script(tmp_path):
     run(
         "int8_knobs.py",
         "resnet18",
+        "--input-size",
+        "64",
         "--rounds",
         "1",
         "--round-to",

@@ -89,8 +89,9 @@ SLOW = [
     ("efficientnet_v2_s", 64),
     ("resnext50_32x4d", 32),
     ("alexnet", 224),
-    ("vgg11_bn", 224),
 ]
+# vgg11_bn passes too (benchmarks/results/zoo_check.json), but its 224x224 input (its pooled
+# 7x7 must export) and 133M parameters cost 3 minutes of CI; alexnet stands for the family.
 # channel shuffle, which torch-pruning cannot trace: pruned inside the branches around it
 PRUNED_AROUND = {"shufflenet_v2_x0_5": "stage2.0"}
 # window attention, which torch-pruning cannot trace either: whole heads removed inside the
