@@ -17,6 +17,7 @@ from .errors import ModelError as ModelError
 from .errors import RecipeError as RecipeError
 from .errors import UserError as UserError
 from .export import export_onnx as export_onnx
+from .int8_budget import int8_sensitivity as int8_sensitivity
 from .load import LoadTest as LoadTest
 from .load import load_file as load_file
 from .load import load_url as load_url
@@ -56,6 +57,7 @@ __all__ = [
     "StructuredPruning",
     "UserError",
     "export_onnx",
+    "int8_sensitivity",
     "load_file",
     "load_url",
     "register_stage",

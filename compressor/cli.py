@@ -2,7 +2,8 @@
 
 ``compress`` runs the pipeline on a model and data named by specs (see `sources`),
 ``report`` re-renders a report, ``bench`` measures ONNX files. User errors print one line
-and exit with status 2; ``--debug`` shows their traceback.
+and exit with status 2; ``--debug`` shows their traceback. A run that finished but missed
+its accuracy budget (``--max-accuracy-drop``) exits with status 3 (`OVER_BUDGET_STATUS`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ._io import NO_SPACE
 from .errors import UserError
 from .output_folder import LOCK_NAME, STAGING_NAME, run_folder
 from .runtimes import ONNX_RUNTIMES
+
+OVER_BUDGET_STATUS = 3
 
 EXAMPLES = """examples:
   compressor compress                          # the embedded demo, no download
@@ -48,6 +51,11 @@ _OVERRIDES = {
     "alpha": ("distillation.alpha", float, "weight of the soft-target loss"),
     "calibration_samples": ("int8_quantization.calibration_samples", int, "INT8 calibration"),
     "calibration_method": ("int8_quantization.method", str, "minmax, entropy or percentile"),
+    "max_accuracy_drop": (
+        "max_accuracy_drop",
+        float,
+        "accuracy budget, a fraction: exit 3 and model.int8.over-budget.onnx when missed",
+    ),
 }
 
 
@@ -510,7 +518,7 @@ def _compress(args: argparse.Namespace) -> int:
         raise UserError(msg)
     pipeline = Pipeline.from_recipe(_resolve_recipe(args))
     if args.print_recipe:
-        print(recipe_to_yaml(pipeline.stages), end="")
+        print(recipe_to_yaml(pipeline.stages, max_accuracy_drop=pipeline.max_accuracy_drop), end="")
         return 0
     progress = not args.quiet
     options = DataOptions(
@@ -611,10 +619,18 @@ def _compress(args: argparse.Namespace) -> int:
             **result.report.to_dict(),
         }
         print(json.dumps(document, indent=2))
-        return 0
+        return _budget_status(result)
     print(result.report.to_markdown())
     print(f"Wrote {result.onnx_path or output} in {time.perf_counter() - start:.0f} s.")
-    return 0
+    return _budget_status(result)
+
+
+def _budget_status(result: Any) -> int:
+    """0, or `OVER_BUDGET_STATUS` with the numbers on stderr when the budget was missed."""
+    if result.budget_met is not False:
+        return 0
+    print(f"compressor: {result.report.budget_line()}", file=sys.stderr)
+    return OVER_BUDGET_STATUS
 
 
 def _resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:

@@ -155,16 +155,23 @@ def candidates(fp32: onnx.ModelProto, limit: int) -> list[Candidate]:
 
 
 def keep_fp32(
-    quantized: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]
+    quantized: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    names: Iterable[str],
+    *,
+    float_inputs: bool = False,
 ) -> onnx.ModelProto:
     """A copy of ``quantized`` in which the nodes ``names`` compute in FP32 again.
 
     Each such node computes in FP32 with its float weights and bias from ``fp32`` (the model
-    that was quantized). Its activation inputs stay dequantized INT8 tensors, except the
-    model's own inputs, which it reads directly: the quantizer drops a Relu or Clip before a
-    Quantize whose range already clips, so the float tensor before an inner Quantize is
-    not the activation the node computed on. Quantize and Dequantize nodes and quantized
-    weights nothing reads any more are dropped.
+    that was quantized). The model's own inputs it reads directly. Its other activation
+    inputs stay dequantized INT8 tensors unless ``float_inputs``: then it reads the float
+    activation before their Quantize too (for accuracy: an activation whose range 8 bits
+    cannot hold is no longer rounded). The quantizer drops a Relu or Clip before a Quantize
+    whose range already clips, so the float tensor before an inner Quantize is not always
+    the activation the node computed on; such a dropped Relu or Clip is put back for the
+    node, and an input whose float form cannot be told stays quantized. Quantize and
+    Dequantize nodes and quantized weights nothing reads any more are dropped.
 
     Raises:
         ValueError: a name is not a compute node of both models.
@@ -189,8 +196,60 @@ def keep_fp32(
                 node.input[index] = _add_float(graph, float_inits[source], have, produced_by)
             elif (source := _float_source(tensor, produced_by)) in inputs:
                 node.input[index] = source  # the model's input: skip its Quantize/Dequantize
+            elif float_inputs and source != tensor:
+                found = _float_activation(graph, fp32, original.input[index], source, produced_by)
+                node.input[index] = found or tensor
     _drop_unused(graph)
     return model
+
+
+_CLIPPING = ("Relu", "Clip")
+
+
+def _float_activation(
+    graph: onnx.GraphProto,
+    fp32: onnx.ModelProto,
+    wanted: str,
+    before_quantize: str,
+    produced_by: dict[str, onnx.NodeProto],
+) -> str | None:
+    """The float tensor of the FP32 model's activation ``wanted``, in the quantized graph.
+
+    ``before_quantize`` is what the Quantize in front of the node reads. It is ``wanted``
+    itself when the same node computes it in both graphs; when the quantizer folded a
+    Relu or Clip into the Quantize's range, it is that activation's input, and a copy of
+    the Relu or Clip is added. None when neither holds.
+    """
+    float_producer = next((n for n in fp32.graph.node if wanted in n.output), None)
+    quant_producer = produced_by.get(before_quantize)
+    if float_producer is None or quant_producer is None:
+        return None
+    if before_quantize == wanted and quant_producer.name == float_producer.name:
+        return wanted
+    if float_producer.op_type not in _CLIPPING or quant_producer.name == float_producer.name:
+        return None
+    copy = onnx.NodeProto()
+    copy.CopyFrom(float_producer)
+    copy.name = f"{float_producer.name}_fp32"
+    output = f"{before_quantize}_{float_producer.op_type.lower()}_fp32"
+    if output in produced_by:  # another reverted node put it back already
+        return output
+    del copy.input[:]
+    copy.input.extend([before_quantize, *float_producer.input[1:]])
+    del copy.output[:]
+    copy.output.append(output)
+    have = {t.name for t in graph.initializer}
+    for bound in float_producer.input[1:]:  # Clip's min and max
+        if bound and bound not in have and bound not in produced_by:
+            tensor = next((t for t in fp32.graph.initializer if t.name == bound), None)
+            if tensor is None:
+                return None
+            graph.initializer.append(tensor)
+    consumer = produced_by[before_quantize]
+    position = list(graph.node).index(consumer) + 1
+    graph.node.insert(position, copy)
+    produced_by[output] = copy
+    return output
 
 
 def _add_float(

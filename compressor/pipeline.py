@@ -37,7 +37,13 @@ from .measure import (
 )
 from .output_folder import REPORT_FILES, run_folder
 from .pipeline_ranks import follow, in_sync, send_result, send_state
-from .recipe import load_recipe, recipe_to_dict, stages_from_recipe
+from .recipe import (
+    check_budget,
+    read_recipe,
+    recipe_options,
+    recipe_to_dict,
+    stages_from_recipe,
+)
 from .report import Report, Row
 from .runtimes import check_runtimes
 from .stage import LossFn, RunContext, Stage, State
@@ -52,10 +58,17 @@ class PipelineResult:
     onnx_path: Path | None
     report: Report
     output_dir: Path
+    budget_met: bool | None = None
+    """With ``max_accuracy_drop``: whether the final artifact is within it (else None)."""
 
 
 class Pipeline:
     """An ordered list of stages that takes a trained model to an INT8 ONNX artifact.
+
+    ``max_accuracy_drop`` is an accuracy budget (a fraction): the final artifact may lose at
+    most this much against the baseline. The INT8 stage keeps the nodes INT8 hurts most in
+    FP32 to stay within it; when the run still misses it, the INT8 file is written as
+    ``model.int8.over-budget.onnx`` and ``PipelineResult.budget_met`` is False.
 
     Example:
         >>> import compressor as cz
@@ -64,7 +77,7 @@ class Pipeline:
         ['structured_pruning', 'int8_quantization']
     """
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], *, max_accuracy_drop: float | None = None) -> None:
         stages = list(stages)
         for stage in stages:
             if not isinstance(stage, Stage):
@@ -72,24 +85,26 @@ class Pipeline:
                 raise RecipeError(msg)
         _check_order(stages)
         self.stages = stages
+        self.max_accuracy_drop = check_budget(max_accuracy_drop)
         self._training = False  # rank 0 is in a stage every rank trains
 
     @classmethod
     def from_recipe(cls, recipe: Mapping[str, Any] | str | Path) -> Pipeline:
         """Build a pipeline from a recipe mapping, a YAML recipe file or a preset name."""
         if isinstance(recipe, Mapping):
-            return cls(stages_from_recipe(recipe))
+            return cls(stages_from_recipe(recipe), **recipe_options(recipe))
         if not isinstance(recipe, (str, Path)):
             msg = (
                 "a recipe is a mapping with a 'stages' list, a YAML file or a preset name "
                 f"(got: {recipe!r})"
             )
             raise RecipeError(msg)
-        return cls(load_recipe(recipe))
+        mapping = read_recipe(recipe)
+        return cls(stages_from_recipe(mapping), **recipe_options(mapping))
 
     def to_recipe(self) -> dict[str, Any]:
         """The recipe mapping of this pipeline, every option filled in."""
-        return recipe_to_dict(self.stages)
+        return recipe_to_dict(self.stages, max_accuracy_drop=self.max_accuracy_drop)
 
     def step_names(self) -> list[str]:
         """Report row names: the stage names, numbered from the second repeat on."""
@@ -102,7 +117,9 @@ class Pipeline:
         return names
 
     def __repr__(self) -> str:
-        return f"Pipeline({self.stages!r})"
+        drop = self.max_accuracy_drop
+        budget = "" if drop is None else f", max_accuracy_drop={drop}"
+        return f"Pipeline({self.stages!r}{budget})"
 
     def run(
         self,
@@ -222,6 +239,10 @@ class Pipeline:
         with run_folder(output_dir, resume=resume) as folder:
             ctx = RunContext(output_dir=folder.staging, progress=progress, **settings)
             state = self._run_stages(model, ctx, resume)
+            budget = self._budget(state, ctx)
+            if budget and not budget["met"]:
+                state = _over_budget(state)
+                budget["artifact"] = state.onnx_path.name if state.onnx_path else None
             load = None
             if load_test:
                 ctx.log("load test: model.onnx and the final file under concurrent requests")
@@ -235,6 +256,7 @@ class Pipeline:
                 environment=environment(ctx.threads),
                 parity=_final_parity(state, ctx),
                 load_test=load,
+                budget=budget,
             )
             report.save(ctx.output_dir)
             checkpoints = [
@@ -246,17 +268,46 @@ class Pipeline:
         onnx_path = folder.output / state.onnx_path.name if state.onnx_path else None
         ctx.log(f"done: {folder.output}")
         return PipelineResult(
-            model=state.model, onnx_path=onnx_path, report=report, output_dir=folder.output
+            model=state.model,
+            onnx_path=onnx_path,
+            report=report,
+            output_dir=folder.output,
+            budget_met=budget["met"] if budget else None,
         )
+
+    def _budget(self, state: State, ctx: RunContext) -> dict[str, Any] | None:
+        """The final row against the baseline under ``max_accuracy_drop``, when set."""
+        if self.max_accuracy_drop is None:
+            return None
+        base, final = state.rows[0].accuracy, state.rows[-1].accuracy
+        drop = None if base is None or final is None else round(base - final, 6)
+        met = drop is not None and drop <= self.max_accuracy_drop + 1e-9
+        if not met:
+            ctx.log(
+                f"accuracy budget missed: lost {drop} against a budget of {self.max_accuracy_drop}"
+            )
+        return {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "baseline_accuracy": base,
+            "final_accuracy": final,
+            "accuracy_drop": drop,
+            "met": met,
+        }
 
     def _run_stages(self, model: nn.Module, ctx: RunContext, resume: bool) -> State:
         """Run the stages (after those a resumed run finished), checkpointing each."""
         _check_weights(model)
         fingerprint = model_fingerprint(model)
         settings = _resume_settings(ctx)
+        if self.max_accuracy_drop is not None:  # it changes what the INT8 stage writes
+            settings["max_accuracy_drop"] = self.max_accuracy_drop
         done, state = self._resume(model, ctx, fingerprint, settings) if resume else (0, None)
         if state is None:
             state = self._start(model, ctx)
+        if self.max_accuracy_drop is not None and state.rows[0].accuracy is not None:
+            ctx = dataclasses.replace(
+                ctx, min_accuracy=state.rows[0].accuracy - self.max_accuracy_drop
+            )
         for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
             if index < done:
                 continue
@@ -480,6 +531,25 @@ def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
         ctx.log(f"parity not measured: {exc}")
         return None
     return {"reference": baseline.name, "artifact": state.onnx_path.name, **parity}
+
+
+OVER_BUDGET = "model.int8.over-budget.onnx"
+
+
+def _over_budget(state: State) -> State:
+    """Rename the final INT8 file to `OVER_BUDGET` (in the staging folder), rows with it."""
+    path = state.onnx_path
+    if path is None or path.name != "model.int8.onnx":
+        return state
+    target = path.with_name(OVER_BUDGET)
+    path.replace(target)
+    rows = tuple(
+        dataclasses.replace(r, details={**r.details, "file": OVER_BUDGET})
+        if r.details.get("file") == path.name
+        else r
+        for r in state.rows
+    )
+    return state.replace(onnx_path=target, rows=rows)
 
 
 def _check_order(stages: list[Stage]) -> None:

@@ -24,9 +24,17 @@ from ._io import atomic_path
 from .data import DataSpec
 from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
+from .int8_budget import revert_to_budget
 from .int8_placement import place_fp32
-from .measure import cpu_info, ort_predictor, ort_session, sample_batch, timed_runs
-from .stage import Stage, check_bool, check_choice, check_int, register_stage
+from .measure import (
+    cpu_info,
+    onnx_predictor,
+    ort_predictor,
+    ort_session,
+    sample_batch,
+    timed_runs,
+)
+from .stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
 
 if TYPE_CHECKING:
     from .stage import RunContext, State
@@ -198,6 +206,13 @@ class Int8Quantization(Stage):
             of the run's runtimes and accuracy on the eval data does not fall.
         placement_candidates: how many suspect nodes to try at most (each costs a few
             seconds of timing).
+        max_accuracy_drop: the most accuracy (a fraction, on the eval data in ONNX Runtime)
+            INT8 may lose against the FP32 model it quantizes; when it loses more, the nodes
+            INT8 hurts most are reverted to FP32, fewest first, until it does not (see
+            `compressor.int8_budget`). ``null``: no budget of its own (a pipeline's
+            ``max_accuracy_drop`` still applies).
+        sensitivity_samples: eval inputs on which each node's INT8 error is measured when
+            nodes must be reverted.
     """
 
     calibration_samples: int = 512
@@ -209,6 +224,8 @@ class Int8Quantization(Stage):
     opset: int = DEFAULT_OPSET
     fp32_placement: bool = True
     placement_candidates: int = 3
+    max_accuracy_drop: float | None = None
+    sensitivity_samples: int = 256
 
     name = "int8_quantization"
     runtime = "onnxruntime"
@@ -225,6 +242,9 @@ class Int8Quantization(Stage):
         check_int(self.name, "opset", self.opset, minimum=17)
         check_bool(self.name, "fp32_placement", self.fp32_placement)
         check_int(self.name, "placement_candidates", self.placement_candidates, minimum=0)
+        if self.max_accuracy_drop is not None:
+            check_float(self.name, "max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
+        check_int(self.name, "sensitivity_samples", self.sensitivity_samples, minimum=1)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
@@ -296,6 +316,15 @@ class Int8Quantization(Stage):
                 notes += placement.pop("notes")
                 clock.lap("placement")
             kept = placement["fp32_nodes"] if placement else []
+            budget = None
+            floor = self._min_accuracy(ctx, fp32)
+            if floor is not None:
+                quantized, budget = revert_to_budget(
+                    quantized, source, ctx, floor, samples=self.sensitivity_samples, exclude=kept
+                )
+                kept = [*kept, *budget["fp32_nodes"], *budget.get("fp32_producers", [])]
+                notes += _budget_notes(budget)
+                clock.lap("accuracy_budget")
             with atomic_path(final) as out:
                 save_single_file(quantized, out, external)
                 graph = inspect_int8_graph(
@@ -328,6 +357,7 @@ class Int8Quantization(Stage):
                 "types_reason": types.reason,
                 "speedup_vs_fp32_onnx": round(speedup, 3),
                 "placement": placement,
+                **({"accuracy_budget": budget} if budget else {}),
                 **graph,
                 "seconds": clock.laps,
             },
@@ -337,6 +367,40 @@ class Int8Quantization(Stage):
         for note in notes:
             warnings.warn(f"int8_quantization: {note}", stacklevel=2)
         return state.replace(onnx_path=final, details=details)
+
+    def _min_accuracy(self, ctx: RunContext, fp32: Path) -> float | None:
+        """The lowest accuracy the INT8 file may have: this stage's budget against the
+        model it quantizes and the pipeline's against the baseline, the stricter one."""
+        floors = [] if ctx.min_accuracy is None else [ctx.min_accuracy]
+        if self.max_accuracy_drop is not None:
+            accuracy = ctx.eval_fn(onnx_predictor(fp32, ctx.threads), ctx.eval_data)
+            floors.append(float(accuracy) - self.max_accuracy_drop)
+        return max(floors) if floors else None
+
+
+def _budget_notes(budget: dict[str, Any]) -> list[str]:
+    """The report notes of an accuracy budget's outcome."""
+    count = len(budget["fp32_nodes"])
+    if budget["met"] and not budget["trials"]:
+        return []
+    if not budget["trials"]:
+        return [
+            f"the model before INT8 is already under the accuracy budget (FP32 "
+            f"{budget['fp32_accuracy']:.4f}, at least {budget['min_accuracy']:.4f} needed): "
+            "the stages before INT8 lost it, so no node was kept in FP32 for it"
+        ]
+    reached = budget["accuracy"]
+    if budget["met"]:
+        return [
+            f"{count} node(s) kept in FP32 to stay within the accuracy budget "
+            f"(INT8 {budget['int8_accuracy']:.4f} -> {reached:.4f}, at least "
+            f"{budget['min_accuracy']:.4f} needed): {', '.join(budget['fp32_nodes'][:5])}"
+        ]
+    return [
+        f"the accuracy budget is not met even with {count} node(s) in FP32: accuracy "
+        f"{reached:.4f}, at least {budget['min_accuracy']:.4f} needed (the FP32 model "
+        f"before INT8 has {budget['fp32_accuracy']:.4f})"
+    ]
 
 
 def needs_external_data(path: str | Path) -> bool:
@@ -439,6 +503,10 @@ def inspect_int8_graph(
     are listed as ``fp32_by_choice``, not among ``float_compute_ops``.
     """
     ort_session(path, threads, optimized_path=optimized_path)
+    # ONNX Runtime renames some nodes it rewrites after their output (``..._nchwc``)
+    written = onnx.load(str(path), load_external_data=False).graph
+    keys = {k for k in kept_fp32 if k}
+    keys |= {o for n in written.node if n.name in keys for o in n.output if o}
     graph = onnx.load(str(optimized_path)).graph
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
@@ -449,7 +517,9 @@ def inspect_int8_graph(
         if n.op_type in _FLOAT_COMPUTE
         or (n.op_type.startswith("Nchwc") and not n.op_type.startswith("NchwcReorder"))
     ]
-    chosen = [n for n in floating if any(k and k in n.name for k in kept_fp32)]
+    chosen = [
+        n for n in floating if any(k in n.name for k in keys) or any(o in keys for o in n.output)
+    ]
     floating = [n for n in floating if n not in chosen]
     unfused = [
         n

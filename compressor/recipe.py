@@ -1,11 +1,13 @@
 """Recipes: the stage registry, and YAML/dict recipes <-> lists of stages.
 
 A recipe is ``{"stages": [{"structured_pruning": {"ratio": 0.5}}, ...]}``; each entry names
-one registered stage and its options.
+one registered stage and its options. Beside ``stages``, a recipe may hold the pipeline's
+options (`PIPELINE_OPTIONS`): ``max_accuracy_drop``, its accuracy budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from .stage import STAGES, Stage
 _PRESET_DIR = Path(__file__).parent / "recipes"
 PRESETS = ("fast", "balanced", "max-compression")
 """Recipes shipped in compressor/recipes/NAME.yaml; docs/recipes.md compares them."""
+PIPELINE_OPTIONS = ("max_accuracy_drop",)
+"""Recipe keys beside ``stages``: options of the whole pipeline."""
 
 
 def stage_from_dict(name: str, options: Mapping[str, Any] | None = None) -> Stage:
@@ -37,10 +41,11 @@ def stages_from_recipe(recipe: Mapping[str, Any]) -> list[Stage]:
     if not isinstance(recipe, Mapping):
         msg = f"a recipe must be a mapping with a 'stages' list (got: {type(recipe).__name__})"
         raise RecipeError(msg)
-    unknown = sorted(set(recipe) - {"stages"})
+    unknown = sorted(set(recipe) - {"stages", *PIPELINE_OPTIONS})
     if unknown:
-        msg = f"unknown recipe key {unknown[0]!r} (allowed: stages)"
+        msg = f"unknown recipe key {unknown[0]!r} (allowed: stages, {', '.join(PIPELINE_OPTIONS)})"
         raise RecipeError(msg)
+    recipe_options(recipe)  # validated here too, before any stage is built
     entries = recipe.get("stages")
     if not isinstance(entries, list) or not entries:
         msg = f"recipe 'stages' must be a non-empty list (got: {entries!r})"
@@ -56,6 +61,32 @@ def stages_from_recipe(recipe: Mapping[str, Any]) -> list[Stage]:
             msg = f"each recipe stage must be a name or a one-key mapping (got: {entry!r})"
             raise RecipeError(msg)
     return stages
+
+
+def recipe_options(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline options a recipe mapping sets (validated), for `Pipeline`."""
+    options = {k: recipe[k] for k in PIPELINE_OPTIONS if k in recipe}
+    if "max_accuracy_drop" in options:
+        check_budget(options["max_accuracy_drop"])
+    return options
+
+
+def check_budget(value: Any) -> float | None:
+    """``max_accuracy_drop`` as a float in [0, 1), or None; else a `RecipeError`."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value < 1
+    ):
+        msg = (
+            f"max_accuracy_drop must be a fraction in [0, 1), e.g. 0.005 for half a point "
+            f"(got: {value!r})"
+        )
+        raise RecipeError(msg)
+    return float(value)
 
 
 def read_recipe(source: str | Path) -> dict[str, Any]:
@@ -99,6 +130,9 @@ def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str
     """
     stage_name, _, option = key.rpartition(".")
     normalized = recipe_to_dict(stages_from_recipe(recipe))["stages"]
+    if key in PIPELINE_OPTIONS:
+        check_budget(value)
+        return {**recipe_options(recipe), key: value, "stages": normalized}
     stages, hits = [], 0
     for entry in normalized:
         ((name, options),) = entry.items()
@@ -114,17 +148,21 @@ def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str
             "use --set STAGE.OPTION=VALUE with one of them, or add the stage to the recipe"
         )
         raise RecipeError(msg)
-    return {"stages": stages}
+    return {**recipe_options(recipe), "stages": stages}
 
 
-def recipe_to_dict(stages: Iterable[Stage]) -> dict[str, Any]:
-    """The recipe mapping for ``stages`` (every option filled in)."""
-    return {"stages": [{stage.name: stage.to_dict()} for stage in stages]}
+def recipe_to_dict(
+    stages: Iterable[Stage], *, max_accuracy_drop: float | None = None
+) -> dict[str, Any]:
+    """The recipe mapping for ``stages`` (every option filled in) and the pipeline options."""
+    budget = {} if max_accuracy_drop is None else {"max_accuracy_drop": max_accuracy_drop}
+    return {**budget, "stages": [{stage.name: stage.to_dict()} for stage in stages]}
 
 
-def recipe_to_yaml(stages: Iterable[Stage]) -> str:
+def recipe_to_yaml(stages: Iterable[Stage], *, max_accuracy_drop: float | None = None) -> str:
     """The recipe for ``stages`` as YAML text."""
-    return yaml.safe_dump(recipe_to_dict(stages), sort_keys=False)
+    recipe = recipe_to_dict(stages, max_accuracy_drop=max_accuracy_drop)
+    return yaml.safe_dump(recipe, sort_keys=False)
 
 
 def _load_builtin_stages() -> None:

@@ -14,7 +14,14 @@ from ._io import write_text
 from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row, settled
 from .errors import UserError, first_line
 from .load_table import load_lines
-from .report_html import Page, accuracy_chart, load_chart, render_html, stage_bars
+from .report_html import (
+    Page,
+    accuracy_chart,
+    load_chart,
+    render_html,
+    sensitivity_chart,
+    stage_bars,
+)
 from .row import Row
 from .runtimes import deployment_snippet
 
@@ -105,6 +112,8 @@ class Report:
         accuracy_threshold: the accuracy drop (a fraction) above which `diagnosis` warns.
         load_test: the load test of the baseline file and the final artifact under concurrent
             requests (`compressor.load.LoadTest.run`), when the run asked for one.
+        budget: the accuracy budget (``max_accuracy_drop``) and whether the final artifact
+            met it, when the run had one.
     """
 
     rows: list[Row]
@@ -112,6 +121,7 @@ class Report:
     parity: dict[str, Any] | None = None
     accuracy_threshold: float = ACCURACY_THRESHOLD
     load_test: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None
 
     def row(self, name: str, runtime: str | None = None) -> Row:
         """The first row called ``name`` (measured in ``runtime``, when given).
@@ -147,6 +157,7 @@ class Report:
             "parity": self.parity,
             "diagnosis": self.diagnosis,
             **({"load": self.load_test} if self.load_test else {}),
+            **({"budget": self.budget} if self.budget else {}),
         }
 
     def to_json(self) -> str:
@@ -164,12 +175,14 @@ class Report:
             raise UserError(msg) from exc
         threshold = (data.get("diagnosis") or {}).get("accuracy_threshold", ACCURACY_THRESHOLD)
         load = data.get("load")
+        budget = data.get("budget")
         return cls(
             rows,
             environment,
             parity=data.get("parity"),
             accuracy_threshold=threshold,
             load_test=load if isinstance(load, dict) and "files" in load else None,
+            budget=budget if isinstance(budget, dict) and "met" in budget else None,
         )
 
     @classmethod
@@ -248,6 +261,21 @@ class Report:
             f"{_x(s['speedup_vs_torch'])} faster than eager torch FP32, "
             f"{_x(s['size_ratio'])} smaller, "
             + ("accuracy drop n/a." if drop is None else f"accuracy drop {drop * 100:+.2f} points.")
+        )
+
+    def budget_line(self) -> str | None:
+        """Whether the final artifact met the accuracy budget, with the numbers."""
+        b = self.budget
+        if not b:
+            return None
+        drop, limit = b.get("accuracy_drop"), b["max_accuracy_drop"]
+        lost = "an unknown amount" if drop is None else f"{drop * 100:.2f} points"
+        if b["met"]:
+            return f"Accuracy budget met: lost {lost}, budget {limit * 100:.2f} points."
+        return (
+            f"Accuracy budget NOT met: lost {lost}, budget {limit * 100:.2f} points; the "
+            f"artifact is kept as {b.get('artifact') or 'n/a'}. To try: a lower pruning "
+            "ratio, more distillation epochs, or a larger budget."
         )
 
     def unsettled_line(self) -> str | None:
@@ -330,7 +358,8 @@ class Report:
         footnote = self.unsettled_line()
         if footnote:
             lines += [footnote, ""]
-        for line in (self.summary_line(), self.runtime_line(), self.parity_line()):
+        lines_after = (self.budget_line(), self.summary_line(), self.runtime_line())
+        for line in (*lines_after, self.parity_line()):
             if line:
                 lines += [line, ""]
         deployment = self.deployment()
@@ -350,7 +379,12 @@ class Report:
 
     def to_html(self) -> str:
         """report.html: one self-contained page with the table and the charts."""
-        lines = (self.unsettled_line(), self.summary_line(), self.runtime_line())
+        lines = (
+            self.budget_line(),
+            self.unsettled_line(),
+            self.summary_line(),
+            self.runtime_line(),
+        )
         page = Page(
             diagnosis=self.diagnosis,
             table=self.table(),
@@ -360,18 +394,29 @@ class Report:
             load=self.load_test,
             notes=self.notes(),
             environment=self.environment,
+            sensitivity=self.int8_budget(),
         )
         return render_html(page)
 
+    def int8_budget(self) -> dict[str, Any] | None:
+        """The last INT8 row's accuracy-budget record, when nodes were ranked for it."""
+        for row in reversed(self.rows):
+            budget = (row.details.get("quantization") or {}).get("accuracy_budget")
+            if budget and budget.get("sensitivity"):
+                return budget
+        return None
+
     def charts(self) -> dict[str, Figure]:
-        """report.html's charts as matplotlib figures: ``accuracy_latency``, ``per_stage``
-        and, with a load test, ``load``.
+        """report.html's charts as matplotlib figures: ``accuracy_latency``, ``per_stage``,
+        with a load test ``load``, and with INT8 nodes ranked for a budget ``sensitivity``.
 
         In a notebook, ``display(figure)`` (after ``%matplotlib inline``) shows one inline.
         """
         charts = {"accuracy_latency": accuracy_chart(self.rows), "per_stage": stage_bars(self.rows)}
         if self.load_test:
             charts["load"] = load_chart(self.load_test)
+        if self.int8_budget():
+            charts["sensitivity"] = sensitivity_chart(self.int8_budget())
         return charts
 
     def __str__(self) -> str:

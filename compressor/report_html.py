@@ -49,6 +49,7 @@ class Page:
     load: dict[str, Any] | None
     notes: list[str]
     environment: dict[str, Any]
+    sensitivity: dict[str, Any] | None = None
 
 
 def render_html(page: Page) -> str:
@@ -92,6 +93,14 @@ def render_html(page: Page) -> str:
         parts.append(
             f'<figure class="chart" id="load-chart">{_svg(load_chart(page.load))}</figure>'
         )
+    if page.sensitivity:
+        parts += [
+            "<h2>INT8 sensitivity</h2>",
+            "<p>The share of the INT8 file's output error each node removes when it alone "
+            "runs in FP32; the nodes kept in FP32 for the accuracy budget are darker.</p>",
+            f'<figure class="chart" id="sensitivity">{_svg(sensitivity_chart(page.sensitivity))}'
+            "</figure>",
+        ]
     notes = page.notes
     if notes:
         parts.append("<h2>Notes</h2><ul>")
@@ -246,4 +255,23 @@ def load_chart(section: dict[str, Any]) -> Figure:
     ax.set_ylabel("requests per second")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    return figure
+
+
+def sensitivity_chart(budget: dict[str, Any]) -> Figure:
+    """Per node, the share of the INT8 error reverting it alone removes (an INT8 row's
+    ``details.quantization.accuracy_budget``); the nodes kept in FP32 darker."""
+    nodes = budget["sensitivity"]["nodes"]
+    kept = set(budget.get("fp32_nodes", []))
+    figure = _figure(8.5, max(2.0, 0.28 * len(nodes) + 1))
+    ax = figure.add_subplot()
+    ax.barh(
+        range(len(nodes)),
+        [n["gain"] for n in nodes],
+        color=["#c44e52" if n["node"] in kept else "#e8a5a7" for n in nodes],
+    )
+    ax.set_yticks(range(len(nodes)), [f"{n['node']} ({n['op_type']})" for n in nodes], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the INT8 output error removed with this node in FP32")
+    ax.grid(True, axis="x", alpha=0.3)
     return figure

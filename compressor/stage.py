@@ -177,6 +177,8 @@ class RunContext:
     ``step`` is the running stage's report name; ``upcoming`` the stages after it (sparsity
     training aims at the pruning that follows it). ``mixed_precision`` (None, ``bf16`` or
     ``fp16``) and ``accumulate_grad_batches`` are how the training stages train.
+    ``min_accuracy`` is the lowest final accuracy a pipeline's accuracy budget allows
+    (None: no budget); the INT8 stage keeps nodes in FP32 to stay above it.
     """
 
     train_data: DataSpec
@@ -193,6 +195,7 @@ class RunContext:
     accumulate_grad_batches: int = 1
     throughput_batches: tuple[int, ...] = (32,)
     runtimes: tuple[str, ...] = ("onnxruntime",)
+    min_accuracy: float | None = None
     step: str = ""
     upcoming: tuple[Stage, ...] = ()
 

@@ -235,6 +235,7 @@ BAD = [
     ("unknown-preset", ["--recipe", "turbo"], "presets: fast, balanced, max-compression"),
     ("override-missing-stage", ["--recipe", "fast", "--l1", "0.1"], "no stage 'sparsity_training'"),
     ("bad-override-value", ["--ratio", "1.5"], "structured_pruning.ratio must be a number in (0.0, 1.0)"),
+    ("bad-budget", ["--max-accuracy-drop", "1.5"], "max_accuracy_drop must be a fraction in [0, 1)"),
     ("bad-set", ["--set", "ratio"], "--set takes STAGE.OPTION=VALUE"),
     ("unwritable-output", ["--output", "{a_file}/run"], "cannot write to output folder"),
     ("unexportable-layer", ["--model", "{models}:spectral", "--data", "imagefolder:{images}", "--input-size", "16"], "ONNX export"),

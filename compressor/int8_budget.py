@@ -1,0 +1,219 @@
+"""INT8 and accuracy: which nodes lose the most in INT8, and reverting them to meet a budget.
+
+`int8_sensitivity` reverts each compute node of a QDQ INT8 file to FP32 on its own (weights
+and activation inputs, `keep_fp32` with ``float_inputs``) and measures how much closer the
+file's outputs come to the FP32 model's on a sample of the eval data. `revert_to_budget`
+reverts the most sensitive nodes, trying the fewest first, until the file's accuracy on
+the eval data is within the budget.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+import torch
+
+from .data import as_data_spec
+from .int8_placement import keep_fp32
+from .measure import default_threads, onnx_predictor, sample_batch
+
+if TYPE_CHECKING:
+    from .measure import Predict
+    from .stage import RunContext
+
+_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_CHUNK = 32  # samples per ONNX Runtime call: bounded memory on big models
+SHOWN = 20
+"""Nodes of the ranking kept in the report (the whole ranking is in the function's result)."""
+
+
+def int8_sensitivity(
+    int8_path: str | Path,
+    fp32_path: str | Path,
+    data: Any,
+    *,
+    samples: int = 256,
+    threads: int | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, Any]:
+    """How much of the INT8 file's error each compute node causes, most first.
+
+    Each quantized compute node (Conv, ConvTranspose, Gemm, MatMul) of ``int8_path`` is
+    reverted to FP32 alone, weights and activation inputs, and the file's outputs on
+    ``samples`` inputs of ``data`` are compared with those of ``fp32_path`` (the FP32 model
+    that was quantized).
+
+    Args:
+        int8_path: a QDQ INT8 ONNX file, as `Int8Quantization` writes.
+        fp32_path: the FP32 ONNX file it was quantized from (node names match).
+        data: a DataLoader of ``(inputs, targets)`` or a `DataSpec`.
+        samples: inputs compared per node.
+        threads: ONNX Runtime threads (default: all cores).
+        exclude: nodes not to try (already in FP32).
+
+    Returns:
+        ``error_int8`` (mean absolute difference of the INT8 file's outputs from FP32's),
+        ``nodes`` (per node: ``node``, ``op_type``, ``error`` with it in FP32, ``gain`` the
+        share of ``error_int8`` that removes, highest gain first), ``samples``, ``seconds``.
+    """
+    start = time.perf_counter()
+    spec = as_data_spec(data, "data")
+    threads = threads or default_threads()
+    quantized, source = onnx.load(str(int8_path)), onnx.load(str(fp32_path))
+    inputs = sample_batch(spec, samples)
+    reference = _outputs(onnx_predictor(fp32_path, threads), inputs)
+    base = _error(_outputs(onnx_predictor(int8_path, threads), inputs), reference)
+    found = []
+    with tempfile.TemporaryDirectory(prefix="compressor-sensitivity-") as tmp:
+        trial = Path(tmp) / "trial.onnx"
+        for node in quantized_nodes(quantized, source):
+            if node.name in exclude:
+                continue
+            onnx.save(keep_fp32(quantized, source, [node.name], float_inputs=True), str(trial))
+            error = _error(_outputs(onnx_predictor(trial, threads), inputs), reference)
+            gain = (base - error) / base if base > 0 else 0.0
+            found.append(
+                {"node": node.name, "op_type": node.op_type, "error": error, "gain": round(gain, 4)}
+            )
+    found.sort(key=lambda n: -n["gain"])
+    return {
+        "error_int8": base,
+        "nodes": found,
+        "samples": len(inputs),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def quantized_nodes(quantized: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The compute nodes of ``quantized`` that read a dequantized tensor and exist in ``fp32``."""
+    names = {n.name for n in fp32.graph.node if n.op_type in _COMPUTE}
+    dequantized = {
+        out for n in quantized.graph.node if n.op_type == "DequantizeLinear" for out in n.output
+    }
+    return [
+        n
+        for n in quantized.graph.node
+        if n.op_type in _COMPUTE and n.name in names and any(i in dequantized for i in n.input)
+    ]
+
+
+def revert_to_budget(
+    quantized: Path,
+    fp32: Path,
+    ctx: RunContext,
+    min_accuracy: float,
+    *,
+    samples: int,
+    exclude: Collection[str] = (),
+) -> tuple[Path, dict[str, Any]]:
+    """Revert the most INT8-sensitive nodes to FP32 until accuracy >= ``min_accuracy``.
+
+    Accuracy is ``ctx.eval_fn`` over ``ctx.eval_data`` in ONNX Runtime. Counts of reverted
+    nodes are tried 1, 2, 4, ... until one meets the budget, then halved back to the fewest
+    that do. When none does (all reverted included), the most accurate file is kept. When
+    the FP32 model is itself under ``min_accuracy``, no node is reverted: the accuracy was
+    lost before INT8, and reverting could not win it back.
+
+    Returns:
+        The file to ship and what was done: ``min_accuracy``, ``fp32_accuracy``,
+        ``int8_accuracy``, ``met``, ``fp32_nodes`` (reverted, most sensitive first),
+        ``fp32_producers`` (nodes that run in FP32 because a reverted node reads their float
+        output; see `float_producers`),
+        ``trials`` (nodes reverted and the accuracy), ``sensitivity`` (the top of the
+        ranking), ``seconds``.
+    """
+    start = time.perf_counter()
+
+    def accuracy(path: Path) -> float:
+        return round(float(ctx.eval_fn(onnx_predictor(path, ctx.threads), ctx.eval_data)), 6)
+
+    info: dict[str, Any] = {
+        "min_accuracy": round(min_accuracy, 6),
+        "fp32_accuracy": accuracy(fp32),
+        "int8_accuracy": accuracy(quantized),
+        "fp32_nodes": [],
+        "trials": [],
+    }
+    info["met"] = info["int8_accuracy"] >= min_accuracy
+    if info["met"] or info["fp32_accuracy"] < min_accuracy:  # nothing INT8 can do about it
+        return quantized, {**info, "seconds": round(time.perf_counter() - start, 2)}
+    ctx.log(f"{ctx.step}: INT8 is under the accuracy budget; ranking nodes by INT8 error")
+    sensitivity = int8_sensitivity(
+        quantized, fp32, ctx.eval_data, samples=samples, threads=ctx.threads, exclude=exclude
+    )
+    ranking = [n["node"] for n in sensitivity["nodes"]]
+    info["sensitivity"] = {**sensitivity, "nodes": sensitivity["nodes"][:SHOWN]}
+    model, source = onnx.load(str(quantized)), onnx.load(str(fp32))
+    results: dict[int, tuple[float, Path]] = {0: (info["int8_accuracy"], quantized)}
+
+    def trial(count: int) -> bool:
+        path = quantized.with_name(f"budget_{count}.onnx")
+        onnx.save(keep_fp32(model, source, ranking[:count], float_inputs=True), str(path))
+        results[count] = (accuracy(path), path)
+        info["trials"].append({"fp32_nodes": count, "accuracy": results[count][0]})
+        ctx.log(f"{ctx.step}: {count} node(s) in FP32: accuracy {results[count][0]:.4f}")
+        return results[count][0] >= min_accuracy
+
+    low, high, count = 0, None, 1  # low fails; high meets the budget
+    while ranking and high is None:
+        count = min(count, len(ranking))
+        if trial(count):
+            high = count
+        elif count == len(ranking):
+            break
+        else:
+            low, count = count, count * 2
+    while high is not None and high - low > 1:
+        middle = (low + high) // 2
+        if trial(middle):
+            high = middle
+        else:
+            low = middle
+    chosen = high
+    if chosen is None:  # nothing met it: the most accurate, fewest nodes on a tie
+        chosen = max(results, key=lambda k: (results[k][0], -k))
+    info["met"] = results[chosen][0] >= min_accuracy
+    info["fp32_nodes"] = ranking[:chosen]
+    if chosen:
+        edited = onnx.load(str(results[chosen][1]))
+        info["fp32_producers"] = float_producers(edited, info["fp32_nodes"])
+    info["accuracy"] = results[chosen][0]
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    return results[chosen][1], info
+
+
+def float_producers(model: onnx.ModelProto, names: Collection[str]) -> list[str]:
+    """Compute nodes not in ``names`` whose output a node in ``names`` reads as float.
+
+    An INT8 kernel writes a quantized output; a node reverted with float inputs reads its
+    producer's float output, so ONNX Runtime runs that producer in FP32 too.
+    """
+    produced_by = {out: n for n in model.graph.node for out in n.output}
+    found: list[str] = []
+    for node in (n for n in model.graph.node if n.name in names):
+        for tensor in node.input:
+            producer = produced_by.get(tensor)
+            if producer is not None and producer.op_type in ("Relu", "Clip"):
+                producer = produced_by.get(producer.input[0])
+            if (
+                producer is not None
+                and producer.op_type in _COMPUTE
+                and producer.name not in names
+                and producer.name not in found
+            ):
+                found.append(producer.name)
+    return found
+
+
+def _outputs(predict: Predict, inputs: torch.Tensor) -> torch.Tensor:
+    parts = [predict(inputs[i : i + _CHUNK]).float() for i in range(0, len(inputs), _CHUNK)]
+    return torch.cat(parts)
+
+
+def _error(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    return round(float((outputs - reference).abs().mean()), 7)
