@@ -91,12 +91,17 @@ def test_op_profile_script(tmp_path):
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def test_compose_script(tmp_path):
-    """The sparsity-vs-no-sparsity ablation on real Fashion-MNIST images, shortened."""
+def need_fashion_mnist() -> None:
+    """Skip without Debian's Fashion-MNIST, except in CI, which must install it."""
     if not FASHION_MNIST.is_dir():
         if os.environ.get("CI"):
             pytest.fail("CI must install Debian's dataset-fashion-mnist (see .ci/run)")
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
+
+
+def test_compose_script(tmp_path):
+    """The sparsity-vs-no-sparsity ablation on real Fashion-MNIST images, shortened."""
+    need_fashion_mnist()
     out = tmp_path / "compose.json"
     args = ["--models", "plain", "--variants", "sparsity", "no_sparsity", "--seeds", "0"]
     args += ["--train-images", "512", "--baseline-images", "2048", "--baseline-epochs", "1"]
@@ -169,3 +174,19 @@ def test_scale_script(tmp_path):
             assert row[stage]["seconds"] > 0
             assert row[stage]["peak_mb"] > 100  # torch and a ResNet-18 are in memory
     assert "| resnet18 |" in table
+
+
+def test_int8_budget_script(tmp_path):
+    """The INT8 accuracy budget on real Fashion-MNIST images, shortened to one seed."""
+    need_fashion_mnist()
+    out = tmp_path / "int8_budget.json"
+    args = ["--seeds", "0", "--train-images", "10000", "--test-images", "1000"]
+    args += ["--data", str(tmp_path / "data"), "--out", str(out)]
+    table = run("int8_budget.py", *args, cwd=tmp_path)
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain", "outlier"}
+    for row in rows.values():  # within half a point of the FP32 model before INT8
+        assert row["met"] and row["final"] >= row["fp32"] - 0.005 - 1e-9
+        if row["int8"] < row["fp32"] - 0.005:
+            assert 1 <= row["fp32_nodes"] < row["nodes"]  # a few nodes back, not all
+    assert "| outlier | 0 |" in table
