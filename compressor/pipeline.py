@@ -214,7 +214,10 @@ class Pipeline:
             with tempfile.TemporaryDirectory(prefix="compressor-rank-") as scratch:
                 ctx = RunContext(output_dir=Path(scratch), progress=False, **settings)
                 trained, onnx, report, output = follow(self.stages, self.step_names(), model, ctx)
-            return PipelineResult(model=trained, onnx_path=onnx, report=report, output_dir=output)
+            met = report.budget["met"] if report.budget else None
+            return PipelineResult(
+                model=trained, onnx_path=onnx, report=report, output_dir=output, budget_met=met
+            )
         try:
             result = self._lead(model, output_dir, settings, progress, resume, load_test)
         except Exception as exc:
