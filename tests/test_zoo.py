@@ -75,7 +75,9 @@ FAMILIES = [
     ("mobilenet_v3_small", 32),
     ("efficientnet_b0", 32),
     ("regnet_y_400mf", 32),
-    ("shufflenet_v2_x0_5", 32),
+    # at 32x32 its last feature map is 1x1 and the fitted logits of all images nearly tie
+    # (cosine 0.99997 yet top-1 flips on a VNNI/AMX CPU); at 64 they are told apart
+    ("shufflenet_v2_x0_5", 64),
     ("squeezenet1_1", 64),
     ("mnasnet0_5", 32),
     ("googlenet", 32),
