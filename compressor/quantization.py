@@ -248,20 +248,7 @@ class Int8Quantization(Stage):
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-
         types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
-        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[self.method]
         final = ctx.output_dir / "model.int8.onnx"
         notes: list[str] = []
         clock = _Clock()
@@ -286,28 +273,18 @@ class Int8Quantization(Stage):
             clock.lap("pre_process")
             per_sample = activation_bytes(source)
             max_batch = max(1, CALIBRATION_MEMORY // max(per_sample, 1))
-            reader = _CalibrationReader(
-                ctx.train_data, "input", self.calibration_samples, ctx.progress, max_batch
-            )
             ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
-            # ONNX Runtime's histogram calibrators print progress on stdout, which belongs
-            # to the caller (compressor compress --json writes its JSON there).
             quantized = Path(tmp) / "int8" / "model.int8.onnx"
             quantized.parent.mkdir()
-            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-                warnings.simplefilter("ignore")
-                quantize_static(
-                    str(source),
-                    str(quantized),
-                    reader,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=self.per_channel,
-                    reduce_range=types.reduce_range,
-                    activation_type=qtype[types.activation_type],
-                    weight_type=qtype[types.weight_type],
-                    calibrate_method=method,
-                    use_external_data_format=external,
-                )
+            seen = self.quantize_file(
+                source,
+                quantized,
+                ctx.train_data,
+                samples=self.calibration_samples,
+                max_batch=max_batch,
+                external=external,
+                progress=ctx.progress,
+            )
             clock.lap("calibrate_quantize")
             placement = None
             if self.fp32_placement and self.placement_candidates and not external:
@@ -351,7 +328,7 @@ class Int8Quantization(Stage):
                 "reduce_range": types.reduce_range,
                 "per_channel": self.per_channel,
                 "method": self.method,
-                "calibration_samples": reader.seen,
+                "calibration_samples": seen,
                 "calibration_batch_limit": max_batch,
                 "pre_process": pre_process,
                 "types_reason": types.reason,
@@ -367,6 +344,60 @@ class Int8Quantization(Stage):
         for note in notes:
             warnings.warn(f"int8_quantization: {note}", stacklevel=2)
         return state.replace(onnx_path=final, details=details)
+
+    def quantize_file(
+        self,
+        source: Path,
+        out: Path,
+        data: DataSpec,
+        *,
+        samples: int,
+        max_batch: int | None = None,
+        external: bool = False,
+        progress: bool = False,
+    ) -> int:
+        """Quantize the FP32 ONNX file ``source`` into ``out`` with this stage's settings
+        (static QDQ), calibrated on ``samples`` inputs of ``data``; returns how many it read."""
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
+        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.method]
+        if max_batch is None:
+            max_batch = max(1, CALIBRATION_MEMORY // max(activation_bytes(source), 1))
+        reader = _CalibrationReader(data, "input", samples, progress, max_batch)
+        # ONNX Runtime's histogram calibrators print progress on stdout, which belongs
+        # to the caller (compressor compress --json writes its JSON there).
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(source),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=self.per_channel,
+                reduce_range=types.reduce_range,
+                activation_type=qtype[types.activation_type],
+                weight_type=qtype[types.weight_type],
+                calibrate_method=method,
+                use_external_data_format=external,
+            )
+        return reader.seen
+
+    def quantize_sample(self, fp32: Path, out: Path, data: DataSpec, *, samples: int = 8) -> None:
+        """Quantize ``fp32`` into ``out`` as `apply` does, calibrated on ``samples`` inputs only
+        and without FP32 placement or a budget: a candidate's size and speed, not accuracy."""
+        source, _, _ = _pre_process(fp32, out.with_name(out.stem + ".pre.onnx"), False)
+        self.quantize_file(source, out, data, samples=samples)
 
     def _min_accuracy(self, ctx: RunContext, fp32: Path) -> float | None:
         """The lowest accuracy the INT8 file may have: this stage's budget against the
