@@ -51,6 +51,26 @@ _OVERRIDES = {
     "alpha": ("distillation.alpha", float, "weight of the soft-target loss"),
     "calibration_samples": ("int8_quantization.calibration_samples", int, "INT8 calibration"),
     "calibration_method": ("int8_quantization.method", str, "minmax, entropy or percentile"),
+    "target_macs": (
+        "structured_pruning.target_macs",
+        lambda text: text,  # a number or 150M/1.2G; the stage parses and names bad ones
+        "prune to at most this many MACs, e.g. 150M, instead of --ratio",
+    ),
+    "target_params": (
+        "structured_pruning.target_params",
+        lambda text: text,
+        "prune to at most this many parameters, e.g. 2M, instead of --ratio",
+    ),
+    "target_size_mb": (
+        "structured_pruning.target_size_mb",
+        float,
+        "prune until the INT8 file is at most this many MB, instead of --ratio",
+    ),
+    "target_latency_ms": (
+        "structured_pruning.target_latency_ms",
+        float,
+        "prune until the INT8 file's batch-1 p50 here is at most this many ms, instead of --ratio",
+    ),
     "max_accuracy_drop": (
         "max_accuracy_drop",
         float,
@@ -164,7 +184,7 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
             f"--{flag.replace('_', '-')}",
             type=kind,
             default=None,
-            metavar={int: "N", float: "X", str: "NAME"}[kind],
+            metavar={int: "N", float: "X", str: "NAME"}.get(kind, "N"),
             help=f"{text} ({key})",
         )
     recipe.add_argument(
@@ -647,6 +667,13 @@ def _resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
         recipe = DEMO_RECIPE
     else:
         recipe = read_recipe("balanced")
+    targets = [f for f in _OVERRIDES if f.startswith("target_") and getattr(args, f) is not None]
+    if args.ratio is not None:
+        targets.insert(0, "ratio")
+    if len(targets) > 1:
+        flags = " and ".join(f"--{f.replace('_', '-')}" for f in targets)
+        msg = f"{flags}: give one of them (a target searches the pruning ratio)"
+        raise RecipeError(msg)
     for flag, (key, _, _) in _OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:

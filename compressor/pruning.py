@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from .pruning_plan import (
     plan_pruning,
     resolve_importance,
 )
+from .pruning_target import TARGETS, TargetSearch, parse_amount, search_target
+from .runtimes import ONNX_RUNTIMES
 from .stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
 from .training import recalibrate_batchnorm
 
@@ -52,12 +55,17 @@ class StructuredPruning(Stage):
     are chosen by `compressor.pruning_plan`, the plan `SparsityTraining` drives to zero
     when it runs before this stage; channels already exactly zero always go first.
 
+    Instead of ``ratio``, one target may be given (see `compressor.pruning_target`): the
+    ratio is then searched until the pruned model is within it, and the report's
+    ``details.pruning.target`` shows the target, what was reached and every candidate.
+
     Args:
-        ratio: share of the prunable channels removed. With ``global_pruning`` (the
-            default) it is counted over all coupled channel groups together, and each group
-            loses between 0 and ``max_layer_ratio`` of its channels by score (network
-            slimming's global threshold); without it every group loses ``ratio`` of its
-            channels. Params and MACs fall by about ``1 - (1 - ratio)**2``.
+        ratio: share of the prunable channels removed (0.5 when neither it nor a target is
+            given). With ``global_pruning`` (the default) it is counted over all coupled
+            channel groups together, and each group loses between 0 and ``max_layer_ratio``
+            of its channels by score (network slimming's global threshold); without it
+            every group loses ``ratio`` of its channels.
+            Params and MACs fall by about ``1 - (1 - ratio)**2``.
         importance: how channels are ranked. ``auto`` is ``bn_scale`` (|BatchNorm gamma|) when
             the model has BatchNorm and ``l2`` (group weight norm) otherwise, the quantities
             `SparsityTraining` drives toward zero; also ``l1``, ``lamp``, ``fpgm``, ``random``.
@@ -73,12 +81,22 @@ class StructuredPruning(Stage):
         max_layer_ratio: with ``global_pruning``, the largest share of one group's channels
             that may go; ``null``: halfway between ``ratio`` and 1, so no group keeps less
             than half the share an average group keeps.
+        target_macs: prune until the model has at most this many MACs (a number, or text
+            like ``150M``).
+        target_params: prune until the model has at most this many parameters.
+        target_size_mb: prune until the artifact (the INT8 file when an `Int8Quantization`
+            follows, else the FP32 ONNX file) is at most this many MB (10**6 bytes).
+        target_latency_ms: prune until the artifact's batch-1 median latency in
+            ``target_runtime``, measured on this machine with the run's threads, is at most
+            this many milliseconds.
+        target_runtime: the runtime ``target_latency_ms`` is measured in: ``onnxruntime``
+            or ``openvino``.
         bn_recalibration_batches: after pruning, re-estimate BatchNorm statistics on this
             many training batches (0: don't), with only the BatchNorm layers in training
             mode. Removing live channels shifts later layers' input distributions.
     """
 
-    ratio: float = 0.5
+    ratio: float | None = None
     importance: str = "auto"
     ignored_layers: tuple[str, ...] = ()
     round_to: int | None = 16
@@ -86,13 +104,35 @@ class StructuredPruning(Stage):
     attention_heads: str = "whole"
     max_layer_ratio: float | None = None
     bn_recalibration_batches: int = 32
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_size_mb: float | None = None
+    target_latency_ms: float | None = None
+    target_runtime: str = "onnxruntime"
 
     name = "structured_pruning"
+    replaces = {"ratio": tuple(TARGETS)} | {t: ("ratio", *TARGETS) for t in TARGETS}
 
     def __post_init__(self) -> None:
-        check_float(
-            self.name, "ratio", self.ratio, low=0.0, high=1.0, low_open=True, high_open=True
-        )
+        for option in TARGETS:
+            object.__setattr__(self, option, parse_amount(self.name, option, getattr(self, option)))
+        targets = [o for o in TARGETS if getattr(self, o) is not None]
+        if len(targets) > 1:
+            msg = f"{self.name}: give one target, not {' and '.join(targets)}"
+            raise RecipeError(msg)
+        if targets and self.ratio is not None:
+            msg = (
+                f"{self.name}: give ratio ({self.ratio!r}) or {targets[0]}, not both "
+                "(a target searches the ratio)"
+            )
+            raise RecipeError(msg)
+        if self.ratio is None and not targets:
+            object.__setattr__(self, "ratio", 0.5)
+        if self.ratio is not None:
+            check_float(
+                self.name, "ratio", self.ratio, low=0.0, high=1.0, low_open=True, high_open=True
+            )
+        check_choice(self.name, "target_runtime", self.target_runtime, ONNX_RUNTIMES)
         check_choice(self.name, "importance", self.importance, IMPORTANCES)
         if self.ignored_layers is None:  # YAML's "ignored_layers:" with nothing after it
             object.__setattr__(self, "ignored_layers", ())
@@ -121,8 +161,41 @@ class StructuredPruning(Stage):
             )
         check_int(self.name, "bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
 
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """The target option set and its value, or None (then ``ratio`` is used)."""
+        return next(((o, getattr(self, o)) for o in TARGETS if getattr(self, o) is not None), None)
+
+    def at_ratio(self, ratio: float) -> StructuredPruning:
+        """These options with ``ratio`` set and no target."""
+        return dataclasses.replace(self, ratio=ratio, **dict.fromkeys(TARGETS))
+
+    def resolve(
+        self, model: nn.Module, example: torch.Tensor, ctx: RunContext | None = None
+    ) -> tuple[StructuredPruning, TargetSearch | None]:
+        """These options with the ratio that meets the target on ``model``, and the search.
+
+        Without a target: these options and None. ``model`` is not changed; measured
+        targets (size, latency) need the run context.
+        """
+        if self.target is None:
+            return self, None
+        option, value = self.target
+        ignored_modules(model, example, self.ignored_layers)  # a bad name fails here, once
+        search = search_target(
+            model,
+            example,
+            option,
+            value,
+            lambda m, r: _candidate(m, example, self.at_ratio(r)),
+            ctx,
+            self.target_runtime,
+        )
+        return self.at_ratio(search.ratio), search
+
     def allocation(self) -> Allocation:
         """The plan's allocation options."""
+        assert self.ratio is not None, "resolve() a target before planning"
         return Allocation(
             ratio=self.ratio,
             global_allocation=self.global_pruning,
@@ -131,14 +204,34 @@ class StructuredPruning(Stage):
         )
 
     def apply(self, state: State, ctx: RunContext) -> State:
-        """Prune a copy of ``state.model``."""
+        """Prune a copy of ``state.model`` (to the target, when one is set)."""
         model = copy.deepcopy(state.model).cpu().eval()
         example = state.example_input
-        pruned, details = prune(model, example, self)
+        if self.target:
+            ctx.log(f"{ctx.step}: searching the ratio that meets {self.target[0]}")
+        options, search = self.resolve(model, example, ctx)
+        pruned, details = prune(model, example, options)
+        if search is not None:
+            details["pruning"]["target"] = search.to_dict()
+            missed = search.note()
+            if missed:
+                warnings.warn(f"structured_pruning: {missed}", stacklevel=2)
+                details.setdefault("notes", []).append(missed)
         if self.bn_recalibration_batches and has_batchnorm(pruned):
             seen = recalibrate_batchnorm(pruned, ctx.train_data, self.bn_recalibration_batches)
             details["pruning"]["bn_recalibration_samples"] = seen
         return state.replace(model=pruned, details=details)
+
+
+def _candidate(model: nn.Module, example: torch.Tensor, options: StructuredPruning) -> nn.Module:
+    """``model`` pruned in place at ``options`` for a target search (quietly; a ratio that
+    removes no channel leaves it whole)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return prune(model, example, options)[0]
+        except RecipeError:  # the ratio removes no channel (names were checked before)
+            return model
 
 
 def ignored_modules(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> list[str]:

@@ -123,7 +123,8 @@ def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str
     """A copy of a valid ``recipe`` mapping with one option set.
 
     ``key`` is ``stage.option`` (every stage of that name) or a bare ``option`` (every stage
-    in the recipe that takes it, e.g. ``epochs``).
+    in the recipe that takes it, e.g. ``epochs``). Options the stage says it replaces
+    (`Stage.replaces`: a pruning target replaces the ratio) are unset.
 
     Raises:
         RecipeError: no stage in the recipe takes that option.
@@ -137,7 +138,8 @@ def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str
     for entry in normalized:
         ((name, options),) = entry.items()
         if option in options and stage_name in ("", name):
-            options = {**options, option: value}
+            unset = dict.fromkeys(STAGES[name].replaces.get(option, ()))
+            options = {**options, **unset, option: value}
             hits += 1
         stages.append({name: options})
     if not hits:

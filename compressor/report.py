@@ -22,7 +22,7 @@ from .report_html import (
     sensitivity_chart,
     stage_bars,
 )
-from .row import Row
+from .row import Row, amount
 from .runtimes import deployment_snippet
 
 if TYPE_CHECKING:
@@ -278,6 +278,29 @@ class Report:
             "ratio, more distillation epochs, or a larger budget."
         )
 
+    def target_line(self) -> str | None:
+        """The pruning target, the ratio its search chose, and what the final file measured."""
+        found = [r for r in self.rows if (r.details.get("pruning") or {}).get("target")]
+        if not found:
+            return None
+        t = found[-1].details["pruning"]["target"]
+        unit, option = t["unit"], t["option"]
+        line = (
+            f"Pruning target {option} {amount(t['value'])} {unit}: "
+            f"{'met' if t['met'] else 'NOT met'} at ratio {t['ratio']:.3f} "
+            f"({amount(t['reached'])} {unit} in the search, from {amount(t['model_value'])}"
+        )
+        final = self.rows[-1]
+        if option == "target_latency_ms":
+            runtime = t.get("runtime", "onnxruntime")
+            rows = [r for r in self.rows if r.runtime == runtime and r.latency_ms]
+            if rows and rows[-1].latency_ms.get("batch_size") == 1:
+                line += f"; the final {rows[-1].label} measured {rows[-1].latency_ms['p50']:.3f} ms"
+        elif option == "target_size_mb":
+            line += f"; the final {final.label} is {final.size_bytes / 1e6:.3f} MB"
+        tried = ", ".join(f"{c['ratio']:.2f}: {amount(c['value'])}" for c in t["trace"])
+        return f"{line}). Ratios tried: {tried}."
+
     def unsettled_line(self) -> str | None:
         """The footnote for rows whose batch-1 timing did not settle, when there are any."""
         rows = [r.label for r in self.rows if not settled(r)]
@@ -358,7 +381,12 @@ class Report:
         footnote = self.unsettled_line()
         if footnote:
             lines += [footnote, ""]
-        lines_after = (self.budget_line(), self.summary_line(), self.runtime_line())
+        lines_after = (
+            self.target_line(),
+            self.budget_line(),
+            self.summary_line(),
+            self.runtime_line(),
+        )
         for line in (*lines_after, self.parity_line()):
             if line:
                 lines += [line, ""]
@@ -380,6 +408,7 @@ class Report:
     def to_html(self) -> str:
         """report.html: one self-contained page with the table and the charts."""
         lines = (
+            self.target_line(),
             self.budget_line(),
             self.unsettled_line(),
             self.summary_line(),

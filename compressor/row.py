@@ -1,4 +1,5 @@
-"""One measured model: the record every report row, measurement and diagnosis shares."""
+"""One measured model: the record every report row, measurement and diagnosis shares, and
+how its counts read in text."""
 
 from __future__ import annotations
 
@@ -39,3 +40,11 @@ class Row:
         """Inverse of `to_dict`; keys this version does not know are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def amount(value: float) -> str:
+    """A count or measure in three significant digits: ``1.23G``, ``45.6K``, ``2.05``."""
+    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"

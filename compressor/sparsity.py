@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import restructure, untraceable_blocks
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .pruning import StructuredPruning, failing_groups, make_plan
@@ -198,6 +199,11 @@ def _growing_penalty(
     if blocks:
         what = " and ".join(sorted(set(blocks.values())))
         return None, f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
+    if target.target:
+        ctx.log(f"{ctx.step}: searching the ratio that meets {target.target[0]}")
+        target, _ = target.resolve(model, example, ctx)
+        if distributed.active():  # a measured target's ratio: rank 0's, on every rank
+            target = target.at_ratio(distributed.share(target.ratio))
     plan, pruner, _ = make_plan(model, example, target)
     failing = failing_groups(model, example, target)  # pruning would keep these: spare them
     plan.groups = [g for g in plan.groups if g.root not in failing]

@@ -36,14 +36,16 @@ class Stage:
     ``name`` is the stage's recipe key and report row name; ``runtime`` says where the
     pipeline measures the stage's result: ``"torch"`` (``state.model``) or
     ``"onnxruntime"`` (``state.onnx_path``); ``precision`` is the report row's precision;
-    ``trains`` is True for stages that train with `compressor.training.train`: under
-    torchrun every rank runs them together (data-parallel), while rank 0 alone runs the rest.
+    ``replaces`` maps an option to those a recipe override of it unsets; ``trains`` is True
+    for stages that train with `compressor.training.train`: under torchrun every rank runs
+    them together (data-parallel), while rank 0 alone runs the rest.
     """
 
     name: ClassVar[str] = ""
     runtime: ClassVar[str] = "torch"
     precision: ClassVar[str] = "fp32"
     trains: ClassVar[bool] = False
+    replaces: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Run the stage on ``state`` and return the next state."""
