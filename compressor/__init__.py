@@ -26,6 +26,7 @@ from .pipeline import PipelineResult as PipelineResult
 from .pipeline import RunContext as RunContext
 from .pipeline import State as State
 from .pruning import StructuredPruning as StructuredPruning
+from .pruning import pruning_sensitivity as pruning_sensitivity
 from .quantization import Int8Quantization as Int8Quantization
 from .report import Report as Report
 from .report import Row as Row
@@ -60,6 +61,7 @@ __all__ = [
     "int8_sensitivity",
     "load_file",
     "load_url",
+    "pruning_sensitivity",
     "register_stage",
     "serve",
 ]

@@ -12,7 +12,8 @@ scaling), whose groups are applied unchecked. Groups that fail are restored and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,6 +51,30 @@ def apply_checked(
         plan.groups = [g for g in plan.groups if g not in failed]
         plan.left_whole += [m for g in failed for m in g.members]
     return failed
+
+
+@contextmanager
+def pruned_alone(
+    model: nn.Module, example: torch.Tensor, pruner: Any, planned: PlannedGroup
+) -> Iterator[bool]:
+    """Within the block, ``model`` with only ``planned``'s channels removed (checked as
+    `apply_checked` does); yields False, and leaves the model whole, when that fails.
+    The model is put back as it was afterwards, so ``pruner`` can try the next group."""
+    saved = _snapshot(model)
+    before = _before_pruning(model)
+    try:
+        if _checkable(pruner, planned):
+            ok = _try(model, example, pruner, [planned], before)
+        else:
+            try:
+                apply_plan(pruner, [planned], before=before)
+                after_pruning(model)
+                ok = True
+            except Exception:  # torch-pruning cannot prune it
+                ok = False
+        yield ok
+    finally:
+        _restore(saved)
 
 
 def _before_pruning(model: nn.Module) -> Any:

@@ -18,6 +18,7 @@ from .report_html import (
     Page,
     accuracy_chart,
     load_chart,
+    pruning_sensitivity_chart,
     render_html,
     sensitivity_chart,
     stage_bars,
@@ -301,6 +302,27 @@ class Report:
         tried = ", ".join(f"{c['ratio']:.2f}: {amount(c['value'])}" for c in t["trace"])
         return f"{line}). Ratios tried: {tried}."
 
+    def pruning_sensitivity(self) -> dict[str, Any] | None:
+        """The last pruning row's per-group sensitivity, when it was measured."""
+        for row in reversed(self.rows):
+            found = (row.details.get("pruning") or {}).get("sensitivity")
+            if found and found.get("groups"):
+                return found
+        return None
+
+    def sensitivity_line(self) -> str | None:
+        """The channel groups pruning hurts most, when their sensitivity was measured."""
+        found = self.pruning_sensitivity()
+        if not found:
+            return None
+        top = ", ".join(f"{g['group']} ({g['mean_drop'] * 100:.1f})" for g in found["groups"][:3])
+        ratios = "/".join(f"{r:g}" for r in found["ratios"])
+        return (
+            f"Pruning sensitivity ({len(found['groups'])} channel groups, each pruned alone at "
+            f"ratios {ratios}, {found['samples']} eval inputs, {found['seconds']:.1f} s): most "
+            f"sensitive {top} (mean accuracy drop, points)."
+        )
+
     def unsettled_line(self) -> str | None:
         """The footnote for rows whose batch-1 timing did not settle, when there are any."""
         rows = [r.label for r in self.rows if not settled(r)]
@@ -383,6 +405,7 @@ class Report:
             lines += [footnote, ""]
         lines_after = (
             self.target_line(),
+            self.sensitivity_line(),
             self.budget_line(),
             self.summary_line(),
             self.runtime_line(),
@@ -409,6 +432,7 @@ class Report:
         """report.html: one self-contained page with the table and the charts."""
         lines = (
             self.target_line(),
+            self.sensitivity_line(),
             self.budget_line(),
             self.unsettled_line(),
             self.summary_line(),
@@ -424,6 +448,7 @@ class Report:
             notes=self.notes(),
             environment=self.environment,
             sensitivity=self.int8_budget(),
+            pruning_sensitivity=self.pruning_sensitivity(),
         )
         return render_html(page)
 
@@ -437,7 +462,8 @@ class Report:
 
     def charts(self) -> dict[str, Figure]:
         """report.html's charts as matplotlib figures: ``accuracy_latency``, ``per_stage``,
-        with a load test ``load``, and with INT8 nodes ranked for a budget ``sensitivity``.
+        with a load test ``load``, with INT8 nodes ranked for a budget ``sensitivity``, and
+        with pruning sensitivity measured ``pruning_sensitivity``.
 
         In a notebook, ``display(figure)`` (after ``%matplotlib inline``) shows one inline.
         """
@@ -446,6 +472,8 @@ class Report:
             charts["load"] = load_chart(self.load_test)
         if self.int8_budget():
             charts["sensitivity"] = sensitivity_chart(self.int8_budget())
+        if self.pruning_sensitivity():
+            charts["pruning_sensitivity"] = pruning_sensitivity_chart(self.pruning_sensitivity())
         return charts
 
     def __str__(self) -> str:

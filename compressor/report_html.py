@@ -50,6 +50,7 @@ class Page:
     notes: list[str]
     environment: dict[str, Any]
     sensitivity: dict[str, Any] | None = None
+    pruning_sensitivity: dict[str, Any] | None = None
 
 
 def render_html(page: Page) -> str:
@@ -100,6 +101,16 @@ def render_html(page: Page) -> str:
             "runs in FP32; the nodes kept in FP32 for the accuracy budget are darker.</p>",
             f'<figure class="chart" id="sensitivity">{_svg(sensitivity_chart(page.sensitivity))}'
             "</figure>",
+        ]
+    if page.pruning_sensitivity:
+        found = page.pruning_sensitivity
+        parts += [
+            "<h2>Pruning sensitivity</h2>",
+            f"<p>Accuracy lost (points, on {found['samples']} eval inputs, before BatchNorm "
+            "recalibration and distillation) when one channel group alone loses a share of "
+            "its channels; the most sensitive groups first.</p>",
+            '<figure class="chart" id="pruning-sensitivity">'
+            f"{_svg(pruning_sensitivity_chart(found))}</figure>",
         ]
     notes = page.notes
     if notes:
@@ -273,5 +284,35 @@ def sensitivity_chart(budget: dict[str, Any]) -> Figure:
     ax.set_yticks(range(len(nodes)), [f"{n['node']} ({n['op_type']})" for n in nodes], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("share of the INT8 output error removed with this node in FP32")
+    ax.grid(True, axis="x", alpha=0.3)
+    return figure
+
+
+def pruning_sensitivity_chart(found: dict[str, Any], most: int = 30) -> Figure:
+    """Per channel group (the ``most`` most sensitive), the accuracy drop in points at each
+    ratio it was pruned alone (``details.pruning.sensitivity``)."""
+    groups = found["groups"][:most]
+    ratios = found["ratios"]
+    figure = _figure(8.5, max(2.0, 0.32 * len(groups) + 1.2))
+    ax = figure.add_subplot()
+    height = 0.8 / len(ratios)
+    shades = ["#f2b5a0", "#dd8452", "#a3451c", "#5e220b"]
+    for k, ratio in enumerate(ratios):
+        drops = [
+            next((r["drop"] * 100 for r in g["ratios"] if r["ratio"] == ratio), 0.0) for g in groups
+        ]
+        positions = [i - 0.4 + (k + 0.5) * height for i in range(len(groups))]
+        ax.barh(
+            positions,
+            drops,
+            height=height,
+            color=shades[k % len(shades)],
+            label=f"{ratio:.0%} of its channels",
+        )
+    ax.set_yticks(range(len(groups)), [g["group"] for g in groups], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="#1d232a", linewidth=0.6)
+    ax.set_xlabel("accuracy drop (points) with this group alone pruned")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, axis="x", alpha=0.3)
     return figure
