@@ -103,3 +103,15 @@ def as_data_spec(data: Any, what: str) -> DataSpec:
         )
         raise DataError(msg)
     return DataSpec(data)
+
+
+def data_subset(data: Any, samples: int) -> DataSpec:
+    """The first batches of ``data`` holding at least ``samples`` inputs, kept in memory."""
+    spec = as_data_spec(data, "data")
+    batches, count = [], 0
+    for batch in spec:
+        batches.append(batch)
+        count += int(spec.input_fn(batch).shape[0])
+        if count >= samples:
+            break
+    return DataSpec(batches, input_fn=spec.input_fn, target_fn=spec.target_fn)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import restructure, untraceable_blocks
-from .data import DataSpec, as_data_spec
+from .data import data_subset
 from .errors import ModelError, RecipeError
 from .measure import EvalFn, count_params_macs, top1, torch_predictor
 from .pruning_check import pruned_alone
@@ -26,18 +26,6 @@ from .pruning_plan import PruningPlan
 
 PlanAt = Callable[[nn.Module, float], tuple[PruningPlan, Any]]
 """``plan_at(model, ratio)``: the uniform plan at ``ratio`` for ``model``, and its pruner."""
-
-
-def data_subset(data: Any, samples: int) -> DataSpec:
-    """The first batches of ``data`` holding at least ``samples`` inputs, kept in memory."""
-    spec = as_data_spec(data, "data")
-    batches, count = [], 0
-    for batch in spec:
-        batches.append(batch)
-        count += int(spec.input_fn(batch).shape[0])
-        if count >= samples:
-            break
-    return DataSpec(batches, input_fn=spec.input_fn, target_fn=spec.target_fn)
 
 
 def measure_sensitivity(

@@ -4,8 +4,9 @@
 ``target_latency_ms`` instead of a ``ratio``. `find_ratio` searches the ratio: each candidate
 is pruned on a copy and measured. MACs and parameters are counted; size and latency are
 measured on the artifact the pipeline will write: the candidate is exported, quantized as the
-following `Int8Quantization` would (no INT8 stage follows: its FP32 export), and its file size
-read and its batch-1 latency timed in the runtime named by ``target_runtime``. The search keeps
+following `Int8Quantization` would (for latency with its FP32 placement: a stem that runs
+faster in FP32 stays so; no INT8 stage follows: its FP32 export), and its file size read and
+its batch-1 latency timed in the runtime named by ``target_runtime``. The search keeps
 the least pruning that meets the target, so the most accuracy survives.
 """
 
@@ -43,6 +44,8 @@ TARGETS = {
 """The target options of `StructuredPruning`, and the unit each is given in."""
 MEASURED = ("target_size_mb", "target_latency_ms")
 """Targets met by building and measuring the artifact (the others are counted)."""
+TIMED = ("target_latency_ms",)
+"""Targets whose candidates get the INT8 stage's FP32 placement (it changes speed, not size)."""
 MAX_RATIO = 0.95
 """The largest ratio the search tries."""
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -195,7 +198,8 @@ def artifact_measure(
 
     The model is exported and, when ``quantizer`` (the `Int8Quantization` that follows) is
     given, quantized as it would be, calibrated on a few training samples (the scales change
-    neither size nor speed). Latency is the median of three timings.
+    neither size nor speed), for latency with the stage's FP32 placement. Latency is the
+    median of three timings.
     """
     from .export import export_onnx
 
@@ -207,8 +211,7 @@ def artifact_measure(
             export_onnx(model, example, path, threads=ctx.threads, atol=1e-2, rtol=1e-2)
             if quantizer is not None:
                 out = Path(tmp) / "candidate.int8.onnx"
-                quantizer.quantize_sample(path, out, ctx.train_data)
-                path = out
+                path = quantizer.quantize_sample(path, out, ctx, placement=option in TIMED)
             if option == "target_size_mb":
                 return path.stat().st_size / 1e6
             predict = onnx_predictor(path, ctx.threads, runtime)

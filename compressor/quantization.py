@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -21,7 +22,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from ._io import atomic_path
-from .data import DataSpec
+from .data import DataSpec, data_subset
 from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .int8_budget import revert_to_budget
@@ -393,11 +394,20 @@ class Int8Quantization(Stage):
             )
         return reader.seen
 
-    def quantize_sample(self, fp32: Path, out: Path, data: DataSpec, *, samples: int = 8) -> None:
-        """Quantize ``fp32`` into ``out`` as `apply` does, calibrated on ``samples`` inputs only
-        and without FP32 placement or a budget: a candidate's size and speed, not accuracy."""
+    def quantize_sample(
+        self, fp32: Path, out: Path, ctx: RunContext, *, samples: int = 8, placement: bool = True
+    ) -> Path:
+        """Quantize ``fp32`` as `apply` would, calibrated on ``samples`` training inputs only,
+        for a candidate's size and speed: with the stage's FP32 placement (decided on at most
+        256 eval inputs) when ``placement``, without an accuracy budget. Returns the file
+        (``out``, or the placement's choice beside it)."""
         source, _, _ = _pre_process(fp32, out.with_name(out.stem + ".pre.onnx"), False)
-        self.quantize_file(source, out, data, samples=samples)
+        self.quantize_file(source, out, ctx.train_data, samples=samples)
+        if not (placement and self.fp32_placement and self.placement_candidates):
+            return out
+        small = dataclasses.replace(ctx, eval_data=data_subset(ctx.eval_data, 256))
+        chosen, _ = place_fp32(out, source, small, self.placement_candidates)
+        return chosen
 
     def _min_accuracy(self, ctx: RunContext, fp32: Path) -> float | None:
         """The lowest accuracy the INT8 file may have: this stage's budget against the

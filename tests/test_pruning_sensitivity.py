@@ -11,9 +11,9 @@ from torch import nn
 from torchvision.models.shufflenetv2 import InvertedResidual
 
 import compressor as cz
+from compressor.data import data_subset
 from compressor.measure import count_params_macs, top1, torch_predictor
 from compressor.pruning import prune
-from compressor.pruning_sensitivity import data_subset
 
 
 def test_each_group_pruned_alone_matches_pruning_only_that_group(trained_resnet, example, data):
