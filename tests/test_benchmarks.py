@@ -190,3 +190,19 @@ def test_int8_budget_script(tmp_path):
         if row["int8"] < row["fp32"] - 0.005:
             assert 1 <= row["fp32_nodes"] < row["nodes"]  # a few nodes back, not all
     assert "| outlier | 0 |" in table
+
+
+def test_pruning_target_script(tmp_path):
+    """The latency target on ResNet-18, shortened to one seed at 96x96."""
+    out = tmp_path / "pruning_target.json"
+    table = run(
+        "pruning_target.py", "--seeds", "0", "--size", "96", "--out", str(out), cwd=tmp_path
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["target_ms"] == pytest.approx(row["ratio_0.5_ms"] / 3, rel=0.01)
+    assert row["fraction"] == pytest.approx(1 / 3, abs=1e-4)
+    met = [c for c in row["trace"] if c["value"] <= row["target_ms"]]
+    if met:  # the least pruning among the candidates that met it was chosen
+        assert row["ratio"] == min(c["ratio"] for c in met)
+    assert row["final_ms"] > 0 and row["macs"] < row["macs_ratio_0.5"]
+    assert "| median |" in table
