@@ -42,6 +42,7 @@ from .stage import Stage, check_bool, check_choice, check_float, check_int, regi
 from .training import recalibrate_batchnorm
 
 if TYPE_CHECKING:
+    from .row import Row
     from .stage import RunContext, State
 
 
@@ -180,12 +181,17 @@ class StructuredPruning(Stage):
         return dataclasses.replace(self, ratio=ratio, **dict.fromkeys(TARGETS))
 
     def resolve(
-        self, model: nn.Module, example: torch.Tensor, ctx: RunContext | None = None
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        ctx: RunContext | None = None,
+        first: float | None = None,
     ) -> tuple[StructuredPruning, TargetSearch | None]:
         """These options with the ratio that meets the target on ``model``, and the search.
 
         Without a target: these options and None. ``model`` is not changed; measured
-        targets (size, latency) need the run context.
+        targets (size, latency) need the run context. ``first`` is tried first and kept
+        if it meets the target.
         """
         if self.target is None:
             return self, None
@@ -199,6 +205,7 @@ class StructuredPruning(Stage):
             lambda m, r: _candidate(m, example, self.at_ratio(r)),
             ctx,
             self.target_runtime,
+            first,
         )
         return self.at_ratio(search.ratio), search
 
@@ -233,7 +240,7 @@ class StructuredPruning(Stage):
                 sensitivity = {"error": str(exc)}
         if self.target:
             ctx.log(f"{ctx.step}: searching the ratio that meets {self.target[0]}")
-        options, search = self.resolve(model, example, ctx)
+        options, search = self.resolve(model, example, ctx, _aimed_ratio(state.rows, self.target))
         pruned, details = prune(model, example, options)
         if sensitivity is not None:
             details["pruning"]["sensitivity"] = sensitivity
@@ -286,6 +293,24 @@ def pruning_sensitivity(
     )
     found["importance"] = resolve_importance(options.importance, model)[0]
     return found
+
+
+def _aimed_ratio(rows: Sequence[Row], target: tuple[str, float] | None) -> float | None:
+    """The ratio a sparsity stage right before resolved ``target`` to, if one did.
+
+    Its channels are already zero, so pruning tries that ratio first: a measured target's
+    timing noise must not move the two stages apart.
+    """
+    if target is None:
+        return None
+    for row in reversed(rows):
+        if row.name == "structured_pruning":
+            return None
+        aimed = ((row.details.get("sparsity") or {}).get("target")) or {}
+        wanted = aimed.get("pruning_target") or {}
+        if wanted.get("option") == target[0] and wanted.get("value") == target[1]:
+            return aimed.get("ratio")
+    return None
 
 
 def _candidate(model: nn.Module, example: torch.Tensor, options: StructuredPruning) -> nn.Module:

@@ -128,8 +128,12 @@ def find_ratio(
     max_steps: int,
     runtime: str | None = None,
     describe: Callable[[nn.Module], dict[str, Any]] | None = None,
+    first: float | None = None,
 ) -> TargetSearch:
     """The smallest ratio whose pruned model measures at most ``value``.
+
+    ``first``: a ratio to try before all others and keep if it meets the target (the one a
+    sparsity stage already drove to zero); when it misses, the search goes on above it.
 
     ``prune_at(r)`` returns a pruned copy at ratio ``r`` and ``measure`` its quantity (which
     falls as ``r`` grows). The bracket [0, `MAX_RATIO`] is narrowed by interpolating on
@@ -148,6 +152,13 @@ def find_ratio(
         return quantity
 
     low, q_low = 0.0, model_value
+    if first is not None:
+        quantity = at(first)
+        if quantity <= value:
+            search.ratio, search.reached, search.met = first, quantity, True
+            search.seconds = time.perf_counter() - start
+            return search
+        low, q_low = first, quantity
     high = MAX_RATIO
     q_high = at(high)
     if q_high > value:
@@ -230,8 +241,10 @@ def search_target(
     prune_copy: Callable[[nn.Module, float], nn.Module],
     ctx: RunContext | None,
     runtime: str,
+    first: float | None = None,
 ) -> TargetSearch:
-    """Search the ratio at which ``model`` pruned by ``prune_copy`` meets the target.
+    """Search the ratio at which ``model`` pruned by ``prune_copy`` meets the target
+    (trying ``first`` first, see `find_ratio`).
 
     Raises:
         RecipeError: the model already meets the target (nothing to prune), or a measured
@@ -270,6 +283,7 @@ def search_target(
         max_steps=steps,
         runtime=runtime,
         describe=describe,
+        first=first,
     )
 
 

@@ -145,6 +145,7 @@ class GrowingPenalty:
         self.channels = channels
         self.ramp = ramp
         self.plan = plan
+        self.aimed_at: dict[str, Any] | None = None  # the pruning target it was resolved for
         self.start = self.norms()
 
     def norms(self) -> torch.Tensor:
@@ -179,7 +180,11 @@ class GrowingPenalty:
         start = float(self.start.sum())
         return {
             "ramp": self.ramp,
-            "target": self.plan.summary(),
+            "target": {
+                "ratio": self.plan.allocation.ratio,
+                **({"pruning_target": self.aimed_at} if self.aimed_at else {}),
+                **self.plan.summary(),
+            },
             "scheduled_channels": self.channels,
             "scheduled_scale_remaining": round(float(now.sum()) / start, 6) if start else 0.0,
             "scheduled_zero_fraction": round(float((now == 0).float().mean()), 4)
@@ -199,8 +204,9 @@ def _growing_penalty(
     if blocks:
         what = " and ".join(sorted(set(blocks.values())))
         return None, f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
-    if target.target:
-        ctx.log(f"{ctx.step}: searching the ratio that meets {target.target[0]}")
+    aimed_at = target.target
+    if aimed_at:
+        ctx.log(f"{ctx.step}: searching the ratio that meets {aimed_at[0]}")
         target, _ = target.resolve(model, example, ctx)
         if distributed.active():  # a measured target's ratio: rank 0's, on every rank
             target = target.at_ratio(distributed.share(target.ratio))
@@ -220,7 +226,10 @@ def _growing_penalty(
         offset += len(planned.remove)
     if not offset:
         return None, "the pruning plan removes no channel"
-    return GrowingPenalty(entries, offset, ramp, plan), ""
+    penalty = GrowingPenalty(entries, offset, ramp, plan)
+    if aimed_at:  # the pruning stage tries this ratio first (`StructuredPruning.apply`)
+        penalty.aimed_at = {"option": aimed_at[0], "value": aimed_at[1]}
+    return penalty, ""
 
 
 def channel_scale_layers(model: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:

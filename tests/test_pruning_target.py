@@ -48,6 +48,12 @@ def test_params_target_in_a_pipeline_with_sparsity_training(trained_resnet, data
     assert row.params == target["reached"] <= params // 3
     sparsity = result.report.row("sparsity_training").details["sparsity"]
     assert sparsity["method"] == "growing"  # aimed at the ratio the target resolves to
+    aimed = sparsity["target"]
+    assert aimed["pruning_target"] == {"option": "target_params", "value": params // 3}
+    # pruning tries the ratio whose channels sparsity zeroed first, and keeps it
+    assert [c["ratio"] for c in target["trace"]] == [round(aimed["ratio"], 4)]
+    assert target["ratio"] == round(aimed["ratio"], 4)
+    assert row.details["pruning"]["removed_at_zero_fraction"] == 1.0
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert next(r for r in rows if r["name"] == "structured_pruning")["details"]["pruning"][
         "target"
@@ -202,3 +208,21 @@ def test_cli_target_flags(tmp_path, capsys):
     (pruning,) = [r for r in report["rows"] if r["name"] == "structured_pruning"]
     assert pruning["details"]["pruning"]["target"]["met"]
     assert pruning["params"] <= 2000
+
+
+@pytest.mark.parametrize(("first", "kept"), [(0.7, True), (0.2, False)])
+def test_search_tries_the_sparsity_ratio_first(first, kept):
+    """The search logic alone, on a quantity that falls as (1 - ratio)^2."""
+    from compressor.pruning_target import find_ratio
+
+    def measure(ratio: float) -> float:
+        return 100 * (1 - ratio) ** 2
+
+    search = find_ratio(
+        lambda r: r, measure, "target_macs", 25.0, 100.0, rel_tol=0.01, max_steps=12, first=first
+    )
+    assert search.trace[0]["ratio"] == first and search.met
+    if kept:  # it meets the target: kept, though less pruning would too
+        assert search.ratio == first and len(search.trace) == 1
+    else:  # it misses: the least pruning above it that meets the target
+        assert 0.5 <= search.ratio < 0.51 and all(c["ratio"] > first for c in search.trace[1:])
