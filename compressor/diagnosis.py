@@ -166,21 +166,46 @@ def _accuracy_causes(rows: Sequence[Row], threshold: float) -> list[str]:
             if drop > threshold:
                 causes.append(
                     f"{row.name} lost {drop * 100:.2f} points "
-                    f"({previous.accuracy:.4f} -> {row.accuracy:.4f}). {_advice(row.name)}"
+                    f"({previous.accuracy:.4f} -> {row.accuracy:.4f}). {_advice(row, rows)}"
                 )
         previous = row
     return causes
 
 
-def _advice(step: str) -> str:
+def _advice(row: Row, rows: Sequence[Row]) -> str:
+    step = row.name
     stage = step.rsplit("_", 1)[0] if step[-1].isdigit() else step
+    if stage == "structured_pruning":
+        return _pruning_advice(row, rows)
     return {
-        "structured_pruning": "Put sparsity_training before it (it drives the channels "
-        "pruning removes to zero first), lower structured_pruning.ratio, or follow pruning "
-        "with (longer) distillation.",
         "distillation": "Distillation did not recover it: more epochs, or a lower lr.",
         "sparsity_training": "Lower sparsity_training.lr, raise its ramp (a gentler "
         "penalty) or its epochs, or lower structured_pruning.ratio.",
         "int8_quantization": "Try int8_quantization.method: percentile or entropy (minmax is "
         "sensitive to outlier activations), or more calibration_samples.",
     }.get(stage, "")
+
+
+def _pruning_advice(row: Row, rows: Sequence[Row]) -> str:
+    """What to try when pruning lost accuracy, given what ran before it and its options."""
+    pruning = row.details.get("pruning") or {}
+    before = list(rows[: rows.index(row)]) if row in rows else list(rows)
+    zeroed = pruning.get("removed_at_zero_fraction")
+    if not any(r.name.startswith("sparsity_training") for r in before):
+        first = (
+            "Put sparsity_training before it (it drives the channels pruning removes to zero first)"
+        )
+    elif zeroed is not None and zeroed < 0.99:
+        first = (
+            f"sparsity_training before it zeroed only {zeroed:.0%} of the channels pruning "
+            "removed: give it more epochs"
+        )
+    else:
+        first = "Give sparsity_training before it more epochs"
+    target = pruning.get("target")
+    less = (
+        f"relax the pruning target ({target['option']} {target['value']:g})"
+        if target
+        else "lower structured_pruning.ratio"
+    )
+    return f"{first}, {less}, or follow pruning with (longer) distillation."

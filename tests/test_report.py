@@ -187,6 +187,21 @@ def test_diagnosis_points_at_the_stage_that_lost_accuracy():
     assert len(found["problems"]) == 1 and "fell by 6.00 points" in found["problems"][0]
     assert any(c.startswith("structured_pruning lost 30.00 points") for c in found["causes"])
     assert diagnose(rows, vnni, accuracy_threshold=0.1)["status"] == "ok"
+    assert any("Put sparsity_training before it" in c for c in found["causes"])
+    assert any("lower structured_pruning.ratio" in c for c in found["causes"])
+    # with sparsity before it, and pruning to a target: what that run can change
+    target = {"option": "target_latency_ms", "value": 0.15}
+    pruning = {"pruning": {"removed_at_zero_fraction": 0.7051, "target": target}}
+    rows = [
+        *rows[:2],
+        _row("sparsity_training", "torch", "fp32", 0.90, 4.0),
+        _row("structured_pruning", "torch", "fp32", 0.60, 2.0, pruning),
+        *rows[3:],
+    ]
+    (cause,) = [c for c in diagnose(rows, vnni)["causes"] if c.startswith("structured_pruning")]
+    assert "zeroed only 71% of the channels pruning removed" in cause
+    assert "relax the pruning target (target_latency_ms 0.15)" in cause
+    assert "Put sparsity_training" not in cause
 
 
 def test_inspecting_a_graph_quantized_without_preprocessing_finds_fp32_convs(tmp_path):
