@@ -177,10 +177,13 @@ def _advice(row: Row, rows: Sequence[Row]) -> str:
     stage = step.rsplit("_", 1)[0] if step[-1].isdigit() else step
     if stage == "structured_pruning":
         return _pruning_advice(row, rows)
+    if stage == "sparsity_training":
+        return (
+            "Lower sparsity_training.lr, raise its ramp (a gentler penalty) or its epochs, or "
+            f"{_less_pruning(rows)}."
+        )
     return {
         "distillation": "Distillation did not recover it: more epochs, or a lower lr.",
-        "sparsity_training": "Lower sparsity_training.lr, raise its ramp (a gentler "
-        "penalty) or its epochs, or lower structured_pruning.ratio.",
         "int8_quantization": "Try int8_quantization.method: percentile or entropy (minmax is "
         "sensitive to outlier activations), or more calibration_samples.",
     }.get(stage, "")
@@ -202,10 +205,13 @@ def _pruning_advice(row: Row, rows: Sequence[Row]) -> str:
         )
     else:
         first = "Give sparsity_training before it more epochs"
-    target = pruning.get("target")
-    less = (
-        f"relax the pruning target ({target['option']} {target['value']:g})"
-        if target
-        else "lower structured_pruning.ratio"
-    )
-    return f"{first}, {less}, or follow pruning with (longer) distillation."
+    return f"{first}, {_less_pruning([row])}, or follow pruning with (longer) distillation."
+
+
+def _less_pruning(rows: Sequence[Row]) -> str:
+    """How to ask for less pruning: relax the target when the pruning row had one."""
+    for row in rows:
+        target = (row.details.get("pruning") or {}).get("target")
+        if target:
+            return f"relax the pruning target ({target['option']} {target['value']:g})"
+    return "lower structured_pruning.ratio"

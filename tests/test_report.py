@@ -202,6 +202,9 @@ def test_diagnosis_points_at_the_stage_that_lost_accuracy():
     assert "zeroed only 71% of the channels pruning removed" in cause
     assert "relax the pruning target (target_latency_ms 0.15)" in cause
     assert "Put sparsity_training" not in cause
+    rows[2] = _row("sparsity_training", "torch", "fp32", 0.70, 4.0)
+    (cause,) = [c for c in diagnose(rows, vnni)["causes"] if c.startswith("sparsity_training")]
+    assert cause.endswith("or relax the pruning target (target_latency_ms 0.15).")
 
 
 def test_inspecting_a_graph_quantized_without_preprocessing_finds_fp32_convs(tmp_path):
