@@ -110,6 +110,7 @@ class SparsityTraining(Stage):
         if growing and use_bn:
             # The running statistics trail the ramp's changes; refresh them, as pruning would.
             recalibrated = recalibrate_batchnorm(model, ctx.train_data, BN_RECALIBRATION_BATCHES)
+            distributed.same_buffers(model)  # each rank saw its own share: take rank 0's
         after = channel_scales(layers)
         sparsity: dict[str, Any] = {
             "method": "growing" if growing else "l1",
@@ -207,9 +208,11 @@ def _growing_penalty(
     aimed_at = target.target
     if aimed_at:
         ctx.log(f"{ctx.step}: searching the ratio that meets {aimed_at[0]}")
-        target, _ = target.resolve(model, example, ctx)
-        if distributed.active():  # a measured target's ratio: rank 0's, on every rank
-            target = target.at_ratio(distributed.share(target.ratio))
+        if distributed.active():  # rank 0 alone searches (timings undisturbed), all take it
+            ratio = target.resolve(model, example, ctx)[0].ratio if distributed.rank() == 0 else 0
+            target = target.at_ratio(distributed.share(ratio))
+        else:
+            target, _ = target.resolve(model, example, ctx)
     plan, pruner, _ = make_plan(model, example, target)
     failing = failing_groups(model, example, target)  # pruning would keep these: spare them
     plan.groups = [g for g in plan.groups if g.root not in failing]
