@@ -113,6 +113,7 @@ def test_the_cli_under_torchrun_prints_and_writes_once(tmp_path):
         "--calibration-samples", "32", "--runtime", "onnxruntime", "--threads", "1",
         "--throughput-batch", "8",
         "--mixed-precision", "bf16", "--accumulate-grad-batches", "2", "--json",
+        "--target-params", "4K",
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,6 +123,12 @@ def test_the_cli_under_torchrun_prints_and_writes_once(tmp_path):
     assert "(2 ranks)" in done.stderr
     steps = {r["name"]: r["details"].get("data_parallel") for r in document["rows"]}
     assert steps["distillation"] == {"world_size": 2, "in_sync": True}
+    # rank 0 alone searched the target's ratio; sparsity on both ranks aimed at it
+    rows = {r["name"]: r["details"] for r in document["rows"]}
+    target = rows["structured_pruning"]["pruning"]["target"]
+    aimed = rows["sparsity_training"]["sparsity"]["target"]["ratio"]
+    assert target["met"] and target["ratio"] == pytest.approx(aimed, abs=1e-4)
+    assert rows["sparsity_training"]["data_parallel"] == {"world_size": 2, "in_sync": True}
 
 
 def test_dealt_out_batches_cover_the_data_once():
