@@ -41,11 +41,7 @@ def apply_checked(
             if not _try(model, example, pruner, [planned], set_heads):
                 failed.append(planned)
     for planned in [g for g in plan.groups if g not in checkable]:
-        saved = _snapshot(model)
-        try:
-            apply_plan(pruner, [planned], before=set_heads)
-        except Exception:  # torch-pruning cannot prune it: put back, left whole
-            _restore(saved)
+        if not _apply_unchecked(model, pruner, planned, set_heads):
             failed.append(planned)
     if failed:
         plan.groups = [g for g in plan.groups if g not in failed]
@@ -66,15 +62,24 @@ def pruned_alone(
         if _checkable(pruner, planned):
             ok = _try(model, example, pruner, [planned], before)
         else:
-            try:
-                apply_plan(pruner, [planned], before=before)
+            ok = _apply_unchecked(model, pruner, planned, before)
+            if ok:
                 after_pruning(model)
-                ok = True
-            except Exception:  # torch-pruning cannot prune it
-                ok = False
         yield ok
     finally:
         _restore(saved)
+
+
+def _apply_unchecked(model: nn.Module, pruner: Any, planned: PlannedGroup, before: Any) -> bool:
+    """Apply one group the zero check cannot hold for; on failure put the model back and
+    say False (torch-pruning cannot prune it: it is left whole)."""
+    saved = _snapshot(model)
+    try:
+        apply_plan(pruner, [planned], before=before)
+    except Exception:
+        _restore(saved)
+        return False
+    return True
 
 
 def _before_pruning(model: nn.Module) -> Any:
