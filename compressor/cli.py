@@ -76,6 +76,12 @@ _OVERRIDES = {
         float,
         "accuracy budget, a fraction: exit 3 and model.int8.over-budget.onnx when missed",
     ),
+    "max_search_minutes": (
+        "max_search_minutes",
+        float,
+        "with --max-accuracy-drop: search the pruning ratio for the most pruned model within "
+        "the budget, for at most this many minutes",
+    ),
 }
 
 
@@ -538,7 +544,7 @@ def _compress(args: argparse.Namespace) -> int:
         raise UserError(msg)
     pipeline = Pipeline.from_recipe(_resolve_recipe(args))
     if args.print_recipe:
-        print(recipe_to_yaml(pipeline.stages, max_accuracy_drop=pipeline.max_accuracy_drop), end="")
+        print(recipe_to_yaml(pipeline.stages, **pipeline.options()), end="")
         return 0
     progress = not args.quiet
     options = DataOptions(

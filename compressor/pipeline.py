@@ -34,11 +34,15 @@ from .measure import (
     onnx_predictor,
     sample_batch,
     top1,
+    torch_predictor,
+    torch_threads,
 )
 from .output_folder import REPORT_FILES, run_folder
 from .pipeline_ranks import follow, in_sync, send_result, send_state
+from .pruning_search import search_ratio
 from .recipe import (
     check_budget,
+    check_search_minutes,
     read_recipe,
     recipe_options,
     recipe_to_dict,
@@ -70,6 +74,11 @@ class Pipeline:
     FP32 to stay within it; when the run still misses it, the INT8 file is written as
     ``model.int8.over-budget.onnx`` and ``PipelineResult.budget_met`` is False.
 
+    ``max_search_minutes`` (with a budget) searches the pruning ratio: the stages that
+    depend on it (sparsity training, pruning, distillation) run once per candidate, from
+    the pruning stage's ratio on, and the most pruned candidate within the budget is kept
+    (`compressor.pruning_search`); every candidate is in ``details.pruning.search``.
+
     Example:
         >>> import compressor as cz
         >>> pipeline = cz.Pipeline([cz.StructuredPruning(ratio=0.5), cz.Int8Quantization()])
@@ -77,7 +86,13 @@ class Pipeline:
         ['structured_pruning', 'int8_quantization']
     """
 
-    def __init__(self, stages: Sequence[Stage], *, max_accuracy_drop: float | None = None) -> None:
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        *,
+        max_accuracy_drop: float | None = None,
+        max_search_minutes: float | None = None,
+    ) -> None:
         stages = list(stages)
         for stage in stages:
             if not isinstance(stage, Stage):
@@ -86,6 +101,8 @@ class Pipeline:
         _check_order(stages)
         self.stages = stages
         self.max_accuracy_drop = check_budget(max_accuracy_drop)
+        self.max_search_minutes = check_search_minutes(max_search_minutes)
+        self._search_span = _search_span(stages, self.options())
         self._training = False  # rank 0 is in a stage every rank trains
 
     @classmethod
@@ -102,9 +119,17 @@ class Pipeline:
         mapping = read_recipe(recipe)
         return cls(stages_from_recipe(mapping), **recipe_options(mapping))
 
+    def options(self) -> dict[str, Any]:
+        """The pipeline options (the recipe's keys beside ``stages``) that are set."""
+        options = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "max_search_minutes": self.max_search_minutes,
+        }
+        return {k: v for k, v in options.items() if v is not None}
+
     def to_recipe(self) -> dict[str, Any]:
         """The recipe mapping of this pipeline, every option filled in."""
-        return recipe_to_dict(self.stages, max_accuracy_drop=self.max_accuracy_drop)
+        return recipe_to_dict(self.stages, **self.options())
 
     def step_names(self) -> list[str]:
         """Report row names: the stage names, numbered from the second repeat on."""
@@ -117,9 +142,8 @@ class Pipeline:
         return names
 
     def __repr__(self) -> str:
-        drop = self.max_accuracy_drop
-        budget = "" if drop is None else f", max_accuracy_drop={drop}"
-        return f"Pipeline({self.stages!r}{budget})"
+        options = "".join(f", {k}={v}" for k, v in self.options().items())
+        return f"Pipeline({self.stages!r}{options})"
 
     def run(
         self,
@@ -196,6 +220,12 @@ class Pipeline:
             msg = f"load_test must be True, False or a cz.LoadTest (got: {load_test!r})"
             raise UserError(msg)
         parallel = distributed.setup()  # under torchrun: join its process group
+        if parallel and self.max_search_minutes is not None:
+            msg = (
+                "max_search_minutes is not supported under torchrun yet: search in one "
+                "process, then run the ratio it chose with torchrun"
+            )
+            raise UserError(msg)
         settings: dict[str, Any] = {
             "train_data": as_data_spec(train_data, "train_data"),
             "eval_data": as_data_spec(eval_data, "eval_data"),
@@ -302,8 +332,7 @@ class Pipeline:
         _check_weights(model)
         fingerprint = model_fingerprint(model)
         settings = _resume_settings(ctx)
-        if self.max_accuracy_drop is not None:  # it changes what the INT8 stage writes
-            settings["max_accuracy_drop"] = self.max_accuracy_drop
+        settings.update(self.options())  # the budget changes what the INT8 stage writes
         done, state = self._resume(model, ctx, fingerprint, settings) if resume else (0, None)
         if state is None:
             state = self._start(model, ctx)
@@ -311,23 +340,18 @@ class Pipeline:
             ctx = dataclasses.replace(
                 ctx, min_accuracy=state.rows[0].accuracy - self.max_accuracy_drop
             )
+        searched: dict[int, tuple[State, float]] = {}
         for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
             if index < done:
                 continue
+            if self._search_span and index == self._search_span[0]:
+                searched = self._search(state, ctx)
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
-            step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(self.stages[index + 1 :]))
-            parallel = stage.trains and distributed.active()
-            if parallel:  # the other ranks train this stage with rank 0
-                send_state(index, state)
-            torch.manual_seed(ctx.seed)  # each stage starts from the seed: resume is exact
-            ctx.train_data.reseed(ctx.seed)
-            start = time.perf_counter()
-            self._training = parallel
-            state = stage.apply(state.replace(details={}), step_ctx)
-            if parallel:
-                state = _with_ranks(state, in_sync(state.model))
-            self._training = False
-            stage_s = time.perf_counter() - start
+            if index in searched:  # the chosen candidate's run of this stage
+                found, stage_s = searched.pop(index)
+                state = found.replace(rows=state.rows)
+            else:
+                state, stage_s = self._apply(index, state, ctx)
             row = self._measure(stage, step, state, ctx)
             row = dataclasses.replace(row, seconds={"stage": round(stage_s, 2), **row.seconds})
             others = []
@@ -348,6 +372,72 @@ class Pipeline:
                 },
             )
         return state
+
+    def _apply(self, index: int, state: State, ctx: RunContext) -> tuple[State, float]:
+        """Run stage ``index`` on ``state`` (data-parallel when it trains under torchrun);
+        the next state and the seconds it took."""
+        stage, step = self.stages[index], self.step_names()[index]
+        step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(self.stages[index + 1 :]))
+        parallel = stage.trains and distributed.active()
+        if parallel:  # the other ranks train this stage with rank 0
+            send_state(index, state)
+        torch.manual_seed(ctx.seed)  # each stage starts from the seed: resume is exact
+        ctx.train_data.reseed(ctx.seed)
+        start = time.perf_counter()
+        self._training = parallel
+        state = stage.apply(state.replace(details={}), step_ctx)
+        if parallel:
+            state = _with_ranks(state, in_sync(state.model))
+        self._training = False
+        return state, time.perf_counter() - start
+
+    def _search(self, state: State, ctx: RunContext) -> dict[int, tuple[State, float]]:
+        """Search the pruning ratio under the budget (`compressor.pruning_search`): run the
+        span's stages per candidate; the chosen one's states and seconds, by stage index."""
+        first, pruning, end = self._search_span
+        stages, names = self.stages, self.step_names()
+        baseline = state.rows[0].accuracy
+        if baseline is None or self.max_accuracy_drop is None or self.max_search_minutes is None:
+            msg = "the pruning-ratio search needs the baseline's accuracy (an eval_fn result)"
+            raise UserError(msg)
+        quantizer = next((s for s in stages[end:] if hasattr(s, "quantize_sample")), None)
+
+        def run(ratio: float) -> tuple[float | None, dict[str, Any], Any]:
+            chosen = list(stages)
+            chosen[pruning] = stages[pruning].at_ratio(ratio)  # type: ignore[attr-defined]
+            current = state.replace(model=copy.deepcopy(state.model))
+            done: dict[int, tuple[State, float]] = {}
+            for index in range(first, end):
+                upcoming = tuple(chosen[index + 1 :])
+                step_ctx = dataclasses.replace(ctx, step=names[index], upcoming=upcoming)
+                torch.manual_seed(ctx.seed)
+                ctx.train_data.reseed(ctx.seed)
+                start = time.perf_counter()
+                current = chosen[index].apply(current.replace(details={}), step_ctx)
+                done[index] = (current, time.perf_counter() - start)
+            numbers = _candidate_numbers(current, ctx, quantizer)
+            accuracy = numbers.get("int8_accuracy", numbers["accuracy"])
+            return baseline - accuracy, numbers, done
+
+        ctx.log(
+            f"searching the pruning ratio under the accuracy budget "
+            f"({self.max_accuracy_drop * 100:.2f} points, at most {self.max_search_minutes:g} min)"
+        )
+        outcome = search_ratio(
+            run,
+            first=stages[pruning].ratio,  # type: ignore[attr-defined]
+            max_drop=self.max_accuracy_drop,
+            minutes=self.max_search_minutes,
+            log=ctx.log,
+        )
+        ctx.log(
+            f"search: chose ratio {outcome.chosen.ratio:.3f} "
+            f"({'within' if outcome.chosen.met else 'NOT within'} the budget)"
+        )
+        found: dict[int, tuple[State, float]] = outcome.chosen.result
+        pruned = found[pruning][0]
+        pruned.details.setdefault("pruning", {})["search"] = outcome.record
+        return found
 
     def _resume(
         self, model: nn.Module, ctx: RunContext, fingerprint: str, settings: dict[str, Any]
@@ -474,6 +564,53 @@ class Pipeline:
             details=state.details,
             **common,
         )
+
+
+def _search_span(stages: list[Stage], options: dict[str, Any]) -> tuple[int, int, int] | None:
+    """With ``max_search_minutes``: the stages a candidate ratio runs, as (first, the
+    pruning stage, end): sparsity training before the pruning, the pruning, and the torch
+    stages after it. Refuses a pipeline the search cannot work on."""
+    if "max_search_minutes" not in options:
+        return None
+    if "max_accuracy_drop" not in options:
+        msg = "max_search_minutes searches under an accuracy budget: give max_accuracy_drop too"
+        raise RecipeError(msg)
+    pruning = [i for i, s in enumerate(stages) if s.name == "structured_pruning"]
+    if len(pruning) != 1:
+        msg = (
+            "max_search_minutes searches the ratio of one structured_pruning stage "
+            f"(the pipeline has {len(pruning)})"
+        )
+        raise RecipeError(msg)
+    at = pruning[0]
+    target = getattr(stages[at], "target", None)
+    if target is not None:
+        msg = (
+            f"max_search_minutes searches the pruning ratio, but structured_pruning has "
+            f"{target[0]}: give a ratio (the search's first candidate) instead"
+        )
+        raise RecipeError(msg)
+    first = min([i for i in range(at) if stages[i].name == "sparsity_training"] + [at])
+    end = next((i for i in range(at + 1, len(stages)) if stages[i].runtime != "torch"), None)
+    return first, at, len(stages) if end is None else end
+
+
+def _candidate_numbers(state: State, ctx: RunContext, quantizer: Any) -> dict[str, Any]:
+    """A search candidate's accuracy, size in parameters and MACs, and, when an INT8 stage
+    follows, the accuracy of its INT8 file (every node INT8, calibrated on a sample)."""
+    params, macs = count_params_macs(state.model, state.example_input)
+    with torch_threads(ctx.threads):
+        accuracy = float(ctx.eval_fn(torch_predictor(state.model.cpu()), ctx.eval_data))
+    numbers: dict[str, Any] = {"accuracy": accuracy, "params": params, "macs": macs}
+    if quantizer is not None:
+        with tempfile.TemporaryDirectory(prefix="compressor-search-") as tmp:
+            fp32 = Path(tmp) / "candidate.onnx"
+            export_onnx(state.model, state.example_input, fp32, threads=ctx.threads)
+            out = Path(tmp) / "candidate.int8.onnx"
+            int8 = quantizer.quantize_sample(fp32, out, ctx, placement=False)
+            predict = onnx_predictor(int8, ctx.threads)
+            numbers["int8_accuracy"] = float(ctx.eval_fn(predict, ctx.eval_data))
+    return numbers
 
 
 def _in_other_runtimes(path: Path, row: Row, ctx: RunContext) -> list[Row]:

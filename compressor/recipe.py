@@ -2,7 +2,8 @@
 
 A recipe is ``{"stages": [{"structured_pruning": {"ratio": 0.5}}, ...]}``; each entry names
 one registered stage and its options. Beside ``stages``, a recipe may hold the pipeline's
-options (`PIPELINE_OPTIONS`): ``max_accuracy_drop``, its accuracy budget.
+options (`PIPELINE_OPTIONS`): ``max_accuracy_drop``, its accuracy budget, and
+``max_search_minutes``, the time box of its pruning-ratio search under that budget.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .stage import STAGES, Stage
 _PRESET_DIR = Path(__file__).parent / "recipes"
 PRESETS = ("fast", "balanced", "max-compression")
 """Recipes shipped in compressor/recipes/NAME.yaml; docs/recipes.md compares them."""
-PIPELINE_OPTIONS = ("max_accuracy_drop",)
+PIPELINE_OPTIONS = ("max_accuracy_drop", "max_search_minutes")
 """Recipe keys beside ``stages``: options of the whole pipeline."""
 
 
@@ -68,6 +69,8 @@ def recipe_options(recipe: Mapping[str, Any]) -> dict[str, Any]:
     options = {k: recipe[k] for k in PIPELINE_OPTIONS if k in recipe}
     if "max_accuracy_drop" in options:
         check_budget(options["max_accuracy_drop"])
+    if "max_search_minutes" in options:
+        check_search_minutes(options["max_search_minutes"])
     return options
 
 
@@ -85,6 +88,21 @@ def check_budget(value: Any) -> float | None:
             f"max_accuracy_drop must be a fraction in [0, 1), e.g. 0.005 for half a point "
             f"(got: {value!r})"
         )
+        raise RecipeError(msg)
+    return float(value)
+
+
+def check_search_minutes(value: Any) -> float | None:
+    """``max_search_minutes`` as a positive float, or None; else a `RecipeError`."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        msg = f"max_search_minutes must be a number of minutes > 0, e.g. 30 (got: {value!r})"
         raise RecipeError(msg)
     return float(value)
 
@@ -132,7 +150,7 @@ def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str
     stage_name, _, option = key.rpartition(".")
     normalized = recipe_to_dict(stages_from_recipe(recipe))["stages"]
     if key in PIPELINE_OPTIONS:
-        check_budget(value)
+        recipe_options({key: value})
         return {**recipe_options(recipe), key: value, "stages": normalized}
     stages, hits = [], 0
     for entry in normalized:
@@ -153,18 +171,20 @@ def override_recipe(recipe: Mapping[str, Any], key: str, value: Any) -> dict[str
     return {**recipe_options(recipe), "stages": stages}
 
 
-def recipe_to_dict(
-    stages: Iterable[Stage], *, max_accuracy_drop: float | None = None
-) -> dict[str, Any]:
-    """The recipe mapping for ``stages`` (every option filled in) and the pipeline options."""
-    budget = {} if max_accuracy_drop is None else {"max_accuracy_drop": max_accuracy_drop}
-    return {**budget, "stages": [{stage.name: stage.to_dict()} for stage in stages]}
+def recipe_to_dict(stages: Iterable[Stage], **options: Any) -> dict[str, Any]:
+    """The recipe mapping for ``stages`` (every option filled in) and the pipeline
+    ``options`` (`PIPELINE_OPTIONS`; those that are None are left out)."""
+    unknown = sorted(set(options) - set(PIPELINE_OPTIONS))
+    if unknown:
+        msg = f"unknown pipeline option {unknown[0]!r} (allowed: {', '.join(PIPELINE_OPTIONS)})"
+        raise RecipeError(msg)
+    kept = {k: options[k] for k in PIPELINE_OPTIONS if options.get(k) is not None}
+    return {**kept, "stages": [{stage.name: stage.to_dict()} for stage in stages]}
 
 
-def recipe_to_yaml(stages: Iterable[Stage], *, max_accuracy_drop: float | None = None) -> str:
-    """The recipe for ``stages`` as YAML text."""
-    recipe = recipe_to_dict(stages, max_accuracy_drop=max_accuracy_drop)
-    return yaml.safe_dump(recipe, sort_keys=False)
+def recipe_to_yaml(stages: Iterable[Stage], **options: Any) -> str:
+    """The recipe for ``stages`` and the pipeline ``options`` as YAML text."""
+    return yaml.safe_dump(recipe_to_dict(stages, **options), sort_keys=False)
 
 
 def _load_builtin_stages() -> None:

@@ -302,6 +302,26 @@ class Report:
         tried = ", ".join(f"{c['ratio']:.2f}: {amount(c['value'])}" for c in t["trace"])
         return f"{line}). Ratios tried: {tried}."
 
+    def search_line(self) -> str | None:
+        """The pruning-ratio search under the accuracy budget: what it chose, its trace."""
+        found = [r for r in self.rows if (r.details.get("pruning") or {}).get("search")]
+        if not found:
+            return None
+        s = found[-1].details["pruning"]["search"]
+        tried = ", ".join(
+            f"{c['ratio']:.3f}: "
+            + ("n/a" if c["accuracy_drop"] is None else f"{c['accuracy_drop'] * 100:+.2f}")
+            + ("" if c["met"] else " over")
+            for c in s["trace"]
+        )
+        return (
+            f"Pruning-ratio search under the accuracy budget ({s['max_accuracy_drop'] * 100:.2f} "
+            f"points, {s['seconds'] / 60:.1f} of {s['max_search_minutes']:g} min, stopped: "
+            f"{s['stopped']}): chose ratio {s['ratio']:.3f}, "
+            f"{'within' if s['met'] else 'NOT within'} the budget. Tried (ratio: points "
+            f"lost, by its INT8 file when an INT8 stage follows): {tried}."
+        )
+
     def pruning_sensitivity(self) -> dict[str, Any] | None:
         """The last pruning row's per-group sensitivity, when it was measured."""
         for row in reversed(self.rows):
@@ -405,6 +425,7 @@ class Report:
             lines += [footnote, ""]
         lines_after = (
             self.target_line(),
+            self.search_line(),
             self.sensitivity_line(),
             self.budget_line(),
             self.summary_line(),
@@ -432,6 +453,7 @@ class Report:
         """report.html: one self-contained page with the table and the charts."""
         lines = (
             self.target_line(),
+            self.search_line(),
             self.sensitivity_line(),
             self.budget_line(),
             self.unsettled_line(),
