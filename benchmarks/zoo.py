@@ -96,6 +96,7 @@ def give_signal(model: Any, size: int, steps: int = 8, seed: int = 0) -> Any:
     # BatchNorm statistics of the fitted weights (a few steps leave the running ones stale)
     batches = [(images[i : i + 8], labels[i : i + 8]) for i in range(0, len(images), 8)]
     recalibrate_batchnorm(model, DataSpec(batches), len(batches))
+    model.zero_grad(set_to_none=True)  # as large as the weights; nothing after reads them
     return model.eval()
 
 
@@ -144,10 +145,14 @@ def check_model(
     latency: bool,
     fit: bool = True,
     placement: bool = True,
+    fit_steps: int = 8,
+    in_place: bool = False,
 ) -> dict[str, Any]:
     """Prune (0.3), export with parity, quantize to INT8, compare with FP32; the table's row.
 
     ``placement`` False skips the INT8 stage's timing of FP32 fallbacks (every node INT8).
+    ``fit_steps``: Adam steps of `give_signal`, recorded in the row. ``in_place``: prune
+    ``model`` itself, not a copy (one copy fewer of the largest models' weights).
     """
     import copy
 
@@ -168,7 +173,8 @@ def check_model(
     try:
         t0 = time.perf_counter()
         if fit:
-            give_signal(model, size)
+            give_signal(model, size, steps=fit_steps)
+            row["fit_steps"] = fit_steps
         seconds["fit"] = time.perf_counter() - t0
         images, _ = signal_data(size, 48, seed=1)
         example, calib, held_back = images[:1], images[:16], images[16:]
@@ -186,7 +192,7 @@ def check_model(
             step = "pruning"
             t0 = time.perf_counter()
             options = cz.StructuredPruning(ratio=0.3)
-            student, details = prune(copy.deepcopy(model), example, options)
+            student, details = prune(model if in_place else copy.deepcopy(model), example, options)
             seconds["prune"] = time.perf_counter() - t0
             row["left_whole"] = details["pruning"]["left_whole"]
             row["notes"] = details.get("notes", [])
@@ -241,15 +247,20 @@ def main() -> int:
     parser.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     parser.add_argument("--out", type=Path, default=RESULTS / "zoo.json")
+    parser.add_argument("--fit-steps", type=int, default=8, help="Adam steps of give_signal")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         size = fixed_size(args.one) or args.input_size
-        row = check_model(build(args.one), args.one, size, args.threads, not args.no_latency)
+        model = build(args.one)
+        latency = not args.no_latency
+        row = check_model(
+            model, args.one, size, args.threads, latency, fit_steps=args.fit_steps, in_place=True
+        )
         print("ZOO-ROW " + json.dumps(row))
         return 0
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    flags = ["--no-latency"] * args.no_latency
+    flags = ["--no-latency"] * args.no_latency + ["--fit-steps", str(args.fit_steps)]
     rows = run_each(__file__, names, args, flags, lambda row: None, _line)
     passed = sum(r["status"] == "pass" for r in rows)
     print(f"\n{passed}/{len(rows)} models pruned, with an INT8 file that agrees with FP32")
