@@ -23,8 +23,9 @@ from .adapters import (
     untraceable_blocks,
 )
 from .errors import ModelError, RecipeError, first_line
+from .latency_table import latency_costs
 from .layers import call_naming_layer, execution_order, find_head, has_batchnorm
-from .measure import EvalFn, count_params_macs
+from .measure import EvalFn, count_params_macs, default_threads
 from .pruning_check import apply_checked
 from .pruning_plan import (
     IMPORTANCES,
@@ -100,6 +101,10 @@ class StructuredPruning(Stage):
             alone loses 25, 50 and 75% of its channels (`pruning_sensitivity`), on
             ``sensitivity_samples`` eval inputs; the report charts it.
         sensitivity_samples: eval inputs the sensitivity is measured on.
+        latency_aware: with ``global_pruning``, rank channels by importance per millisecond
+            their removal saves: every Conv2d and Linear is timed alone, INT8, in
+            ``target_runtime`` at a few widths (`compressor.latency_table`), and each
+            group's score is divided by its cost. ``details.pruning.latency_table`` shows it.
     """
 
     ratio: float | None = None
@@ -117,6 +122,7 @@ class StructuredPruning(Stage):
     target_runtime: str = "onnxruntime"
     sensitivity: bool = False
     sensitivity_samples: int = 256
+    latency_aware: bool = False
 
     name = "structured_pruning"
     replaces = {"ratio": tuple(TARGETS)} | {t: ("ratio", *TARGETS) for t in TARGETS}
@@ -170,6 +176,13 @@ class StructuredPruning(Stage):
         check_int(self.name, "bn_recalibration_batches", self.bn_recalibration_batches, minimum=0)
         check_bool(self.name, "sensitivity", self.sensitivity)
         check_int(self.name, "sensitivity_samples", self.sensitivity_samples, minimum=1)
+        check_bool(self.name, "latency_aware", self.latency_aware)
+        if self.latency_aware and not self.global_pruning:
+            msg = (
+                f"{self.name}: latency_aware allocates channels across groups, which needs "
+                "global_pruning: true (uniform allocation takes the same share of every group)"
+            )
+            raise RecipeError(msg)
 
     @property
     def target(self) -> tuple[str, float] | None:
@@ -202,7 +215,7 @@ class StructuredPruning(Stage):
             example,
             option,
             value,
-            lambda m, r: _candidate(m, example, self.at_ratio(r)),
+            lambda m, r: _candidate(m, example, self.at_ratio(r), ctx.threads if ctx else None),
             ctx,
             self.target_runtime,
             first,
@@ -241,7 +254,7 @@ class StructuredPruning(Stage):
         if self.target:
             ctx.log(f"{ctx.step}: searching the ratio that meets {self.target[0]}")
         options, search = self.resolve(model, example, ctx, _aimed_ratio(state.rows, self.target))
-        pruned, details = prune(model, example, options)
+        pruned, details = prune(model, example, options, threads=ctx.threads)
         if sensitivity is not None:
             details["pruning"]["sensitivity"] = sensitivity
         if search is not None:
@@ -313,13 +326,15 @@ def _aimed_ratio(rows: Sequence[Row], target: tuple[str, float] | None) -> float
     return None
 
 
-def _candidate(model: nn.Module, example: torch.Tensor, options: StructuredPruning) -> nn.Module:
+def _candidate(
+    model: nn.Module, example: torch.Tensor, options: StructuredPruning, threads: int | None
+) -> nn.Module:
     """``model`` pruned in place at ``options`` for a target search (quietly; a ratio that
     removes no channel leaves it whole)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return prune(model, example, options)[0]
+            return prune(model, example, options, threads=threads)[0]
         except RecipeError:  # the ratio removes no channel (names were checked before)
             return model
 
@@ -344,9 +359,14 @@ def ignored_modules(model: nn.Module, example: torch.Tensor, names: Sequence[str
 
 
 def make_plan(
-    model: nn.Module, example: torch.Tensor, options: StructuredPruning
+    model: nn.Module,
+    example: torch.Tensor,
+    options: StructuredPruning,
+    threads: int | None = None,
 ) -> tuple[PruningPlan, Any, list[str]]:
     """The plan ``options`` make for ``model``, its pruner, and the layers left whole.
+
+    With ``latency_aware``, the layers are timed on ``threads`` (default: every core).
 
     Raises:
         ModelError: torch-pruning cannot trace the model.
@@ -354,6 +374,10 @@ def make_plan(
     ignored_names = ignored_modules(model, example, options.ignored_layers)
     modules = dict(model.named_modules())
     heads = {info.layer: info.heads for _n, _m, _a, info in attention_blocks(model)}
+    cost, table = None, None
+    if options.latency_aware and options.global_pruning:
+        runtime, cores = options.target_runtime, threads or default_threads()
+        cost, table = latency_costs(model, example, runtime, cores)
 
     def build() -> tuple[PruningPlan, Any]:
         return plan_pruning(
@@ -364,6 +388,7 @@ def make_plan(
             ignored=[modules[n] for n in ignored_names],
             num_heads=heads,
             whole_heads=options.attention_heads == "whole",
+            cost=cost,
         )
 
     try:
@@ -373,16 +398,22 @@ def make_plan(
     except Exception as exc:
         msg = f"torch-pruning cannot prune {type(model).__name__}: {first_line(exc)}"
         raise ModelError(msg) from exc
+    plan.latency_table = table
     return plan, pruner, ignored_names
 
 
-def failing_groups(model: nn.Module, example: torch.Tensor, options: StructuredPruning) -> set[str]:
+def failing_groups(
+    model: nn.Module,
+    example: torch.Tensor,
+    options: StructuredPruning,
+    threads: int | None = None,
+) -> set[str]:
     """Root layers of the planned groups that pruning would leave whole (its check fails).
 
     Found by pruning a copy; `SparsityTraining` leaves those channels alone.
     """
     trial = copy.deepcopy(model)
-    plan, pruner, _ = make_plan(trial, example, options)
+    plan, pruner, _ = make_plan(trial, example, options, threads)
     return {
         g.root
         for g in call_naming_layer(
@@ -392,9 +423,14 @@ def failing_groups(model: nn.Module, example: torch.Tensor, options: StructuredP
 
 
 def prune(
-    model: nn.Module, example_input: torch.Tensor, options: StructuredPruning
+    model: nn.Module,
+    example_input: torch.Tensor,
+    options: StructuredPruning,
+    threads: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``model`` in place as ``options`` say; return it and the report details.
+
+    ``threads``: what a latency-aware plan times its layers on (default: every core).
 
     Raises:
         RecipeError: an ignored layer name that the model does not have.
@@ -416,7 +452,7 @@ def prune(
     with torch.no_grad():
         out_before = model(example_input)
     heads_before = [info.heads for _n, _m, _a, info in attention_blocks(model)]
-    plan, pruner, ignored_names = make_plan(model, example_input, options)
+    plan, pruner, ignored_names = make_plan(model, example_input, options, threads)
     if options.ratio > 0 and plan.removed_channels == 0:
         raise RecipeError(f"structured_pruning: {_nothing_removed(plan, options)}")
 
@@ -455,6 +491,8 @@ def prune(
             **_size_change(model, example_input, params_before, macs_before),
         }
     }
+    if plan.latency_table is not None:
+        details["pruning"]["latency_table"] = plan.latency_table
     shortfall = _shortfall(plan, options, failed)
     if shortfall:
         warnings.warn(f"structured_pruning: {shortfall}", stacklevel=2)

@@ -14,9 +14,10 @@ first, so the second plan finds the channels the first one scheduled.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +48,16 @@ class Allocation:
         max_layer_ratio: the largest share any one group may lose (global allocation);
             None: halfway between ``ratio`` and 1.
         round_to: kept widths are multiples of this (None: any width).
+        cost: with global allocation, each group's cost per channel (by root name, 1.0 the
+            mean; `compressor.latency_table`): channels are ranked by score per cost, so
+            those that save most time for their importance go first.
     """
 
     ratio: float
     global_allocation: bool = True
     max_layer_ratio: float | None = None
     round_to: int | None = None
+    cost: Mapping[str, float] | None = None
 
     @property
     def cap(self) -> float:
@@ -68,7 +73,8 @@ class Allocation:
 class PlannedGroup:
     """One coupled channel group: its root layer, width, scores, and the channels to remove.
 
-    ``members`` names every Conv/Linear whose output channels the group holds; ``whole``
+    ``members`` names every Conv/Linear whose output channels the group holds,
+    ``consumers`` those whose input channels it holds; ``whole``
     marks a group the allocation must leave whole (too narrow). A position (unit) is
     ``unit_size`` neighbouring channels (a whole attention head) repeated in each of
     ``channel_groups`` equal parts of the width (a grouped conv's groups, a chunk's parts,
@@ -88,6 +94,7 @@ class PlannedGroup:
     attention: list[str] = field(default_factory=list)
     group_norms: list[str] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
     remove: list[int] = field(default_factory=list)
     whole: bool = False
 
@@ -135,6 +142,8 @@ class PruningPlan:
     kept_at_round_to: list[str]
     groups_seen: list[PlannedGroup] = field(default_factory=list)
     too_narrow: list[str] = field(default_factory=list)
+    latency_table: dict[str, Any] | None = None
+    """With latency-aware allocation: the layer timings' record (`compressor.latency_table`)."""
 
     @property
     def prunable_channels(self) -> int:
@@ -155,7 +164,9 @@ class PruningPlan:
             float(g.scores[g.remove].clamp(min=0).sum()) for g in self.groups if g.remove
         )
         return {
-            "allocation": "global" if self.allocation.global_allocation else "uniform",
+            "allocation": "uniform"
+            if not self.allocation.global_allocation
+            else ("latency" if self.allocation.cost else "global"),
             "max_layer_ratio": round(self.allocation.cap, 4),
             "prunable_channels": self.prunable_channels,
             "removed_channels": removed,
@@ -256,11 +267,13 @@ def plan_pruning(
     ignored: list[nn.Module],
     num_heads: dict[nn.Module, int] | None = None,
     whole_heads: bool = True,
+    cost: Callable[[list[PlannedGroup]], Mapping[str, float]] | None = None,
 ) -> tuple[PruningPlan, Any]:
     """Score every prunable group of ``model`` and choose the channels to remove.
 
     ``num_heads``: the head count of each attention layer. A group holding attention heads
-    loses whole heads (``whole_heads``) or the same dimensions of every head.
+    loses whole heads (``whole_heads``) or the same dimensions of every head. ``cost``, given
+    the groups, returns each one's cost per channel for the allocation (`Allocation.cost`).
     Returns the plan and the torch-pruning pruner it was made with (`apply_plan` uses it).
     """
     importance_name, scorer = resolve_importance(importance, model)
@@ -316,8 +329,11 @@ def plan_pruning(
                     attention=[graph._module2name[m] for m in attention_layers],
                     group_norms=[graph._module2name[n] for n in norms],
                     members=_members(graph, group),
+                    consumers=_members(graph, group, out_channels=False),
                 )
             )
+    if cost is not None and allocation.global_allocation:
+        allocation = dataclasses.replace(allocation, cost=cost(groups))
     left_whole, kept_at_round_to = allocate(groups, allocation)
     plan = PruningPlan(
         groups=[g for g in groups if g.remove],
@@ -377,6 +393,8 @@ def allocate(groups: list[PlannedGroup], allocation: Allocation) -> tuple[list[s
     for index, g in enumerate(groups):
         unit_scores = g.unit_view(g.scores).mean(dim=(0, 2))
         unit_dead = g.unit_view(g.dead).all(dim=2).all(dim=0)
+        if allocation.cost and allocation.global_allocation:  # importance per unit of cost
+            unit_scores = unit_scores / allocation.cost.get(g.root, 1.0)
         keyed = torch.where(unit_dead, torch.full_like(unit_scores, -1.0), unit_scores)
         order = torch.argsort(keyed, stable=True).tolist()
         orders.append(order)
@@ -439,11 +457,12 @@ def _split_parts(graph: Any, group: Any) -> int:
     return parts
 
 
-def _members(graph: Any, group: Any) -> list[str]:
+def _members(graph: Any, group: Any, *, out_channels: bool = True) -> list[str]:
+    """The Conv/Linear layers whose output (else input) channels ``group`` holds."""
     names = [
         graph._module2name[dep.target.module]
         for dep, _ in group
-        if graph.is_out_channel_pruning_fn(dep.handler)
+        if graph.is_out_channel_pruning_fn(dep.handler) == out_channels
         and isinstance(dep.target.module, (nn.modules.conv._ConvNd, nn.Linear))
     ]
     return list(dict.fromkeys(names))

@@ -473,6 +473,12 @@ def save_single_file(source: Path, out: Path, external: bool) -> None:
     onnx.save(model, str(out))
 
 
+def pre_process(fp32: Path, out: Path) -> Path:
+    """``fp32`` through ONNX Runtime's quant_pre_process as the stage runs it (into ``out``,
+    or ``fp32`` itself when it cannot run): the file to quantize."""
+    return _pre_process(fp32, out, False)[0]
+
+
 def _pre_process(fp32: Path, out: Path, external: bool) -> tuple[Path, str, str | None]:
     """Run ONNX Runtime's quant_pre_process: (the file to quantize, how, the error if none ran).
 

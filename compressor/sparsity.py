@@ -11,6 +11,7 @@ from torch import nn
 
 from . import distributed
 from .adapters import restructure, untraceable_blocks
+from .latency_table import adopt_timings, layer_slopes, timings
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .pruning import StructuredPruning, failing_groups, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
@@ -213,8 +214,14 @@ def _growing_penalty(
             target = target.at_ratio(distributed.share(ratio))
         else:
             target, _ = target.resolve(model, example, ctx)
-    plan, pruner, _ = make_plan(model, example, target)
-    failing = failing_groups(model, example, target)  # pruning would keep these: spare them
+    if target.latency_aware and distributed.active():  # every rank plans from rank 0's table
+        if distributed.rank() == 0:
+            layer_slopes(model, example, target.target_runtime, ctx.threads)
+        adopt_timings(distributed.share(timings() if distributed.rank() == 0 else None))
+    plan, pruner, _ = make_plan(model, example, target, ctx.threads)
+    failing = failing_groups(
+        model, example, target, ctx.threads
+    )  # pruning would keep these: spare them
     plan.groups = [g for g in plan.groups if g.root not in failing]
     graph = pruner.DG
     modules = dict(model.named_modules())

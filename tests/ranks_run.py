@@ -6,7 +6,8 @@
 A tiny residual net trained briefly (the same weights on every rank), synthetic data in a
 shuffling DataLoader, and sparsity -> pruning -> distillation -> INT8. Every rank writes
 ``RESULTS/rank-N.json``: the fingerprint of the model it returned, its top-1 and the stage
-details about the ranks. ``--fail-rank R --fail-at P`` makes pass P over rank R's training data fail;
+details about the ranks, and the channels sparsity training scheduled.
+``--latency-aware`` plans the pruning from the per-layer latency table. ``--fail-rank R --fail-at P`` makes pass P over rank R's training data fail;
 ``--fail-after-pruning`` adds a stage that fails on rank 0 (which runs it alone).
 """
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int)
     parser.add_argument("--fail-after-pruning", action="store_true", help="on rank 0, alone")
     parser.add_argument("--fail-at", type=int, default=3, help="the pass of the data that fails")
+    parser.add_argument("--latency-aware", action="store_true", help="latency-aware pruning")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
@@ -72,7 +74,7 @@ def main() -> None:
     pipeline = cz.Pipeline(
         [
             cz.SparsityTraining(epochs=1),
-            cz.StructuredPruning(ratio=0.5),
+            cz.StructuredPruning(ratio=0.5, latency_aware=args.latency_aware),
             *([FailOnRankZero()] if args.fail_after_pruning else []),
             cz.Distillation(epochs=2),
             cz.Int8Quantization(calibration_samples=64, fp32_placement=False),
@@ -89,6 +91,7 @@ def main() -> None:
         runtimes=["onnxruntime"],
     )
     ranks = {row.name: row.details.get("data_parallel") for row in result.report.rows}
+    sparsity = result.report.row("sparsity_training").details["sparsity"]
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"rank-{rank}.json").write_text(
         json.dumps(
@@ -97,6 +100,10 @@ def main() -> None:
                 "top1": top1(lambda x: result.model(x), DataSpec(val)),
                 "int8_top1": result.report.row("int8_quantization").accuracy,
                 "ranks": ranks,
+                "scheduled": sparsity.get("scheduled_channels"),
+                "allocation": result.report.row("structured_pruning").details["pruning"][
+                    "allocation"
+                ],
                 "output_dir": str(result.output_dir),
             }
         )

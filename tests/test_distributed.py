@@ -82,6 +82,15 @@ def test_two_ranks_train_together_and_rank_zero_alone_writes(tmp_path):
     assert ranks[0]["int8_top1"] > 0.8
 
 
+def test_latency_aware_ranks_plan_from_rank_zeros_table(tmp_path):
+    done = torchrun(str(RUN), str(tmp_path / "out"), str(tmp_path / "ranks"), "--latency-aware")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = _ranks(tmp_path / "ranks")
+    assert ranks[0]["allocation"] == "latency"
+    assert ranks[0]["scheduled"] and ranks[0]["ranks"]["sparsity_training"]["in_sync"]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+
+
 def test_a_rank_whose_data_fails_stops_every_rank(tmp_path):
     done = torchrun(
         str(RUN), str(tmp_path / "out"), str(tmp_path / "ranks"), "--fail-rank", "1", timeout=180
