@@ -27,6 +27,7 @@ import compressor as cz
 from compressor.checkpoints import model_fingerprint
 from compressor.data import DataSpec
 from compressor.errors import UserError
+from compressor.latency_table import timings
 from compressor.measure import top1
 from compressor.stage import RunContext, Stage, State
 
@@ -101,6 +102,7 @@ def main() -> None:
                 "int8_top1": result.report.row("int8_quantization").accuracy,
                 "ranks": ranks,
                 "scheduled": sparsity.get("scheduled_channels"),
+                "timings": sorted((repr(k), v) for k, v in timings().items()),
                 "allocation": result.report.row("structured_pruning").details["pruning"][
                     "allocation"
                 ],

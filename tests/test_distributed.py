@@ -89,6 +89,8 @@ def test_latency_aware_ranks_plan_from_rank_zeros_table(tmp_path):
     assert ranks[0]["allocation"] == "latency"
     assert ranks[0]["scheduled"] and ranks[0]["ranks"]["sparsity_training"]["in_sync"]
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    # the layer timings each rank planned sparsity training from are rank 0's, to the bit
+    assert ranks[0]["timings"] and ranks[0]["timings"] == ranks[1]["timings"]
 
 
 def test_a_rank_whose_data_fails_stops_every_rank(tmp_path):
