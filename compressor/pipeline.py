@@ -402,6 +402,10 @@ class Pipeline:
             raise UserError(msg)
         quantizer = next((s for s in stages[end:] if hasattr(s, "quantize_sample")), None)
 
+        def shape(ratio: float) -> Any:  # what the ratio prunes: (params, MACs) left
+            options = stages[pruning].at_ratio(ratio)  # type: ignore[attr-defined]
+            return options.pruned_size(state.model, state.example_input, ctx.threads)
+
         def run(ratio: float) -> tuple[float | None, dict[str, Any], Any]:
             chosen = list(stages)
             chosen[pruning] = stages[pruning].at_ratio(ratio)  # type: ignore[attr-defined]
@@ -416,7 +420,9 @@ class Pipeline:
                 current = chosen[index].apply(current.replace(details={}), step_ctx)
                 done[index] = (current, time.perf_counter() - start)
             numbers = _candidate_numbers(current, ctx, quantizer)
-            accuracy = numbers.get("int8_accuracy", numbers["accuracy"])
+            # within the budget before INT8 and after: the INT8 stage cannot win back what
+            # the stages before it lost
+            accuracy = min(numbers["accuracy"], numbers.get("int8_accuracy", 1.0))
             return baseline - accuracy, numbers, done
 
         ctx.log(
@@ -429,6 +435,7 @@ class Pipeline:
             max_drop=self.max_accuracy_drop,
             minutes=self.max_search_minutes,
             log=ctx.log,
+            shape=shape,
         )
         ctx.log(
             f"search: chose ratio {outcome.chosen.ratio:.3f} "

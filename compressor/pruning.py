@@ -193,6 +193,13 @@ class StructuredPruning(Stage):
         """These options with ``ratio`` set and no target."""
         return dataclasses.replace(self, ratio=ratio, **dict.fromkeys(TARGETS))
 
+    def pruned_size(
+        self, model: nn.Module, example: torch.Tensor, threads: int | None = None
+    ) -> tuple[int, int]:
+        """(params, MACs) of a copy of ``model`` pruned with these options (it is unchanged)."""
+        pruned = _candidate(copy.deepcopy(model).cpu().eval(), example, self, threads)
+        return count_params_macs(pruned, example)
+
     def resolve(
         self,
         model: nn.Module,

@@ -69,25 +69,39 @@ def search_ratio(
     minutes: float,
     log: Callable[[str], None] = lambda _: None,
     clock: Callable[[], float] = time.perf_counter,
+    shape: Callable[[float], Any] | None = None,
 ) -> SearchOutcome:
     """The most pruned ratio whose candidate loses at most ``max_drop``, searched from
-    ``first`` within ``minutes``; always at least one candidate (``first``) runs."""
+    ``first`` within ``minutes``; always at least one candidate (``first``) runs.
+
+    ``shape(ratio)``, when given, is what a ratio prunes (cheap to find, e.g. the sizes left):
+    a ratio with the shape of one already run is not run again (``same_as`` in its entry)."""
     start = clock()
     deadline = start + minutes * 60
     tried: list[Candidate] = []
     within, over = 0.0, None  # ratios known within / over the budget (0: nothing pruned)
     ratio: float | None = round(first, 3)
     stopped = "converged"
+    shapes: dict[Any, Candidate] = {}
     while ratio is not None:
         began = clock()
-        drop, numbers, result = run(ratio)
+        key = shape(ratio) if shape else None
+        same = shapes.get(key) if key is not None else None
+        if same is not None:  # ratios a round_to step apart prune the same channels
+            drop, result = same.drop, same.result
+            numbers = {**same.numbers, "same_as": same.ratio}
+        else:
+            drop, numbers, result = run(ratio)
         met = drop is not None and drop <= max_drop + 1e-9
         candidate = Candidate(ratio, drop, met, clock() - began, numbers, result)
+        if key is not None and same is None:
+            shapes[key] = candidate
         tried.append(candidate)
         shown = "n/a" if drop is None else f"{drop * 100:.2f} points"
+        again = f", the channels {same.ratio:.3f} pruned" if same is not None else ""
         log(
             f"search: ratio {ratio:.3f} lost {shown} "
-            f"({'within' if met else 'over'} the budget), {candidate.seconds:.0f} s"
+            f"({'within' if met else 'over'} the budget{again}), {candidate.seconds:.0f} s"
         )
         _keep_results(tried)
         if met:
@@ -129,7 +143,9 @@ def _next_ratio(within: float, over: float | None) -> float | None:
 
 
 def _best(tried: list[Candidate]) -> Candidate:
-    """The most pruned candidate within the budget, else the one that lost least."""
+    """The most pruned candidate within the budget, else the one that lost least; of two
+    that pruned the same channels (``numbers["same_as"]``), the one that ran first."""
+    tried = [c for c in tried if "same_as" not in c.numbers] or tried
     within = [c for c in tried if c.met]
     if within:
         return max(within, key=lambda c: c.ratio)

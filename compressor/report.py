@@ -312,6 +312,7 @@ class Report:
             f"{c['ratio']:.3f}: "
             + ("n/a" if c["accuracy_drop"] is None else f"{c['accuracy_drop'] * 100:+.2f}")
             + ("" if c["met"] else " over")
+            + (f" (as {c['same_as']:.3f})" if "same_as" in c else "")
             for c in s["trace"]
         )
         return (
@@ -319,7 +320,7 @@ class Report:
             f"points, {s['seconds'] / 60:.1f} of {s['max_search_minutes']:g} min, stopped: "
             f"{s['stopped']}): chose ratio {s['ratio']:.3f}, "
             f"{'within' if s['met'] else 'NOT within'} the budget. Tried (ratio: points "
-            f"lost, by its INT8 file when an INT8 stage follows): {tried}."
+            f"lost, before or after INT8, whichever is more): {tried}."
         )
 
     def pruning_sensitivity(self) -> dict[str, Any] | None:

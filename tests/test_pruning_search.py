@@ -51,6 +51,18 @@ def test_search_with_nothing_within_the_budget_keeps_the_one_that_lost_least():
     assert outcome.chosen.result == f"model at {min(ran)}"
 
 
+def test_a_ratio_that_prunes_what_another_did_is_not_run_again():
+    run, ran = _run_with(lambda r: max(0.0, r - 0.6))
+    # every ratio prunes a multiple of 0.2 (as round_to makes widths jump)
+    outcome = search_ratio(run, first=0.5, max_drop=0.01, minutes=10, shape=lambda r: int(r / 0.2))
+    trace = outcome.record["trace"]
+    assert len(ran) < len(trace)  # some candidates were answered from an earlier one
+    again = [c for c in trace if "same_as" in c]
+    assert again and all(int(c["ratio"] / 0.2) == int(c["same_as"] / 0.2) for c in again)
+    assert "same_as" not in next(c for c in trace if c["ratio"] == outcome.chosen.ratio)
+    assert outcome.chosen.result == f"model at {outcome.chosen.ratio}"
+
+
 def test_search_stops_at_the_time_box_and_at_max_candidates(monkeypatch):
     now = [0.0]
 
@@ -94,6 +106,10 @@ def test_pipeline_search_runs_the_span_per_candidate_and_keeps_the_chosen_one(da
     assert {"ratio", "accuracy_drop", "met", "seconds", "accuracy", "int8_accuracy", "macs"} <= set(
         trace[0]
     )
+    base = document["rows"][0]["accuracy"]
+    for c in trace:  # lost before INT8 or after, whichever is more
+        worst = min(c["accuracy"], c["int8_accuracy"])
+        assert c["accuracy_drop"] == pytest.approx(base - worst, abs=1e-6)
     within = [c for c in trace if c["met"]]
     assert within and search["met"] and search["ratio"] == max(c["ratio"] for c in within)
     chosen = next(c for c in trace if c["ratio"] == search["ratio"])
