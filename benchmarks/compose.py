@@ -71,17 +71,17 @@ def down(cin: int, cout: int) -> nn.Sequential:
 
 
 class ResBNNet(nn.Module):
-    """Residual BatchNorm network: 32 -> 64 -> 128 channels, a residual block at each width."""
+    """Residual BatchNorm network: 32 -> 64 -> 128 channels (``widths``), a residual block
+    at each width."""
 
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
         super().__init__()
+        a, b, c = widths
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+            nn.Conv2d(1, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU()
         )
-        self.body = nn.Sequential(
-            ResBlock(32), down(32, 64), ResBlock(64), down(64, 128), ResBlock(128)
-        )
-        self.head = nn.Linear(128, 10)
+        self.body = nn.Sequential(ResBlock(a), down(a, b), ResBlock(b), down(b, c), ResBlock(c))
+        self.head = nn.Linear(c, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.stem(x)).mean(dim=(2, 3)))

@@ -206,3 +206,36 @@ def test_pruning_target_script(tmp_path):
         assert row["ratio"] == min(c["ratio"] for c in met)
     assert row["final_ms"] > 0 and row["macs"] < row["macs_ratio_0.5"]
     assert "| median |" in table
+
+
+def test_budget_search_script(tmp_path):
+    """The budgeted ratio search on real Fashion-MNIST images, one model and seed, shortened."""
+    need_fashion_mnist()
+    out = tmp_path / "budget_search.json"
+    args = ["--models", "plain", "--seeds", "0", "--train-images", "512", "--minutes", "1"]
+    args += ["--baseline-epochs", "1", "--budget", "0.02"]
+    args += ["--data", str(tmp_path / "data"), "--cache", str(tmp_path / "cache")]
+    table = run("budget_search.py", *args, "--out", str(out), cwd=tmp_path)
+    rows = {r["way"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"balanced", "search", "harsh"}
+    search = rows["search"]
+    assert search["trace"] and search["trace"][0]["ratio"] == 0.5
+    assert search["budget_met"] == search["within_budget"]
+    harsh = rows["harsh"]
+    if not harsh["budget_met"]:  # over budget: the artifact's name and the message say so
+        assert harsh["artifact"] == "model.int8.over-budget.onnx"
+        assert "Accuracy budget NOT met" in harsh["message"]
+    assert "| plain | search | 1 |" in table
+
+
+def test_latency_allocation_script(tmp_path):
+    """Latency-aware against uniform allocation on ResNet-18, one seed at 64x64."""
+    out = tmp_path / "latency_allocation.json"
+    args = ["--seeds", "0", "--size", "64", "--rounds", "1", "--threads", "1"]
+    table = run("latency_allocation.py", *args, "--out", str(out), cwd=tmp_path)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"uniform", "global", "latency"}
+    assert rows["latency"]["costs"] and rows["uniform"]["costs"] is None
+    for row in rows.values():  # about equal MACs, each timed
+        assert 0.8 <= row["macs_vs_uniform"] <= 1.2 and row["int8_p50_ms"] > 0
+    assert "| median | latency |" in table
