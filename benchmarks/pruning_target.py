@@ -15,6 +15,7 @@ Prints one row per seed and the medians, and writes benchmarks/results/pruning_t
 
     python benchmarks/pruning_target.py                      # about 5 minutes on 2 cores
     python benchmarks/pruning_target.py --runtime openvino   # timed in OpenVINO
+    python benchmarks/pruning_target.py --latency-aware      # latency-aware allocation
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from compressor.pruning_target import artifact_measure
 HERE = Path(__file__).parent
 
 
-def model_for(seed: int, classes: int) -> torch.nn.Module:
-    """ResNet-18 with seeded weights and BatchNorm scales spread as after training."""
-    model = build("resnet18", seed)
-    model.fc = torch.nn.Linear(model.fc.in_features, classes)
+def model_for(seed: int, classes: int, name: str = "resnet18") -> torch.nn.Module:
+    """torchvision's ``name`` (ResNet-18) with seeded weights and BatchNorm scales spread as
+    after training; a ResNet's head gets ``classes`` outputs."""
+    model = build(name, seed)
+    if hasattr(model, "fc"):
+        model.fc = torch.nn.Linear(model.fc.in_features, classes)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -69,7 +72,10 @@ def run(seed: int, args: argparse.Namespace) -> dict[str, Any]:
         print(f"seed {seed}: ratio 0.5 INT8 p50 {reference:.3f} ms; target {target:.3f} ms")
         stages = [
             cz.StructuredPruning(
-                target_latency_ms=target, target_runtime=args.runtime, bn_recalibration_batches=0
+                target_latency_ms=target,
+                target_runtime=args.runtime,
+                bn_recalibration_batches=0,
+                latency_aware=args.latency_aware,
             ),
             quantizer,
         ]
@@ -116,10 +122,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=16, help="calibration and eval images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime")
+    parser.add_argument(
+        "--latency-aware", action="store_true", help="the search's pruning: latency_aware=True"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     name = "pruning_target" + ("" if args.runtime == "onnxruntime" else f"_{args.runtime}")
     name += "" if abs(args.fraction - 1 / 3) < 1e-9 else f"_{args.fraction:g}"
+    name += "_latency_aware" if args.latency_aware else ""
     args.out = args.out or HERE / "results" / f"{name}.json"
     torch.set_num_threads(args.threads)
     rows = []
