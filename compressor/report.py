@@ -273,10 +273,12 @@ class Report:
         lost = "an unknown amount" if drop is None else f"{drop * 100:.2f} points"
         if b["met"]:
             return f"Accuracy budget met: lost {lost}, budget {limit * 100:.2f} points."
+        searched = any((r.details.get("pruning") or {}).get("search") for r in self.rows)
+        search = "" if searched else " (or max_search_minutes to search it)"
         return (
             f"Accuracy budget NOT met: lost {lost}, budget {limit * 100:.2f} points; the "
             f"artifact is kept as {b.get('artifact') or 'n/a'}. To try: a lower pruning "
-            "ratio, more distillation epochs, or a larger budget."
+            f"ratio{search}, more distillation epochs, or a larger budget."
         )
 
     def target_line(self) -> str | None:

@@ -156,6 +156,7 @@ def test_missed_budget_keeps_the_artifact_under_a_name_that_says_so(data, tmp_pa
     assert document["rows"][-1]["details"]["file"] == "model.int8.over-budget.onnx"
     assert document["budget"]["accuracy_drop"] > 0
     assert "NOT met" in result.report.budget_line()
+    assert "max_search_minutes to search it" in result.report.budget_line()  # none ran
     budget = result.report.row("int8_quantization", "onnxruntime").details["quantization"]
     assert budget["accuracy_budget"]["trials"] == []  # lost before INT8: nothing reverted
     assert any("already under the accuracy budget" in n for n in result.report.notes())
