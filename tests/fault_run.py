@@ -9,6 +9,7 @@ so a test can interrupt the run between two finished stages. Exit 130 on Ctrl-C.
 """
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ class Sleep(Stage):
 
 
 def main() -> int:
+    # Ctrl-C as in a terminal, even when the suite itself was started in the background
+    # (a shell without job control starts background jobs with SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("output")
     parser.add_argument("--resume", action="store_true")
