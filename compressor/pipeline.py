@@ -373,11 +373,15 @@ class Pipeline:
             )
         return state
 
-    def _apply(self, index: int, state: State, ctx: RunContext) -> tuple[State, float]:
-        """Run stage ``index`` on ``state`` (data-parallel when it trains under torchrun);
-        the next state and the seconds it took."""
-        stage, step = self.stages[index], self.step_names()[index]
-        step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(self.stages[index + 1 :]))
+    def _apply(
+        self, index: int, state: State, ctx: RunContext, stages: Sequence[Stage] | None = None
+    ) -> tuple[State, float]:
+        """Run stage ``index`` of ``stages`` (the pipeline's; a search candidate's) on
+        ``state`` (data-parallel when it trains under torchrun); the next state and the
+        seconds it took."""
+        stages = self.stages if stages is None else stages
+        stage, step = stages[index], self.step_names()[index]
+        step_ctx = dataclasses.replace(ctx, step=step, upcoming=tuple(stages[index + 1 :]))
         parallel = stage.trains and distributed.active()
         if parallel:  # the other ranks train this stage with rank 0
             send_state(index, state)
@@ -395,7 +399,7 @@ class Pipeline:
         """Search the pruning ratio under the budget (`compressor.pruning_search`): run the
         span's stages per candidate; the chosen one's states and seconds, by stage index."""
         first, pruning, end = self._search_span
-        stages, names = self.stages, self.step_names()
+        stages = self.stages
         baseline = state.rows[0].accuracy
         if baseline is None or self.max_accuracy_drop is None or self.max_search_minutes is None:
             msg = "the pruning-ratio search needs the baseline's accuracy (an eval_fn result)"
@@ -412,13 +416,8 @@ class Pipeline:
             current = state.replace(model=copy.deepcopy(state.model))
             done: dict[int, tuple[State, float]] = {}
             for index in range(first, end):
-                upcoming = tuple(chosen[index + 1 :])
-                step_ctx = dataclasses.replace(ctx, step=names[index], upcoming=upcoming)
-                torch.manual_seed(ctx.seed)
-                ctx.train_data.reseed(ctx.seed)
-                start = time.perf_counter()
-                current = chosen[index].apply(current.replace(details={}), step_ctx)
-                done[index] = (current, time.perf_counter() - start)
+                current, seconds = self._apply(index, current, ctx, chosen)
+                done[index] = (current, seconds)
             numbers = _candidate_numbers(current, ctx, quantizer)
             # within the budget before INT8 and after: the INT8 stage cannot win back what
             # the stages before it lost

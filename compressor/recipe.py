@@ -78,12 +78,7 @@ def check_budget(value: Any) -> float | None:
     """``max_accuracy_drop`` as a float in [0, 1), or None; else a `RecipeError`."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 <= value < 1
-    ):
+    if not _is_real(value) or not 0 <= value < 1:
         msg = (
             f"max_accuracy_drop must be a fraction in [0, 1), e.g. 0.005 for half a point "
             f"(got: {value!r})"
@@ -96,15 +91,15 @@ def check_search_minutes(value: Any) -> float | None:
     """``max_search_minutes`` as a positive float, or None; else a `RecipeError`."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not _is_real(value) or value <= 0:
         msg = f"max_search_minutes must be a number of minutes > 0, e.g. 30 (got: {value!r})"
         raise RecipeError(msg)
     return float(value)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_recipe(source: str | Path) -> dict[str, Any]:
