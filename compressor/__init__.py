@@ -21,6 +21,9 @@ from .int8_budget import int8_sensitivity as int8_sensitivity
 from .load import LoadTest as LoadTest
 from .load import load_file as load_file
 from .load import load_url as load_url
+from .model_io import ModelIO as ModelIO
+from .model_io import SelectOutput as SelectOutput
+from .model_io import mean_iou as mean_iou
 from .pipeline import Pipeline as Pipeline
 from .pipeline import PipelineResult as PipelineResult
 from .pipeline import RunContext as RunContext
@@ -46,12 +49,14 @@ __all__ = [
     "Int8Quantization",
     "LoadTest",
     "ModelError",
+    "ModelIO",
     "Pipeline",
     "PipelineResult",
     "RecipeError",
     "Report",
     "Row",
     "RunContext",
+    "SelectOutput",
     "SparsityTraining",
     "Stage",
     "State",
@@ -61,6 +66,7 @@ __all__ = [
     "int8_sensitivity",
     "load_file",
     "load_url",
+    "mean_iou",
     "pruning_sensitivity",
     "register_stage",
     "serve",

@@ -28,6 +28,8 @@ def kd_loss(
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss(student, targets)``.
 
+    The KL divergence is over the class axis (1) and averaged over every other position:
+    per sample for ``(N, C)`` logits, per pixel for ``(N, C, H, W)`` (segmentation).
     The soft-target gradients scale as 1/T^2, so multiplying by T^2 keeps the soft and hard
     terms' relative contributions unchanged when T changes (Hinton et al. 2015,
     https://arxiv.org/abs/1503.02531).
@@ -36,9 +38,9 @@ def kd_loss(
     soft = F.kl_div(
         F.log_softmax(logits_s / t, dim=1),
         F.log_softmax(logits_t / t, dim=1),
-        reduction="batchmean",
+        reduction="sum",
         log_target=True,
-    )
+    ) / max(1, logits_s.numel() // max(1, logits_s.shape[1]))
     return alpha * t * t * soft + (1 - alpha) * hard_loss(logits_s, targets)
 
 

@@ -88,13 +88,20 @@ def ort_session(path: str | Path, threads: int, optimized_path: str | Path | Non
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def as_model_array(inputs: Any) -> np.ndarray:
+    """An input batch as the array an ONNX runtime takes: float32 when it is floating
+    point, its own integer type otherwise (e.g. int64 token ids)."""
+    array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else inputs
+    array = np.asarray(array)
+    return array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array
+
+
 def ort_predictor(session: Any) -> Predict:
     """``predict`` for an ONNX Runtime session with one input; returns the first output."""
     name = session.get_inputs()[0].name
 
     def predict(inputs: torch.Tensor) -> torch.Tensor:
-        array = inputs.detach().cpu().numpy().astype(np.float32, copy=False)
-        return torch.from_numpy(session.run(None, {name: array})[0])
+        return torch.from_numpy(session.run(None, {name: as_model_array(inputs)})[0])
 
     return predict
 
@@ -117,8 +124,7 @@ def openvino_predictor(compiled: Any) -> Predict:
     output = compiled.output(0)
 
     def predict(inputs: torch.Tensor) -> torch.Tensor:
-        array = inputs.detach().cpu().numpy().astype(np.float32, copy=False)
-        result = request.infer({0: array}, share_inputs=True)
+        result = request.infer({0: as_model_array(inputs)}, share_inputs=True)
         return torch.from_numpy(np.array(result[output]))
 
     return predict
@@ -381,8 +387,9 @@ def measure_onnx(
 
 
 def compare_outputs(reference: Predict, candidate: Predict, data: DataSpec) -> dict[str, Any]:
-    """Top-1 agreement and output differences of two predictors over all of ``data``."""
-    agree = total = 0
+    """Top-1 agreement (per sample, or per pixel for segmentation outputs) and output
+    differences of two predictors over all of ``data``."""
+    agree = total = positions = 0
     max_diff = sum_diff = 0.0
     elements = 0
     for batch in data:
@@ -397,10 +404,12 @@ def compare_outputs(reference: Predict, candidate: Predict, data: DataSpec) -> d
         sum_diff += float(diff.sum())
         elements += diff.numel()
         if ref.dim() >= 2:
-            agree += int((out.argmax(dim=1) == ref.argmax(dim=1)).sum())
+            same = out.argmax(dim=1) == ref.argmax(dim=1)
+            agree += int(same.sum())
+            positions += same.numel()
         total += int(ref.shape[0]) if ref.dim() else 1
     return {
-        "top1_agreement": round(agree / total, 6) if total else None,
+        "top1_agreement": round(agree / positions, 6) if positions else None,
         "max_abs_diff": round(max_diff, 6),
         "mean_abs_diff": round(sum_diff / elements, 6) if elements else None,
         "samples": total,

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import distributed
 from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, save_checkpoint
-from .data import as_data_spec
+from .data import DataSpec, as_data_spec
 from .errors import DataError, ModelError, RecipeError, UserError
 from .export import export_onnx
 from .layers import call_naming_layer
@@ -33,10 +32,10 @@ from .measure import (
     measure_torch,
     onnx_predictor,
     sample_batch,
-    top1,
     torch_predictor,
     torch_threads,
 )
+from .model_io import ModelIO, check_targets, resolve_io
 from .output_folder import REPORT_FILES, run_folder
 from .pipeline_ranks import follow, in_sync, send_result, send_state
 from .pruning_search import search_ratio
@@ -165,6 +164,7 @@ class Pipeline:
         resume: bool = False,
         runtimes: Sequence[str] | None = None,
         load_test: bool | LoadTest = False,
+        io: ModelIO | None = None,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
 
@@ -202,6 +202,10 @@ class Pipeline:
             load_test: also load-test model.onnx and the final file under concurrent
                 requests (`LoadTest`; True: its defaults, about a minute) and add the
                 results to the report's ``load`` section.
+            io: which output to compare and distil and the task (`ModelIO`); inferred from
+                the model and the first training batch by default. The task picks the
+                default loss and metric (top-1, or mIoU for segmentation). A model whose
+                output is not a tensor runs wrapped in `SelectOutput`.
 
         Returns:
             `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
@@ -226,11 +230,15 @@ class Pipeline:
                 "process, then run the ratio it chose with torchrun"
             )
             raise UserError(msg)
+        train_spec = as_data_spec(train_data, "train_data")
+        model, io = _resolve_io(io, model, train_spec)
         settings: dict[str, Any] = {
-            "train_data": as_data_spec(train_data, "train_data"),
+            "train_data": train_spec,
             "eval_data": as_data_spec(eval_data, "eval_data"),
-            "loss_fn": loss_fn or _cross_entropy,
-            "eval_fn": eval_fn or top1,
+            "loss_fn": loss_fn or io.loss_fn(),
+            "eval_fn": eval_fn or io.eval_fn(),
+            "io": io,
+            "custom_metric": eval_fn is not None,
             "device": distributed.local_device(resolve_device(device)),
             "seed": _check_seed(seed),
             "threads": _check_threads(threads),
@@ -290,6 +298,7 @@ class Pipeline:
                 parity=_final_parity(state, ctx),
                 load_test=load,
                 budget=budget,
+                model_io=ctx.io.to_dict(custom_metric=ctx.custom_metric),
             )
             report.save(ctx.output_dir)
             checkpoints = [
@@ -758,8 +767,20 @@ def _batch_sizes(value: int | Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
-def _cross_entropy(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets)
+def _resolve_io(io: ModelIO | None, model: nn.Module, data: DataSpec) -> tuple[nn.Module, ModelIO]:
+    """`resolve_io` on the first training batch, with the pipeline's errors."""
+    example = data.example_input()  # names an empty data set
+    batch = next(data.iter_batches(1))
+    targets = data.target_fn(batch)
+    try:
+        return call_naming_layer(
+            model, lambda: resolve_io(io, model, example, targets), "a forward pass on the data"
+        )
+    except (ModelError, UserError):
+        raise
+    except Exception as exc:
+        msg = f"the model cannot run on the data (input shape {tuple(example.shape)}): {exc}"
+        raise ModelError(msg) from exc
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -792,30 +813,15 @@ def _check_seed(seed: Any) -> int:
 def _check_outputs(out: Any, ctx: RunContext) -> None:
     """The model gives one tensor; both data sets have batches whose class targets fit it."""
     if not isinstance(out, torch.Tensor):
-        keys = f" with keys {list(out)[:5]}" if isinstance(out, Mapping) else ""
         msg = (
-            f"the model's forward returns a {type(out).__name__}{keys}; compressor compares, "
-            "distils and exports one output tensor: wrap the model so that forward returns "
-            "it (e.g. its logits)"
+            f"the model's forward returns a {type(out).__name__}; compressor compares, "
+            "distils and exports one output tensor: name it with cz.ModelIO(output=...)"
         )
         raise ModelError(msg)
     for what, data in (("train_data", ctx.train_data), ("eval_data", ctx.eval_data)):
         batch = next(data.iter_batches(1), None)
         if batch is None:
             raise DataError(f"{what} is empty: its first pass yielded no batch")
-        targets = data.target_fn(batch)
-        if (
-            out.dim() == 2
-            and isinstance(targets, torch.Tensor)
-            and targets.dim() == 1
-            and targets.numel()
-            and not targets.is_floating_point()
-        ):
-            classes, low, high = out.shape[1], int(targets.min()), int(targets.max())
-            if low < 0 or high >= classes:
-                msg = (
-                    f"{what} has class {high if high >= classes else low}, but the model has "
-                    f"{classes} outputs (classes 0..{classes - 1}): give the model as many "
-                    "outputs as the data has classes"
-                )
-                raise DataError(msg)
+        problem = check_targets(out, data.target_fn(batch), ctx.io, what)
+        if problem:
+            raise DataError(problem)

@@ -28,6 +28,7 @@ from .export import DEFAULT_OPSET, export_onnx
 from .int8_budget import revert_to_budget
 from .int8_placement import place_fp32
 from .measure import (
+    as_model_array,
     cpu_info,
     onnx_predictor,
     ort_predictor,
@@ -172,7 +173,7 @@ class _CalibrationReader:
                 self._bar.close()
                 return None
             inputs = self._data.input_fn(batch)[: self._left].detach().cpu().numpy()
-            self._pending = inputs.astype(np.float32)
+            self._pending = as_model_array(inputs)
             self._left -= len(self._pending)
         inputs, self._pending = (
             self._pending[: self._max_batch],

@@ -14,6 +14,7 @@ from ._io import write_text
 from .diagnosis import ACCURACY_THRESHOLD, diagnose, find_row, settled
 from .errors import UserError, first_line
 from .load_table import load_lines
+from .model_io import METRIC_LABELS
 from .report_html import (
     Page,
     accuracy_chart,
@@ -115,6 +116,8 @@ class Report:
             requests (`compressor.load.LoadTest.run`), when the run asked for one.
         budget: the accuracy budget (``max_accuracy_drop``) and whether the final artifact
             met it, when the run had one.
+        model_io: the task, the output compared and distilled, and the metric the rows'
+            ``accuracy`` holds (``top1``, ``miou`` or ``custom``; `compressor.model_io`).
     """
 
     rows: list[Row]
@@ -123,6 +126,7 @@ class Report:
     accuracy_threshold: float = ACCURACY_THRESHOLD
     load_test: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
+    model_io: dict[str, Any] | None = None
 
     def row(self, name: str, runtime: str | None = None) -> Row:
         """The first row called ``name`` (measured in ``runtime``, when given).
@@ -159,6 +163,7 @@ class Report:
             "diagnosis": self.diagnosis,
             **({"load": self.load_test} if self.load_test else {}),
             **({"budget": self.budget} if self.budget else {}),
+            **({"model_io": self.model_io} if self.model_io else {}),
         }
 
     def to_json(self) -> str:
@@ -184,6 +189,7 @@ class Report:
             accuracy_threshold=threshold,
             load_test=load if isinstance(load, dict) and "files" in load else None,
             budget=budget if isinstance(budget, dict) and "met" in budget else None,
+            model_io=data.get("model_io") if isinstance(data.get("model_io"), dict) else None,
         )
 
     @classmethod
@@ -220,7 +226,7 @@ class Report:
             "stage",
             "runtime",
             "precision",
-            "accuracy",
+            self.metric_label(),
             "params",
             "MACs",
             "size",
@@ -249,6 +255,11 @@ class Report:
                 ]
             )
         return header, body
+
+    def metric_label(self) -> str:
+        """What the rows' ``accuracy`` holds, for headers: accuracy, mIoU or metric."""
+        metric = (self.model_io or {}).get("metric") or "top1"
+        return METRIC_LABELS.get(metric, "metric")
 
     def summary_line(self) -> str | None:
         """One sentence comparing the final artifact with the baseline."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 
 from .errors import RecipeError
+from .model_io import ModelIO
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -198,6 +199,8 @@ class RunContext:
     throughput_batches: tuple[int, ...] = (32,)
     runtimes: tuple[str, ...] = ("onnxruntime",)
     min_accuracy: float | None = None
+    io: ModelIO = field(default_factory=ModelIO)
+    custom_metric: bool = False
     step: str = ""
     upcoming: tuple[Stage, ...] = ()
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import DataError, UserError, first_line
+from .model_io import infer_output, pick_output
 
 if TYPE_CHECKING:
     from .data import DataSpec
@@ -26,15 +27,8 @@ AfterStep = Callable[[int, int], None]
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits tensor of a model's outputs (first element of a tuple, or ``.logits``)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if hasattr(outputs, "logits"):
-        return outputs.logits
-    if isinstance(outputs, (tuple, list)) and outputs:
-        return logits_of(outputs[0])
-    msg = f"cannot find the logits in the model's output of type {type(outputs).__name__}"
-    raise UserError(msg)
+    """The logits tensor of a model's outputs, found as `compressor.model_io` infers it."""
+    return pick_output(outputs, infer_output(outputs))
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -194,7 +188,7 @@ def _batch_loss(
     counts[0] = 1
     if hits is not None:
         counts[1] = hits
-        counts[2] = targets.shape[0]
+        counts[2] = targets.numel()
     return loss, counts
 
 
@@ -246,13 +240,14 @@ def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int
 
 
 def _correct(logits: torch.Tensor, targets: Any) -> torch.Tensor | None:
-    """Top-1 hits in a batch (on its device), when the targets are class indices."""
+    """Top-1 hits in a batch (on its device), when the targets are class indices (one per
+    sample, or one per pixel for segmentation)."""
     if (
         isinstance(targets, torch.Tensor)
-        and targets.dim() == 1
         and not targets.is_floating_point()
-        and logits.dim() == 2
+        and logits.dim() == targets.dim() + 1
         and logits.shape[0] == targets.shape[0]
+        and logits.shape[2:] == targets.shape[1:]
     ):
         return (logits.detach().argmax(dim=1) == targets).sum()
     return None
@@ -270,8 +265,10 @@ def fit_baseline(
     limit_train_batches: int | None = None,
     mixed_precision: str | None = None,
     accumulate_grad_batches: int = 1,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] = F.cross_entropy,
 ) -> list[float]:
-    """Train ``model`` in place with cross-entropy (the CLI's ``--baseline-epochs``).
+    """Train ``model`` in place with ``loss_fn`` (the CLI's ``--baseline-epochs``);
+    cross-entropy by default (`ModelIO.loss_fn` gives the task's).
 
     For models that arrive untrained (the demo, or ``--model`` without ``--weights``):
     compressing a model that has learned nothing measures nothing but speed and size.
@@ -288,7 +285,7 @@ def fit_baseline(
         train_data=data,
         eval_data=data,
         output_dir=Path("."),
-        loss_fn=F.cross_entropy,
+        loss_fn=loss_fn,
         eval_fn=top1,
         device=distributed.local_device(resolve_device(device)),
         seed=seed,
@@ -300,7 +297,7 @@ def fit_baseline(
 
     def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
         logits = logits_of(m(inputs))
-        return F.cross_entropy(logits, targets), logits
+        return loss_fn(logits, targets), logits
 
     return train(model, ctx, epochs=epochs, lr=lr, compute_loss=compute_loss, desc="baseline")
 
