@@ -61,16 +61,23 @@ class DemoResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def demo_datasets() -> tuple[TensorDataset, TensorDataset]:
-    """The embedded Fashion-MNIST subset (8,000 train / 2,000 val), normalised, 1x28x28."""
+def demo_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split (``train`` or ``val``) of the embedded Fashion-MNIST subset: ``(N, 28,
+    28)`` uint8 images and ``(N,)`` int64 labels."""
     path = resources.files("compressor") / "data" / "fashion_mnist_demo.npz"
     with resources.as_file(path) as file, np.load(Path(file)) as arrays:
-        splits = {k: arrays[k] for k in arrays.files}
+        images = torch.from_numpy(arrays[f"{split}_images"])
+        labels = torch.from_numpy(arrays[f"{split}_labels"].astype(np.int64))
+    return images, labels
+
+
+def demo_datasets() -> tuple[TensorDataset, TensorDataset]:
+    """The embedded Fashion-MNIST subset (8,000 train / 2,000 val), normalised, 1x28x28."""
 
     def dataset(split: str) -> TensorDataset:
-        images = torch.from_numpy(splits[f"{split}_images"]).float().div_(255).unsqueeze(1)
+        raw, labels = demo_images(split)
+        images = raw.float().div_(255).unsqueeze(1)
         images = (images - _MEAN) / _STD
-        labels = torch.from_numpy(splits[f"{split}_labels"].astype(np.int64))
         return TensorDataset(images, labels)
 
     return dataset("train"), dataset("val")

@@ -24,7 +24,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .checkpoints import load_checkpoint
 from .errors import DataError, ModelError, UserError, first_line
 
-DATA_KINDS = ("demo", "imagefolder", "fashion-mnist", "mnist", "cifar10")
+DATA_KINDS = (
+    "demo",
+    "demo-seg",
+    "imagefolder",
+    "fashion-mnist",
+    "mnist",
+    "cifar10",
+    "fashion-mnist-seg",
+)
+SEGMENTATION_KINDS = ("demo-seg", "fashion-mnist-seg")
+CANVASES_PER_ITEM = 0.2  # fashion-mnist-seg: canvases per Fashion-MNIST image of a split
 
 
 # ---------------------------------------------------------------------------- models
@@ -67,13 +77,16 @@ def load_model(
 def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
+    segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
+    names = torchvision.models.list_models(module=torchvision.models) + segmentation
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
-        msg = f"unknown torchvision classification model {name!r}: {hint}"
+        msg = f"unknown torchvision classification or segmentation model {name!r}: {hint}"
         raise UserError(msg)
     kwargs: dict[str, Any] = {"weights": None}
+    if name in segmentation:  # no download: random backbone, no auxiliary head
+        kwargs.update(weights_backbone=None, aux_loss=False)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if name.startswith(("googlenet", "inception")):
@@ -240,7 +253,7 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the loaders yield: input shape, classes, sizes (for the mismatch checks)."""
+    """What the loaders yield: input shape, classes, sizes, task (for the mismatch checks)."""
 
     source: str
     channels: int
@@ -248,6 +261,7 @@ class DataInfo:
     num_classes: int
     train_samples: int
     val_samples: int
+    task: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -265,6 +279,8 @@ _DEFAULTS = {
     "mnist": _Defaults(1, 28, (0.1307,), (0.3081,), 64),
     "cifar10": _Defaults(3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 64),
     "imagefolder": _Defaults(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32),
+    "fashion-mnist-seg": _Defaults(1, 64, (0.1,), (0.25,), 32),
+    "demo-seg": _Defaults(1, 64, (0.1,), (0.25,), 32),
 }
 
 
@@ -276,18 +292,21 @@ def load_data(
     Specs: ``demo`` (the embedded Fashion-MNIST subset), ``fashion-mnist:DIR``, ``mnist:DIR``,
     ``cifar10:DIR`` (torchvision's layouts under DIR; ``download`` fetches them), and
     ``imagefolder:DIR`` (DIR/train and DIR/val of class folders, or one folder of class
-    folders split by ``val_split``).
+    folders split by ``val_split``), and ``fashion-mnist-seg:DIR``: segmentation canvases
+    of Fashion-MNIST items (`compressor.segmentation_data`, 11 classes), 12,000 for
+    training from its training split and 2,000 for validation from its test split;
+    ``demo-seg`` builds 1,600 / 400 such canvases from the embedded subset.
     """
     options = options or DataOptions()
     kind, _, root = spec.partition(":")
     if kind not in DATA_KINDS:
         close = difflib.get_close_matches(kind, DATA_KINDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        msg = f"unknown data source {spec!r}{hint}; allowed: demo, " + ", ".join(
-            f"{k}:DIR" for k in DATA_KINDS[1:]
+        msg = f"unknown data source {spec!r}{hint}; allowed: demo, demo-seg, " + ", ".join(
+            f"{k}:DIR" for k in DATA_KINDS[2:]
         )
         raise UserError(msg)
-    if kind != "demo" and not root:
+    if not kind.startswith("demo") and not root:
         msg = f"data source {kind!r} needs a folder: --data {kind}:DIR"
         raise UserError(msg)
     _check_options(options)
@@ -302,6 +321,8 @@ def load_data(
     folder = Path(root).expanduser()
     if kind == "demo":
         train, val, num_classes = _demo_sets(channels, size)
+    elif kind in SEGMENTATION_KINDS:
+        train, val, num_classes = _canvas_sets(kind, folder, options, size, channels, mean, std)
     elif kind == "imagefolder":
         train, val, num_classes = _imagefolder_sets(folder, options, size, channels, mean, std)
     else:
@@ -319,7 +340,8 @@ def load_data(
         train, batch_size=batch, shuffle=True, generator=generator, **loader_args
     )
     val_loader = DataLoader(val, batch_size=batch, **loader_args)
-    info = DataInfo(spec, channels, size, num_classes, len(train), len(val))
+    task = "segmentation" if kind in SEGMENTATION_KINDS else "classification"
+    info = DataInfo(spec, channels, size, num_classes, len(train), len(val), task)
     return train_loader, val_loader, info
 
 
@@ -493,6 +515,42 @@ class _Mapped(Dataset):
         return self.fn(x), y
 
 
+def _canvas_sets(kind, root, options, size, channels, mean, std):
+    from .segmentation_data import CLASSES, ITEM, FashionCanvas
+
+    if size < ITEM:
+        msg = f"{kind} canvases are at least {ITEM} pixels wide (got --input-size {size})"
+        raise UserError(msg)
+    if channels not in (1, 3) or len(set(mean)) > 1 or len(set(std)) > 1:
+        msg = (
+            f"{kind} canvases are gray: --channels 1 or 3 with one mean and std for all "
+            f"channels (got: {channels}, {mean}, {std})"
+        )
+        raise UserError(msg)
+    if kind == "demo-seg":
+        from .demo import demo_images
+
+        splits = [demo_images("train"), demo_images("val")]
+    else:
+        items = _torchvision_sets("fashion-mnist", root, options, 28, 1, (0.0,), (1.0,))
+        splits = [(items[0].data, items[0].targets), (items[1].data, items[1].targets)]
+    sets = []
+    for train, (images, labels) in zip((True, False), splits, strict=True):
+        sets.append(
+            FashionCanvas(
+                images,
+                labels,
+                samples=max(1, int(len(images) * CANVASES_PER_ITEM)),
+                size=size,
+                channels=channels,
+                mean=mean[0],
+                std=std[0],
+                seed=options.seed * 2 + (0 if train else 1),
+            )
+        )
+    return sets[0], sets[1], CLASSES
+
+
 def _demo_sets(channels: int, size: int):
     from .demo import demo_datasets
 
@@ -539,9 +597,19 @@ def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
         raise ModelError(msg) from exc
     finally:
         model.train(was_training)
-    logits = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-    classes = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
-    if classes is not None and classes != info.num_classes:
+    from .model_io import infer_output, pick_output
+
+    logits = pick_output(out, infer_output(out))
+    dims = 4 if info.task == "segmentation" else 2
+    if logits.dim() != dims:
+        what = "(N, classes, H, W) scores per pixel" if dims == 4 else "(N, classes) logits"
+        msg = (
+            f"{info.source} is a {info.task} data set, which needs {what}; the model "
+            f"outputs shape {tuple(logits.shape)}"
+        )
+        raise ModelError(msg)
+    classes = logits.shape[1]
+    if classes != info.num_classes:
         msg = (
             f"the model outputs {classes} classes, the data has {info.num_classes}: "
             f"pass --num-classes {info.num_classes} (the head is then new and needs training)"
