@@ -127,6 +127,12 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head")
     model.add_argument(
+        "--task",
+        choices=TASK_CHOICES,
+        help="what the model does (default: inferred from --data; fashion-mnist-seg is "
+        "segmentation, the others classification)",
+    )
+    model.add_argument(
         "--weights",
         type=Path,
         metavar="FILE",
@@ -151,7 +157,8 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         "--data",
         default="demo",
         metavar="SPEC",
-        help="imagefolder:DIR, fashion-mnist:DIR, mnist:DIR, cifar10:DIR, or demo (default)",
+        help="imagefolder:DIR, fashion-mnist:DIR, mnist:DIR, cifar10:DIR, "
+        "fashion-mnist-seg:DIR (segmentation), or demo (default)",
     )
     data.add_argument("--download", action="store_true", help="fetch a torchvision data set")
     data.add_argument("--input-size", type=int, metavar="PX", help="resize images to PX x PX")
@@ -523,11 +530,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+TASK_CHOICES = ("classification", "segmentation", "detection")
+
+
+def _check_task(task: str | None, info: Any) -> str:
+    """The task ``--task`` names, checked against the data's (one line each when not)."""
+    if task == "detection":
+        msg = (
+            "--task detection is not supported yet: compressor compresses classification "
+            "and segmentation models"
+        )
+        raise UserError(msg)
+    if task is not None and task != info.task:
+        msg = (
+            f"--task {task} does not fit --data {info.source}, which is a {info.task} data set "
+            "(fashion-mnist-seg:DIR is segmentation, the other sources classification)"
+        )
+        raise UserError(msg)
+    return info.task
+
+
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
     from . import distributed
     from .checkpoints import load_checkpoint, save_checkpoint
+    from .model_io import ModelIO
     from .pipeline import Pipeline
     from .recipe import recipe_to_yaml
     from .sources import DataOptions, check_model_fits_data, load_data, load_model
@@ -559,6 +587,7 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     train_loader, val_loader, info = load_data(args.data, options)
+    io = ModelIO(task=_check_task(args.task, info))
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
     model = load_model(
         args.model,
@@ -615,6 +644,7 @@ def _compress(args: argparse.Namespace) -> int:
                 limit_train_batches=args.limit_train_batches,
                 mixed_precision=args.mixed_precision,
                 accumulate_grad_batches=args.accumulate_grad_batches,
+                loss_fn=io.loss_fn(),
             )
             if leader:
                 save_checkpoint(trained, model, step="baseline", stage={}, extra={"epochs": epochs})
@@ -634,6 +664,7 @@ def _compress(args: argparse.Namespace) -> int:
             resume=args.resume,
             runtimes=args.runtime,
             load_test=args.load_test,
+            io=io,
         )
     if not leader:  # rank 0 prints the report
         return 0
