@@ -129,8 +129,8 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--task",
         choices=TASK_CHOICES,
-        help="what the model does (default: inferred from --data; fashion-mnist-seg is "
-        "segmentation, the others classification)",
+        help="what the model does (default: inferred from --data; demo-seg and "
+        "fashion-mnist-seg are segmentation, the others classification)",
     )
     model.add_argument(
         "--weights",
@@ -158,7 +158,7 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         default="demo",
         metavar="SPEC",
         help="imagefolder:DIR, fashion-mnist:DIR, mnist:DIR, cifar10:DIR, "
-        "fashion-mnist-seg:DIR (segmentation), or demo (default)",
+        "demo-seg, fashion-mnist-seg:DIR (segmentation), or demo (default)",
     )
     data.add_argument("--download", action="store_true", help="fetch a torchvision data set")
     data.add_argument("--input-size", type=int, metavar="PX", help="resize images to PX x PX")
@@ -544,7 +544,7 @@ def _check_task(task: str | None, info: Any) -> str:
     if task is not None and task != info.task:
         msg = (
             f"--task {task} does not fit --data {info.source}, which is a {info.task} data set "
-            "(fashion-mnist-seg:DIR is segmentation, the other sources classification)"
+            "(demo-seg and fashion-mnist-seg:DIR are segmentation, the others classification)"
         )
         raise UserError(msg)
     return info.task
