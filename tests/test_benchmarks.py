@@ -242,3 +242,21 @@ def test_latency_allocation_script(tmp_path):
     # full-resolution group, which at 64x64 can be half the model (at 224 they matched: README)
     assert 0.8 <= rows["global"]["macs_vs_uniform"] <= 1.2
     assert "| median | latency |" in table
+
+
+def test_segmentation_script(tmp_path):
+    """LR-ASPP on Fashion-MNIST canvases through the pipeline and the peers' INT8, shortened."""
+    need_fashion_mnist()
+    out = tmp_path / "segmentation.json"
+    args = ["--seeds", "0", "--baseline-epochs", "0", "--train-batches", "4"]
+    args += ["--test-canvases", "64", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    args += ["--data", str(tmp_path / "data")]
+    table = run("segmentation.py", *args, cwd=tmp_path)
+    (found,) = json.loads(out.read_text())["runs"]
+    assert found["model_io"] == {
+        "task": "segmentation", "output": "out", "metric": "miou", "ignore_index": 255
+    }  # fmt: skip
+    assert found["macs_x"] > 2 and 0 <= found["final_miou"] <= 1
+    assert 0 <= found["pixel_agreement"] <= 1 and "ort_default" in found["peers"]
+    assert all(ms > 0 for ms in found["p50_ms"].values())
+    assert "| lraspp_mobilenet_v3_large | compressor: pruned + INT8 | 1 |" in table
