@@ -21,7 +21,8 @@ def outputs_text(notebook) -> str:
 
 def test_notebooks_are_stored_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_quickstart.ipynb", "02_your_model.ipynb", "03_recipes_and_cli.ipynb"
+        "01_quickstart.ipynb", "02_your_model.ipynb", "03_recipes_and_cli.ipynb",
+        "04_segmentation.ipynb",
     ]  # fmt: skip
     for path in NOTEBOOKS:
         for cell in json.loads(path.read_text())["cells"]:
@@ -57,3 +58,7 @@ def test_notebook_runs_end_to_end(path, tmp_path):
     if path.stem.startswith("03"):
         assert (tmp_path / "runs" / "cli" / "model.int8.onnx").is_file()
         assert "unknown option 'ration'" in text
+    if path.stem.startswith("04"):
+        assert (tmp_path / "runs" / "segmentation" / "model.int8.onnx").is_file()
+        assert "| mIoU |" in text and "'metric': 'miou'" in text
+        assert "pixels where INT8 agrees with FP32" in text
