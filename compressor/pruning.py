@@ -26,6 +26,7 @@ from .errors import ModelError, RecipeError, first_line
 from .latency_table import latency_costs
 from .layers import call_naming_layer, execution_order, find_head, has_batchnorm
 from .measure import EvalFn, count_params_macs, default_threads
+from .model_io import SelectOutput
 from .pruning_check import apply_checked
 from .pruning_plan import (
     IMPORTANCES,
@@ -349,10 +350,15 @@ def _candidate(
 def ignored_modules(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> list[str]:
     """The layer names pruning leaves whole: ``names`` and the output head.
 
+    In a model the pipeline wrapped in `SelectOutput`, names may be given as in the user's
+    own model (``classifier.4`` for ``model.classifier.4``).
+
     Raises:
         RecipeError: a name that the model does not have.
     """
     modules = dict(model.named_modules())
+    if isinstance(model, SelectOutput):
+        names = [n if n in modules or f"model.{n}" not in modules else f"model.{n}" for n in names]
     unknown = [n for n in names if n not in modules]
     if unknown:
         sample = ", ".join(n for n in list(modules)[1:8])

@@ -121,6 +121,21 @@ def test_pixel_distillation_averages_over_pixels_as_batchmean_over_samples():
     assert loss == pytest.approx(float(flat), rel=1e-5)
 
 
+def test_ignored_layers_are_named_as_in_the_wrapped_model():
+    from compressor.pruning import prune
+
+    model = cz.SelectOutput(TinySegNet(), "out").eval()
+    example = torch.randn(1, 1, 32, 32)
+    options = cz.StructuredPruning(ratio=0.5, round_to=8, ignored_layers=["encoder.3"])
+    pruned = prune(model, example, options)[0]
+    assert pruned.model.encoder[3].out_channels == 64  # left whole, named without "model."
+    widths = [m.out_channels for m in pruned.model.encoder if isinstance(m, nn.Conv2d)]
+    assert sum(widths) < 32 + 3 * 64  # the other layers were pruned
+    assert pruned(example).shape == (1, CLASSES, 32, 32)
+    with pytest.raises(cz.RecipeError, match=r"no layer 'encoder\.99'"):
+        prune(model, example, cz.StructuredPruning(ignored_layers=["encoder.99"]))
+
+
 def test_canvases_are_real_items_with_matching_masks_and_repeat():
     data = canvases(8, seed=0)
     image, mask = data[3]
