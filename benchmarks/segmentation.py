@@ -106,6 +106,7 @@ def run_one(
     return {
         "model_io": report.model_io,
         "baseline_miou": base.accuracy,
+        "sparsity_miou": rows[("sparsity_training", "torch")].accuracy,
         "pruned_miou": rows[("structured_pruning", "torch")].accuracy,
         "distilled_miou": rows[("distillation", "torch")].accuracy,
         "final_miou": final.accuracy,
