@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .model_io import logits_of
 from .stage import Stage, check_float, check_int, register_stage
-from .training import LossAndLogits, logits_of, train
+from .training import LossAndLogits, train
 
 if TYPE_CHECKING:
     from .stage import LossFn, RunContext, State

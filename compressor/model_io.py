@@ -139,6 +139,11 @@ def infer_output(outputs: Any) -> str | int | None:
     raise ModelError(msg)
 
 
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The tensor to compare and distil in a model's ``outputs``, found by `infer_output`."""
+    return pick_output(outputs, infer_output(outputs))
+
+
 class SelectOutput(nn.Module):
     """Runs ``model`` and returns the one output ``key`` names (see `pick_output`).
 

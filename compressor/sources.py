@@ -597,9 +597,9 @@ def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
         raise ModelError(msg) from exc
     finally:
         model.train(was_training)
-    from .model_io import infer_output, pick_output
+    from .model_io import logits_of
 
-    logits = pick_output(out, infer_output(out))
+    logits = logits_of(out)
     dims = 4 if info.task == "segmentation" else 2
     if logits.dim() != dims:
         what = "(N, classes, H, W) scores per pixel" if dims == 4 else "(N, classes) logits"

@@ -13,10 +13,11 @@ from . import distributed
 from .adapters import restructure, untraceable_blocks
 from .latency_table import adopt_timings, layer_slopes, timings
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
+from .model_io import logits_of
 from .pruning import StructuredPruning, failing_groups, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
 from .stage import Stage, check_choice, check_float, check_int, register_stage
-from .training import LossAndLogits, logits_of, recalibrate_batchnorm, train
+from .training import LossAndLogits, recalibrate_batchnorm, train
 
 if TYPE_CHECKING:
     from .stage import RunContext, State

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import DataError, UserError, first_line
-from .model_io import infer_output, pick_output
+from .model_io import logits_of
 
 if TYPE_CHECKING:
     from .data import DataSpec
@@ -24,11 +24,6 @@ if TYPE_CHECKING:
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
 ComputeLoss = Callable[[nn.Module, torch.Tensor, Any], "torch.Tensor | LossAndLogits"]
 AfterStep = Callable[[int, int], None]
-
-
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits tensor of a model's outputs, found as `compressor.model_io` infers it."""
-    return pick_output(outputs, infer_output(outputs))
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
