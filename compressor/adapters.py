@@ -26,6 +26,7 @@ from torch import nn
 
 from . import torch_adapters, torchvision_adapters
 from .adapter import Adapter, Attention, class_named
+from .inputs import call
 
 __all__ = ["Adapter", "Attention", "class_named", "register_adapter", "unregister_adapter"]
 
@@ -125,7 +126,7 @@ def restructure(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     hooks = [m.register_forward_pre_hook(recorder(n), with_kwargs=True) for n, m, _a in candidates]
     try:
         with torch.no_grad():
-            model(example)
+            call(model, example)
     finally:
         for hook in hooks:
             hook.remove()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .inputs import Inputs, check_inputs, rows, take, to_device
 
 
 def _first(batch: Any) -> Any:
@@ -30,12 +31,13 @@ class DataSpec:
 
     Args:
         batches: any re-iterable of batches, e.g. a ``torch.utils.data.DataLoader``.
-        input_fn: batch -> model input tensor (default: ``batch[0]``).
+        input_fn: batch -> model input: a tensor, or a dict of named tensors such as
+            ``{"input_ids": ..., "attention_mask": ...}`` (default: ``batch[0]``).
         target_fn: batch -> target (default: ``batch[1]``).
     """
 
     batches: Iterable[Any]
-    input_fn: Callable[[Any], torch.Tensor] = _first
+    input_fn: Callable[[Any], Inputs] = _first
     target_fn: Callable[[Any], Any] = _second
 
     def __iter__(self) -> Iterator[Any]:
@@ -70,20 +72,11 @@ class DataSpec:
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(seed)
 
-    def example_input(self) -> torch.Tensor:
-        """The first sample's input, with a batch axis of 1, on the CPU."""
+    def example_input(self) -> Inputs:
+        """The first sample's input (a tensor or named tensors, see `compressor.inputs`),
+        with a batch axis of 1, on the CPU."""
         for batch in self.batches:
-            inputs = self.input_fn(batch)
-            if not isinstance(inputs, torch.Tensor):
-                msg = (
-                    "the data's input_fn must return a torch.Tensor "
-                    f"(got: {type(inputs).__name__}); pass DataSpec(loader, input_fn=...)"
-                )
-                raise DataError(msg)
-            if inputs.dim() == 0 or inputs.shape[0] == 0:
-                msg = f"the first batch has no samples (input shape: {tuple(inputs.shape)})"
-                raise DataError(msg)
-            return inputs[:1].detach().cpu()
+            return take(to_device(check_inputs(self.input_fn(batch)), "cpu"), 0, 1)
         msg = "the data set is empty: its first pass yielded no batch"
         raise DataError(msg)
 
@@ -111,7 +104,7 @@ def data_subset(data: Any, samples: int) -> DataSpec:
     batches, count = [], 0
     for batch in spec:
         batches.append(batch)
-        count += int(spec.input_fn(batch).shape[0])
+        count += rows(spec.input_fn(batch))
         if count >= samples:
             break
     return DataSpec(batches, input_fn=spec.input_fn, target_fn=spec.target_fn)

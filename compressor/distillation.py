@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inputs import call, is_image_batch
 from .model_io import logits_of
 from .stage import Stage, check_float, check_int, register_stage
 from .training import LossAndLogits, train
@@ -76,13 +77,15 @@ class Distillation(Stage):
         student = copy.deepcopy(state.model)
         # Match the student's channels-last layout in `train` (4-D inputs), else every
         # teacher conv pays for a layout conversion.
-        layout = torch.channels_last if state.example_input.dim() == 4 else torch.preserve_format
+        layout = (
+            torch.channels_last if is_image_batch(state.example_input) else torch.preserve_format
+        )
         teacher = state.teacher.to(ctx.device, memory_format=layout).eval()
 
         def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
             with torch.no_grad():
-                logits_t = logits_of(teacher(inputs))
-            logits = logits_of(m(inputs))
+                logits_t = logits_of(call(teacher, inputs))
+            logits = logits_of(call(m, inputs))
             loss = kd_loss(
                 logits,
                 logits_t,

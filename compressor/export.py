@@ -14,6 +14,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .errors import ExportError, ModelError, first_line
+from .inputs import Inputs, Positional, input_names, rows
 from .layers import call_naming_layer
 from .measure import ort_predictor, ort_session, torch_predictor, torch_threads
 
@@ -36,10 +37,10 @@ class Parity:
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     path: str | Path,
     *,
-    check_inputs: torch.Tensor | None = None,
+    check_inputs: Inputs | None = None,
     opset: int = DEFAULT_OPSET,
     threads: int = 1,
     atol: float = 1e-4,
@@ -47,28 +48,36 @@ def export_onnx(
 ) -> Parity:
     """Export ``model`` (on the CPU, eval mode) to ``path`` and check it in ONNX Runtime.
 
-    The file has one input ``input`` and a dynamic batch axis. It is written only if
-    ONNX Runtime's output matches torch's on ``check_inputs`` (default: the example).
+    The file has one input ``input`` for a tensor example, or one input per key of a
+    mapping example (see `compressor.inputs`), each with a dynamic batch axis; 2-D integer
+    inputs (token ids, attention masks) also get a dynamic ``sequence`` axis. It is written
+    only if ONNX Runtime's output matches torch's on ``check_inputs`` (default: the example).
 
     Raises:
         ExportError: the exporter failed (naming the layer or op) or the outputs differ.
     """
     model = model.cpu().eval()
     path = Path(path)
+    names = input_names(example_input)
+    if isinstance(example_input, torch.Tensor):
+        traced, args = model, (example_input.cpu(),)
+    else:
+        traced = Positional(model, names)
+        args = tuple(example_input[name].cpu() for name in names)
     with atomic_path(path) as tmp:
 
         def export() -> None:
             with warnings.catch_warnings(), _mha_fast_path_off():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    model,
-                    (example_input.cpu(),),
+                    traced,
+                    args,
                     str(tmp),
                     dynamo=False,
                     opset_version=opset,
-                    input_names=["input"],
+                    input_names=names,
                     output_names=["output"],
-                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                    dynamic_axes={**_dynamic_axes(example_input), "output": {0: "batch"}},
                     do_constant_folding=True,
                 )
 
@@ -82,6 +91,16 @@ def export_onnx(
         inputs = example_input if check_inputs is None else check_inputs
         parity = check_parity(model, tmp, inputs, threads=threads, atol=atol, rtol=rtol)
     return parity
+
+
+def _dynamic_axes(example_input: Inputs) -> dict[str, dict[int, str]]:
+    if isinstance(example_input, torch.Tensor):
+        return {"input": {0: "batch"}}
+    axes = {}
+    for name, tensor in example_input.items():
+        sequence = tensor.dim() == 2 and not tensor.is_floating_point()
+        axes[name] = {0: "batch", 1: "sequence"} if sequence else {0: "batch"}
+    return axes
 
 
 @contextmanager
@@ -103,7 +122,7 @@ def _mha_fast_path_off() -> Iterator[None]:
 def check_parity(
     model: nn.Module,
     onnx_path: str | Path,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     *,
     threads: int = 1,
     atol: float = 1e-4,
@@ -131,7 +150,7 @@ def check_parity(
     agreement = 1.0
     if ref.dim() >= 2 and ref.shape[0] > 0:
         agreement = float((out.argmax(dim=1) == ref.argmax(dim=1)).float().mean())
-    parity = Parity(diff, tolerance, agreement, int(ref.shape[0]) if ref.dim() else 1)
+    parity = Parity(diff, tolerance, agreement, rows(inputs))
     if diff > tolerance or agreement < min_agreement:
         msg = (
             f"ONNX Runtime disagrees with torch on the exported model: max abs diff {diff:.3g} "

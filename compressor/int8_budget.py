@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from .data import as_data_spec
+from .inputs import Inputs, rows, take
 from .int8_placement import keep_fp32
 from .measure import default_threads, onnx_predictor, sample_batch
 
@@ -84,7 +85,7 @@ def int8_sensitivity(
     return {
         "error_int8": base,
         "nodes": found,
-        "samples": len(inputs),
+        "samples": rows(inputs),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -210,8 +211,8 @@ def float_producers(model: onnx.ModelProto, names: Collection[str]) -> list[str]
     return found
 
 
-def _outputs(predict: Predict, inputs: torch.Tensor) -> torch.Tensor:
-    parts = [predict(inputs[i : i + _CHUNK]).float() for i in range(0, len(inputs), _CHUNK)]
+def _outputs(predict: Predict, inputs: Inputs) -> torch.Tensor:
+    parts = [predict(take(inputs, i, i + _CHUNK)).float() for i in range(0, rows(inputs), _CHUNK)]
     return torch.cat(parts)
 
 

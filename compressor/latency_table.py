@@ -29,6 +29,7 @@ from torch import nn
 
 from .data import DataSpec
 from .export import export_onnx
+from .inputs import call
 from .measure import onnx_predictor, timed_runs
 
 FLOOR = 0.05
@@ -66,7 +67,7 @@ def layer_slopes(
     ]
     try:
         with torch.no_grad():
-            model.eval()(example)
+            call(model.eval(), example)
     finally:
         for hook in hooks:
             hook.remove()

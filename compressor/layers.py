@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError, first_line
+from .inputs import call
 
 WEIGHTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -30,7 +31,7 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     try:
         model.eval()
         with torch.no_grad():
-            model(example_input)
+            call(model, example_input)
     finally:
         model.train(was_training)
         for h in handles:

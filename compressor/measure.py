@@ -28,11 +28,12 @@ from torch import nn
 
 from .data import DataSpec
 from .errors import UserError
+from .inputs import Inputs, call, cat, feeds, repeat_to, rows, to_device
 from .onnx_files import onnx_size
 from .row import Row
 from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
 
-Predict = Callable[[torch.Tensor], torch.Tensor]
+Predict = Callable[[Inputs], torch.Tensor]
 EvalFn = Callable[[Predict, DataSpec], float]
 
 
@@ -69,9 +70,9 @@ def torch_predictor(model: nn.Module) -> Predict:
     """``predict`` for a torch model on the CPU (eval mode, inference mode)."""
     model.eval()
 
-    def predict(inputs: torch.Tensor) -> torch.Tensor:
+    def predict(inputs: Inputs) -> torch.Tensor:
         with torch.inference_mode():
-            out = model(inputs.cpu())
+            out = call(model, to_device(inputs, "cpu"))
         return out[0] if isinstance(out, (tuple, list)) else out
 
     return predict
@@ -88,20 +89,13 @@ def ort_session(path: str | Path, threads: int, optimized_path: str | Path | Non
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def as_model_array(inputs: Any) -> np.ndarray:
-    """An input batch as the array an ONNX runtime takes: float32 when it is floating
-    point, its own integer type otherwise (e.g. int64 token ids)."""
-    array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else inputs
-    array = np.asarray(array)
-    return array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array
-
-
 def ort_predictor(session: Any) -> Predict:
-    """``predict`` for an ONNX Runtime session with one input; returns the first output."""
-    name = session.get_inputs()[0].name
+    """``predict`` for an ONNX Runtime session (inputs fed by name, see `feeds`); returns
+    the first output."""
+    names = [i.name for i in session.get_inputs()]
 
-    def predict(inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: as_model_array(inputs)})[0])
+    def predict(inputs: Inputs) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, feeds(inputs, names))[0])
 
     return predict
 
@@ -119,12 +113,14 @@ def openvino_model(path: str | Path, threads: int) -> Any:
 
 
 def openvino_predictor(compiled: Any) -> Predict:
-    """``predict`` for an OpenVINO compiled model with one input; returns the first output."""
+    """``predict`` for an OpenVINO compiled model (inputs fed by name, see `feeds`);
+    returns the first output."""
     request = compiled.create_infer_request()
     output = compiled.output(0)
+    names = [port.get_any_name() for port in compiled.inputs]
 
-    def predict(inputs: torch.Tensor) -> torch.Tensor:
-        result = request.infer({0: as_model_array(inputs)}, share_inputs=True)
+    def predict(inputs: Inputs) -> torch.Tensor:
+        result = request.infer(feeds(inputs, names), share_inputs=True)
         return torch.from_numpy(np.array(result[output]))
 
     return predict
@@ -193,19 +189,17 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def sample_batch(data: DataSpec, batch_size: int) -> torch.Tensor:
+def sample_batch(data: DataSpec, batch_size: int) -> Inputs:
     """A batch of ``batch_size`` real inputs from ``data`` (samples repeat if it is small)."""
-    parts: list[torch.Tensor] = []
+    parts: list[Inputs] = []
     count = 0
     for batch in data:
-        inputs = data.input_fn(batch).detach().cpu()
+        inputs = to_device(data.input_fn(batch), "cpu")
         parts.append(inputs)
-        count += inputs.shape[0]
+        count += rows(inputs)
         if count >= batch_size:
             break
-    pool = torch.cat(parts)
-    reps = -(-batch_size // pool.shape[0])
-    return pool.repeat(reps, *([1] * (pool.dim() - 1)))[:batch_size].contiguous()
+    return repeat_to(cat(parts), batch_size)
 
 
 def speed(
@@ -291,14 +285,14 @@ def _rss_bytes(field_name: str) -> int | None:
     return None
 
 
-def count_params_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+def count_params_macs(model: nn.Module, example_input: Inputs) -> tuple[int, int]:
     """Parameter count and multiply-accumulates of one forward pass at batch 1."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, example_input.cpu())
+        macs, params = tp.utils.count_ops_and_params(model, to_device(example_input, "cpu"))
     finally:
         model.train(was_training)
     return int(params), int(macs)
@@ -317,7 +311,7 @@ def measure_torch(
     name: str,
     data: DataSpec,
     eval_fn: EvalFn | None,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     threads: int,
     throughput_batches: Sequence[int] = (32,),
     details: dict[str, Any] | None = None,

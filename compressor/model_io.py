@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ModelError, UserError
+from .inputs import call
 
 TASKS = ("classification", "segmentation")
 METRICS = {"classification": "top1", "segmentation": "miou"}
@@ -193,7 +194,7 @@ def resolve_io(
     model.eval()
     try:
         with torch.no_grad():
-            outputs = model(example)
+            outputs = call(model, example)
     finally:
         model.train(was_training)
     key = infer_output(outputs) if io.output is None else io.output

@@ -20,6 +20,7 @@ from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, sa
 from .data import DataSpec, as_data_spec
 from .errors import DataError, ModelError, RecipeError, UserError
 from .export import export_onnx
+from .inputs import call
 from .layers import call_naming_layer
 from .load import LoadTest
 from .measure import (
@@ -513,7 +514,7 @@ class Pipeline:
         try:
             with torch.no_grad():
                 out = call_naming_layer(
-                    student, lambda: student(example), "a forward pass on the data"
+                    student, lambda: call(student, example), "a forward pass on the data"
                 )
         except ModelError:
             raise

@@ -23,6 +23,7 @@ from .adapters import (
     untraceable_blocks,
 )
 from .errors import ModelError, RecipeError, first_line
+from .inputs import call
 from .latency_table import latency_costs
 from .layers import call_naming_layer, execution_order, find_head, has_batchnorm
 from .measure import EvalFn, count_params_macs, default_threads
@@ -463,7 +464,7 @@ def prune(
         _note_left_whole(model, details, blocks, what)
         return model, details
     with torch.no_grad():
-        out_before = model(example_input)
+        out_before = call(model, example_input)
     heads_before = [info.heads for _n, _m, _a, info in attention_blocks(model)]
     plan, pruner, ignored_names = make_plan(model, example_input, options, threads)
     if options.ratio > 0 and plan.removed_channels == 0:
@@ -484,7 +485,7 @@ def prune(
 
     def forward() -> Any:
         with torch.no_grad():
-            return model(example_input)
+            return call(model, example_input)
 
     out_after = call_naming_layer(model, forward, "the pruned model's forward pass")
     if _shape(out_after) != _shape(out_before):
@@ -606,7 +607,7 @@ def _inputs_of(model: nn.Module, example: torch.Tensor, names: list[str]) -> dic
     ]
     try:
         with torch.no_grad():
-            model(example)
+            call(model, example)
     finally:
         for h in handles:
             h.remove()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import after_pruning, attention_blocks
+from .inputs import call
 from .pruning_plan import PlannedGroup, PruningPlan, apply_plan, group_slices, planned_group
 
 _UNCHECKABLE = ("LN", "IN", "MHA")  # GroupNorm groups are removed whole: exact
@@ -130,7 +131,7 @@ def _try(
         apply_plan(pruner, groups, before=before)
         after_pruning(model)  # the blocks' own attributes (head_dim, ...) before running
         with torch.no_grad():
-            got = model(example)
+            got = call(model, example)
         ok = _close(expected, got)
     except Exception:
         ok = False
@@ -154,7 +155,7 @@ def _zeroed_output(
                         where = idxs.to(p.device)
                         saved.append((p, dim, where, p.index_select(dim, where).clone()))
                         p.index_fill_(dim, where, 0.0)
-            return model(example)
+            return call(model, example)
         finally:
             for p, dim, where, values in reversed(saved):
                 p.index_copy_(dim, where, values)

@@ -25,10 +25,10 @@ from ._io import atomic_path
 from .data import DataSpec, data_subset
 from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
+from .inputs import Inputs, feeds, rows, take, to_device
 from .int8_budget import revert_to_budget
 from .int8_placement import place_fp32
 from .measure import (
-    as_model_array,
     cpu_info,
     onnx_predictor,
     ort_predictor,
@@ -142,6 +142,13 @@ def activation_bytes(path: str | Path) -> int:
     return total
 
 
+def graph_inputs(path: Path) -> list[str]:
+    """The names of an ONNX file's inputs (initializers listed as inputs left out)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
+
+
 class _CalibrationReader:
     """Feeds up to ``samples`` training inputs to ONNX Runtime's calibrator.
 
@@ -149,14 +156,14 @@ class _CalibrationReader:
     """
 
     def __init__(
-        self, data: DataSpec, input_name: str, samples: int, progress: bool, max_batch: int
+        self, data: DataSpec, names: list[str], samples: int, progress: bool, max_batch: int
     ) -> None:
         self._batches = iter(data)
         self._data = data
-        self._name = input_name
+        self._names = names
         self._left = samples
         self._max_batch = max_batch
-        self._pending: np.ndarray | None = None
+        self._pending: Inputs | None = None
         self.seen = 0
         self._bar = tqdm(
             total=samples,
@@ -167,21 +174,18 @@ class _CalibrationReader:
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        while self._pending is None or not len(self._pending):
+        while self._pending is None or not rows(self._pending):
             batch = next(self._batches, None) if self._left > 0 else None
             if batch is None:
                 self._bar.close()
                 return None
-            inputs = self._data.input_fn(batch)[: self._left].detach().cpu().numpy()
-            self._pending = as_model_array(inputs)
-            self._left -= len(self._pending)
-        inputs, self._pending = (
-            self._pending[: self._max_batch],
-            self._pending[self._max_batch :],
-        )
-        self.seen += inputs.shape[0]
-        self._bar.update(inputs.shape[0])
-        return {self._name: inputs}
+            self._pending = take(to_device(self._data.input_fn(batch), "cpu"), 0, self._left)
+            self._left -= rows(self._pending)
+        inputs = take(self._pending, 0, self._max_batch)
+        self._pending = take(self._pending, self._max_batch)
+        self.seen += rows(inputs)
+        self._bar.update(rows(inputs))
+        return feeds(inputs, self._names)
 
     def rewind(self) -> None:  # pragma: no cover - ORT calls it only for some calibrators
         self._batches = iter(self._data)
@@ -376,7 +380,7 @@ class Int8Quantization(Stage):
         }[self.method]
         if max_batch is None:
             max_batch = max(1, CALIBRATION_MEMORY // max(activation_bytes(source), 1))
-        reader = _CalibrationReader(data, "input", samples, progress, max_batch)
+        reader = _CalibrationReader(data, graph_inputs(source), samples, progress, max_batch)
         # ONNX Runtime's histogram calibrators print progress on stdout, which belongs
         # to the caller (compressor compress --json writes its JSON there).
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoints import load_checkpoint
 from .errors import DataError, ModelError, UserError, first_line
+from .inputs import call
 
 DATA_KINDS = (
     "demo",
@@ -587,7 +588,7 @@ def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(example)
+            out = call(model, example)
     except Exception as exc:
         msg = (
             f"the model cannot run on {info.channels}x{info.input_size}x{info.input_size} "

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import distributed
 from .adapters import restructure, untraceable_blocks
+from .inputs import call
 from .latency_table import adopt_timings, layer_slopes, timings
 from .layers import WEIGHTED_LAYERS, find_head, has_batchnorm
 from .model_io import logits_of
@@ -92,7 +93,7 @@ class SparsityTraining(Stage):
                 ctx.log(notes[-1])
 
         def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
-            logits = logits_of(m(inputs))
+            logits = logits_of(call(m, inputs))
             loss = ctx.loss_fn(logits, targets)
             if self.l1:
                 penalty = sum(scales.sum() for scales in channel_scales(layers, detach=False))

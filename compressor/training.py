@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import DataError, UserError, first_line
+from .inputs import call, is_image_batch, rows, to_device
 from .model_io import logits_of
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
         return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
 
@@ -75,7 +76,7 @@ def train(
     ctx.train_data.reseed(ctx.seed)
     data = distributed.shard(ctx.train_data, ctx.seed) if parallel else ctx.train_data
     model.to(device).train()
-    channels_last = ctx.train_data.example_input().dim() == 4
+    channels_last = is_image_batch(ctx.train_data.example_input())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model, device) if parallel else model
@@ -224,9 +225,9 @@ def recalibrate_batchnorm(model: nn.Module, data: DataSpec, batches: int) -> int
     try:
         with torch.no_grad():
             for batch in data.iter_batches(batches):
-                inputs = data.input_fn(batch).cpu()
-                model(inputs)
-                seen += inputs.shape[0]
+                inputs = to_device(data.input_fn(batch), "cpu")
+                call(model, inputs)
+                seen += rows(inputs)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
@@ -291,7 +292,7 @@ def fit_baseline(
     )
 
     def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
-        logits = logits_of(m(inputs))
+        logits = logits_of(call(m, inputs))
         return loss_fn(logits, targets), logits
 
     return train(model, ctx, epochs=epochs, lr=lr, compute_loss=compute_loss, desc="baseline")
