@@ -18,11 +18,13 @@ class Attention:
     """Where torch-pruning's graph sees an attention block's heads.
 
     ``layer`` is the layer whose output channels hold the heads side by side (a fused qkv
-    Linear, or an ``nn.MultiheadAttention``); ``heads`` its head count.
+    Linear, or an ``nn.MultiheadAttention``); ``heads`` its head count; ``also`` other
+    layers that hold the same heads side by side (separate key and value projections).
     """
 
     layer: nn.Module
     heads: int
+    also: tuple[nn.Module, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import torch_adapters, torchvision_adapters
+from . import torch_adapters, torchvision_adapters, transformers_adapters
 from .adapter import Adapter, Attention, class_named
 from .inputs import call
 
 __all__ = ["Adapter", "Attention", "class_named", "register_adapter", "unregister_adapter"]
 
-_REGISTRY: list[Adapter] = [*torchvision_adapters.ADAPTERS, *torch_adapters.ADAPTERS]
+_REGISTRY: list[Adapter] = [
+    *torchvision_adapters.ADAPTERS,
+    *transformers_adapters.ADAPTERS,
+    *torch_adapters.ADAPTERS,
+]
 
 
 def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:

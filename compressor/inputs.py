@@ -114,6 +114,22 @@ def input_names(inputs: Inputs) -> list[str]:
     return list(inputs) if isinstance(inputs, Mapping) else [SINGLE_NAME]
 
 
+def describe(inputs: Inputs) -> list[dict[str, Any]]:
+    """Each input's ONNX name, dtype and shape without the batch axis (for the report)."""
+    tensors = inputs.items() if isinstance(inputs, Mapping) else [(SINGLE_NAME, inputs)]
+    return [
+        {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
+        for name, t in tensors
+    ]
+
+
+def shape_text(inputs: Inputs) -> str:
+    """The batch's shapes for a message: ``(1, 3, 32, 32)`` or ``input_ids (1, 128), ...``."""
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+    return str(tuple(inputs.shape))
+
+
 def as_model_array(inputs: Any) -> np.ndarray:
     """One input as the array an ONNX runtime takes: float32 when it is floating point,
     its own integer type otherwise (e.g. int64 token ids)."""

@@ -292,7 +292,9 @@ def count_params_macs(model: nn.Module, example_input: Inputs) -> tuple[int, int
     was_training = model.training
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, to_device(example_input, "cpu"))
+        # torch-pruning prints a warning per module it sees called with keywords only
+        with contextlib.redirect_stdout(io.StringIO()):
+            macs, params = tp.utils.count_ops_and_params(model, to_device(example_input, "cpu"))
     finally:
         model.train(was_training)
     return int(params), int(macs)

@@ -20,7 +20,7 @@ from .checkpoints import load_checkpoint, model_fingerprint, read_checkpoint, sa
 from .data import DataSpec, as_data_spec
 from .errors import DataError, ModelError, RecipeError, UserError
 from .export import export_onnx
-from .inputs import call
+from .inputs import call, describe, shape_text
 from .layers import call_naming_layer
 from .load import LoadTest
 from .measure import (
@@ -299,7 +299,10 @@ class Pipeline:
                 parity=_final_parity(state, ctx),
                 load_test=load,
                 budget=budget,
-                model_io=ctx.io.to_dict(custom_metric=ctx.custom_metric),
+                model_io={
+                    **ctx.io.to_dict(custom_metric=ctx.custom_metric),
+                    "inputs": describe(state.example_input),
+                },
             )
             report.save(ctx.output_dir)
             checkpoints = [
@@ -519,7 +522,7 @@ class Pipeline:
         except ModelError:
             raise
         except Exception as exc:
-            msg = f"the model cannot run on the data (input shape {tuple(example.shape)}): {exc}"
+            msg = f"the model cannot run on the data (input shape {shape_text(example)}): {exc}"
             raise ModelError(msg) from exc
         _check_outputs(out, ctx)
         teacher = copy.deepcopy(student).requires_grad_(False)
@@ -780,7 +783,7 @@ def _resolve_io(io: ModelIO | None, model: nn.Module, data: DataSpec) -> tuple[n
     except (ModelError, UserError):
         raise
     except Exception as exc:
-        msg = f"the model cannot run on the data (input shape {tuple(example.shape)}): {exc}"
+        msg = f"the model cannot run on the data (input shape {shape_text(example)}): {exc}"
         raise ModelError(msg) from exc
 
 

@@ -387,7 +387,11 @@ def make_plan(
     """
     ignored_names = ignored_modules(model, example, options.ignored_layers)
     modules = dict(model.named_modules())
-    heads = {info.layer: info.heads for _n, _m, _a, info in attention_blocks(model)}
+    heads = {
+        layer: info.heads
+        for _n, _m, _a, info in attention_blocks(model)
+        for layer in (info.layer, *info.also)
+    }
     cost, table = None, None
     if options.latency_aware and options.global_pruning:
         runtime, cores = options.target_runtime, threads or default_threads()

@@ -88,7 +88,9 @@ def _before_pruning(model: nn.Module) -> Any:
     group counts of GroupNorms losing whole groups."""
     modules = dict(model.named_modules())
     blocks = {
-        id(info.layer): (module, adapter) for _n, module, adapter, info in attention_blocks(model)
+        id(layer): (module, adapter)
+        for _n, module, adapter, info in attention_blocks(model)
+        for layer in (info.layer, *info.also)
     }
 
     def before(planned: PlannedGroup) -> None:
@@ -97,8 +99,12 @@ def _before_pruning(model: nn.Module) -> Any:
             norm.num_groups -= len(planned.remove) // (norm.num_channels // norm.num_groups)
         if not planned.removed_heads:
             return
+        done = set()  # a block's q, k and v are in one group: set its heads once
         for name in planned.attention:
             module, adapter = blocks[id(modules[name])]
+            if id(module) in done:
+                continue
+            done.add(id(module))
             heads = adapter.attention(module).heads
             if adapter.set_heads is not None:
                 adapter.set_heads(module, heads - planned.removed_heads)

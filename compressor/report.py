@@ -393,7 +393,8 @@ class Report:
         if not runtime or not file:
             return None
         threads = int(self.environment.get("threads") or 1)
-        return runtime, deployment_snippet(runtime, file, threads)
+        inputs = (self.model_io or {}).get("inputs")
+        return runtime, deployment_snippet(runtime, file, threads, inputs)
 
     def environment_line(self) -> str:
         """Where and with what the rows were measured, in one sentence."""

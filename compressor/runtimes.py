@@ -81,19 +81,47 @@ def runtime_versions() -> dict[str, str]:
     return versions
 
 
-def deployment_snippet(runtime: str, file: str, threads: int) -> str:
-    """Python lines that load ``file`` in ``runtime`` with the measured settings and run it."""
+def deployment_snippet(
+    runtime: str, file: str, threads: int, inputs: list[dict[str, Any]] | None = None
+) -> str:
+    """Python lines that load ``file`` in ``runtime`` with the measured settings and run it.
+
+    ``inputs`` (report.json's ``model_io.inputs``) names the file's inputs; without it, or
+    with one float input, the snippet feeds one float32 ``batch``.
+    """
+    named = bool(inputs) and (
+        len(inputs) > 1 or not str(inputs[0].get("dtype", "float")).startswith("float")
+    )
+    comment = feed = ""
+    if named:
+        described = ", ".join(
+            f"{i['name']} {_numpy_dtype(i)} (batch, {', '.join(map(str, i['shape']))})"
+            for i in inputs
+        )
+        feed = ", ".join(f"{i['name']!r}: {i['name']}.astype(np.{_numpy_dtype(i)})" for i in inputs)
+        comment = f"# inputs: {described}\n"
     if runtime == "openvino":
         settings = openvino_settings(threads)
+        run = (
+            f"{comment}outputs = request.infer({{{feed}}})[compiled.output(0)]\n"
+            if named
+            else "# batch: a float32 array shaped like the model's input\n"
+            "outputs = request.infer({0: batch.astype(np.float32)})[compiled.output(0)]\n"
+        )
         return (
             "import numpy as np\n"
             "import openvino as ov\n\n"
             f"compiled = ov.Core().compile_model({file!r}, 'CPU', {settings!r})\n"
-            "request = compiled.create_infer_request()\n"
-            "# batch: a float32 array shaped like the model's input\n"
-            "outputs = request.infer({0: batch.astype(np.float32)})[compiled.output(0)]\n"
+            "request = compiled.create_infer_request()\n" + run
         )
     if runtime == "onnxruntime":
+        run = (
+            f"{comment}outputs = session.run(None, {{{feed}}})[0]\n"
+            if named
+            else "name = session.get_inputs()[0].name\n"
+            "# batch: a float32 array shaped like the model's input\n"
+            "outputs = session.run(None, {name: batch.astype(np.float32)})[0]\n"
+        )
         return (
             "import numpy as np\n"
             "import onnxruntime as ort\n\n"
@@ -103,10 +131,12 @@ def deployment_snippet(runtime: str, file: str, threads: int) -> str:
             "options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL\n"
             "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL\n"
             f"session = ort.InferenceSession({file!r}, options, "
-            "providers=['CPUExecutionProvider'])\n"
-            "name = session.get_inputs()[0].name\n"
-            "# batch: a float32 array shaped like the model's input\n"
-            "outputs = session.run(None, {name: batch.astype(np.float32)})[0]\n"
+            "providers=['CPUExecutionProvider'])\n" + run
         )
     msg = f"unknown runtime {runtime!r}; allowed: {', '.join(ONNX_RUNTIMES)}"
     raise UserError(msg)
+
+
+def _numpy_dtype(info: dict[str, Any]) -> str:
+    dtype = str(info.get("dtype", "float32"))
+    return "float32" if dtype.startswith(("float", "bfloat")) else dtype

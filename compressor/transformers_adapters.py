@@ -1,0 +1,74 @@
+"""Adapters for Hugging Face ``transformers`` attention (never imported from here).
+
+BERT, RoBERTa, ELECTRA, ViT and their kin (``query``/``key``/``value`` Linears and
+``num_attention_heads``) and DistilBERT (``q_lin``/``k_lin``/``v_lin`` and ``n_heads``)
+compute attention as ``proj(x).view(..., -1, attention_head_size)``: the head count follows
+the projections' width, the head width is fixed. Pruning therefore removes whole heads
+(the same heads from q, k and v, and their columns of the output projection, which
+torch-pruning's graph couples with them), and the adapter keeps the head-count attributes
+true for the code that reads them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapter import Adapter, Attention
+
+_LAYOUTS = (  # (q, k, v, head-count attribute)
+    ("query", "key", "value", "num_attention_heads"),
+    ("q_lin", "k_lin", "v_lin", "n_heads"),
+)
+
+
+def _layout(module: nn.Module) -> tuple[str, str, str, str] | None:
+    size = getattr(module, "attention_head_size", None)
+    if not isinstance(size, int) or size < 1:
+        return None
+    for names in _LAYOUTS:
+        projections = [getattr(module, n, None) for n in names[:3]]
+        heads = getattr(module, names[3], None)
+        if isinstance(heads, int) and all(
+            isinstance(p, nn.Linear) and p.out_features == heads * size for p in projections
+        ):
+            return names
+    return None
+
+
+def _attention(module: nn.Module) -> Attention | None:
+    names = _layout(module)
+    if names is None:
+        return None
+    q, k, v, heads = (getattr(module, n) for n in names)
+    return Attention(layer=q, heads=heads, also=(k, v))
+
+
+def _set_heads(module: nn.Module, heads: int) -> None:
+    layout = _layout(module) or next(n for n in _LAYOUTS if hasattr(module, n[3]))
+    setattr(module, layout[3], heads)
+
+
+def _widths(module: nn.Module) -> None:
+    """Head count and attention width from the pruned query projection."""
+    for q, _k, _v, heads in _LAYOUTS:
+        query = getattr(module, q, None)
+        if isinstance(query, nn.Linear) and hasattr(module, heads):
+            setattr(module, heads, query.out_features // module.attention_head_size)
+            if isinstance(getattr(module, "all_head_size", None), int):
+                module.all_head_size = query.out_features
+            return
+
+
+def _is_hf_attention(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.") and _layout(module) is not None
+
+
+ADAPTERS = (
+    Adapter(
+        "transformers_self_attention",
+        matches=_is_hf_attention,
+        attention=_attention,
+        set_heads=_set_heads,
+        after_pruning=_widths,
+    ),
+)
