@@ -27,6 +27,7 @@ from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .inputs import Inputs, feeds, rows, take, to_device
 from .int8_budget import revert_to_budget
+from .int8_mode import MODES, choose_mode, has_convolutions, quantize_dynamic_file
 from .int8_placement import place_fp32
 from .measure import (
     cpu_info,
@@ -43,7 +44,15 @@ if TYPE_CHECKING:
 
 METHODS = ("minmax", "entropy", "percentile")
 TYPES = ("auto", "uint8", "int8")
-_INT8_COMPUTE = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
+_INT8_COMPUTE = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "QGemm",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+}
 _ONE_FILE_LIMIT = 2**31 - 1  # protobuf's limit on one serialised message
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 _FLOAT_COMPUTE = {
@@ -194,11 +203,16 @@ class _CalibrationReader:
 @register_stage("int8_quantization")
 @dataclass(frozen=True)
 class Int8Quantization(Stage):
-    """Export to ONNX and quantize statically to INT8 with ONNX Runtime (QDQ format).
+    """Export to ONNX and quantize to INT8 with ONNX Runtime: static (QDQ, calibrated) or
+    dynamic (MatMul/Gemm inputs quantized at run time), per model.
 
     Writes ``OUTPUT/model.int8.onnx``. Calibration inputs are drawn from the training data.
 
     Args:
+        mode: ``auto`` (static for a model with convolutions; otherwise both are made and
+            timed, and the faster one kept unless it is further from FP32, see
+            `compressor.int8_mode`), ``static`` or ``dynamic``. The choice and both timings
+            are in the row's ``details.quantization.mode_choice``.
         calibration_samples: how many training samples calibrate the activation ranges.
         method: calibration method: ``minmax``, ``entropy`` or ``percentile``.
         per_channel: one scale per output channel of each weight (recommended for convs).
@@ -221,6 +235,7 @@ class Int8Quantization(Stage):
             nodes must be reverted.
     """
 
+    mode: str = "auto"
     calibration_samples: int = 512
     method: str = "minmax"
     per_channel: bool = True
@@ -238,6 +253,7 @@ class Int8Quantization(Stage):
     precision = "int8"
 
     def __post_init__(self) -> None:
+        check_choice(self.name, "mode", self.mode, MODES)
         check_int(self.name, "calibration_samples", self.calibration_samples, minimum=1)
         check_choice(self.name, "method", self.method, METHODS)
         check_bool(self.name, "per_channel", self.per_channel)
@@ -279,29 +295,68 @@ class Int8Quantization(Stage):
             clock.lap("pre_process")
             per_sample = activation_bytes(source)
             max_batch = max(1, CALIBRATION_MEMORY // max(per_sample, 1))
-            ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
-            quantized = Path(tmp) / "int8" / "model.int8.onnx"
-            quantized.parent.mkdir()
-            seen = self.quantize_file(
-                source,
-                quantized,
-                ctx.train_data,
-                samples=self.calibration_samples,
-                max_batch=max_batch,
-                external=external,
-                progress=ctx.progress,
+            try_dynamic = self.mode == "dynamic" or (
+                self.mode == "auto" and not has_convolutions(source)
             )
-            clock.lap("calibrate_quantize")
-            placement = None
-            if self.fp32_placement and self.placement_candidates and not external:
-                ctx.log(f"{ctx.step}: timing INT8 against FP32 for the suspect nodes")
-                quantized, placement = place_fp32(quantized, source, ctx, self.placement_candidates)
-                notes += placement.pop("notes")
-                clock.lap("placement")
+            dynamic = Path(tmp) / "dynamic" / "model.int8.onnx"
+            if try_dynamic:
+                ctx.log(f"{ctx.step}: quantizing dynamically (MatMul, Gemm)")
+                dynamic.parent.mkdir()
+                quantize_dynamic_file(
+                    source,
+                    dynamic,
+                    per_channel=self.per_channel,
+                    reduce_range=types.reduce_range,
+                    external=external,
+                )
+                clock.lap("dynamic")
+            seen, placement, mode_choice = 0, None, None
+            quantized = dynamic
+            if self.mode != "dynamic":
+                ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
+                quantized = Path(tmp) / "int8" / "model.int8.onnx"
+                quantized.parent.mkdir()
+                seen = self.quantize_file(
+                    source,
+                    quantized,
+                    ctx.train_data,
+                    samples=self.calibration_samples,
+                    max_batch=max_batch,
+                    external=external,
+                    progress=ctx.progress,
+                )
+                clock.lap("calibrate_quantize")
+                if self.fp32_placement and self.placement_candidates and not external:
+                    ctx.log(f"{ctx.step}: timing INT8 against FP32 for the suspect nodes")
+                    quantized, placement = place_fp32(
+                        quantized, source, ctx, self.placement_candidates
+                    )
+                    notes += placement.pop("notes")
+                    clock.lap("placement")
+            floor = self._min_accuracy(ctx, fp32)
+            if try_dynamic and self.mode == "auto":
+                ctx.log(f"{ctx.step}: timing static against dynamic INT8")
+                mode_choice = choose_mode(fp32, quantized, dynamic, ctx)
+                if mode_choice["chosen"] == "dynamic" and floor is not None:
+                    accuracy = ctx.eval_fn(onnx_predictor(dynamic, ctx.threads), ctx.eval_data)
+                    if float(accuracy) < floor:
+                        mode_choice.update(chosen="static", reason="dynamic misses the budget")
+                if mode_choice["chosen"] == "dynamic":
+                    quantized, placement = dynamic, None
+                clock.lap("mode_choice")
+            chosen = "dynamic" if quantized == dynamic else "static"
             kept = placement["fp32_nodes"] if placement else []
             budget = None
-            floor = self._min_accuracy(ctx, fp32)
-            if floor is not None:
+            if floor is not None and chosen == "dynamic":
+                accuracy = float(ctx.eval_fn(onnx_predictor(dynamic, ctx.threads), ctx.eval_data))
+                budget = {"min_accuracy": round(floor, 6), "int8_accuracy": round(accuracy, 6)}
+                budget.update(met=accuracy >= floor, fp32_nodes=[], trials=[])
+                if not budget["met"]:
+                    notes.append(
+                        f"dynamic INT8 reaches {accuracy:.4f}, under the budget's {floor:.4f}; "
+                        "mode: auto or static can revert nodes to FP32"
+                    )
+            elif floor is not None:
                 quantized, budget = revert_to_budget(
                     quantized, source, ctx, floor, samples=self.sensitivity_samples, exclude=kept
                 )
@@ -328,12 +383,14 @@ class Int8Quantization(Stage):
             )
         details = {
             "quantization": {
-                "format": "QDQ",
-                "activation_type": types.activation_type,
+                "format": "QDQ" if chosen == "static" else "dynamic",
+                "mode": self.mode,
+                "mode_choice": mode_choice,
+                "activation_type": types.activation_type if chosen == "static" else "uint8",
                 "weight_type": types.weight_type,
                 "reduce_range": types.reduce_range,
                 "per_channel": self.per_channel,
-                "method": self.method,
+                "method": self.method if chosen == "static" else None,
                 "calibration_samples": seen,
                 "calibration_batch_limit": max_batch,
                 "pre_process": pre_process,
@@ -407,6 +464,16 @@ class Int8Quantization(Stage):
         256 eval inputs) when ``placement``, without an accuracy budget. Returns the file
         (``out``, or the placement's choice beside it)."""
         source, _, _ = _pre_process(fp32, out.with_name(out.stem + ".pre.onnx"), False)
+        if self.mode == "dynamic" or (self.mode == "auto" and not has_convolutions(source)):
+            types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
+            quantize_dynamic_file(
+                source,
+                out,
+                per_channel=self.per_channel,
+                reduce_range=types.reduce_range,
+                external=False,
+            )
+            return out  # a model without convolutions: dynamic, as `apply` most often keeps
         self.quantize_file(source, out, ctx.train_data, samples=samples)
         if not (placement and self.fp32_placement and self.placement_candidates):
             return out
