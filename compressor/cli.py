@@ -122,8 +122,10 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         "--model",
         default="demo",
         metavar="SPEC",
-        help="torchvision:NAME, path/to/file.py:factory, package.module:factory, a pickled "
-        "module file (with --trust-pickle), or demo (default)",
+        help="torchvision:NAME, hf:NAME (a Hugging Face preset bert-tiny, bert-mini, "
+        "distilbert-tiny, vit-tiny, a config.json, a model folder or a Hub name), "
+        "path/to/file.py:factory, package.module:factory, a pickled module file (with "
+        "--trust-pickle), or demo (default)",
     )
     model.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head")
     model.add_argument(
@@ -158,7 +160,11 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         default="demo",
         metavar="SPEC",
         help="imagefolder:DIR, fashion-mnist:DIR, mnist:DIR, cifar10:DIR, "
-        "demo-seg, fashion-mnist-seg:DIR (segmentation), or demo (default)",
+        "demo-seg, fashion-mnist-seg:DIR (segmentation), text-demo, text:DIR (DIR/train.tsv "
+        "and DIR/val.tsv of label<TAB>text lines), or demo (default)",
+    )
+    data.add_argument(
+        "--seq-len", type=int, metavar="N", help="text: tokens per sample (default: 128)"
     )
     data.add_argument("--download", action="store_true", help="fetch a torchvision data set")
     data.add_argument("--input-size", type=int, metavar="PX", help="resize images to PX x PX")
@@ -544,10 +550,21 @@ def _check_task(task: str | None, info: Any) -> str:
     if task is not None and task != info.task:
         msg = (
             f"--task {task} does not fit --data {info.source}, which is a {info.task} data set "
-            "(demo-seg and fashion-mnist-seg:DIR are segmentation, the others classification)"
+            "(demo-seg and fashion-mnist-seg:DIR are segmentation, the others, text included, "
+            "classification)"
         )
         raise UserError(msg)
     return info.task
+
+
+def _hf_from_config(spec: str) -> bool:
+    """Whether ``spec`` is an hf: model built from a config (random weights)."""
+    if not spec.startswith("hf:"):
+        return False
+    from .hf_models import PRESETS
+
+    name = spec.removeprefix("hf:")
+    return name in PRESETS or Path(name).expanduser().is_file()
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -585,16 +602,20 @@ def _compress(args: argparse.Namespace) -> int:
         download=args.download,
         val_split=args.val_split,
         seed=args.seed,
+        seq_len=args.seq_len,
     )
     train_loader, val_loader, info = load_data(args.data, options)
     io = ModelIO(task=_check_task(args.task, info))
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
+    new_head = args.model == "demo" or args.model.startswith("hf:")  # sized to the data
     model = load_model(
         args.model,
-        num_classes=args.num_classes or (info.num_classes if args.model == "demo" else None),
+        num_classes=args.num_classes or (info.num_classes if new_head else None),
         weights=args.weights,
         trust_pickle=args.trust_pickle,
         in_channels=info.channels,
+        input_size=info.input_size,
+        vocab_size=info.vocab_size,
     )
     check_model_fits_data(model, info)
     if args.resume and args.overwrite:
@@ -607,7 +628,8 @@ def _compress(args: argparse.Namespace) -> int:
     epochs = args.baseline_epochs
     if epochs is None:
         epochs = 3 if args.model == "demo" and args.weights is None else 0
-    if leader and epochs == 0 and args.weights is None and args.model.startswith("torchvision:"):
+    random_weights = args.model.startswith("torchvision:") or _hf_from_config(args.model)
+    if leader and epochs == 0 and args.weights is None and random_weights:
         print(
             f"compressor: warning: {args.model} has random weights and --baseline-epochs is 0; "
             "the report's accuracy will mean nothing (pass --weights or --baseline-epochs)",

@@ -33,8 +33,12 @@ DATA_KINDS = (
     "mnist",
     "cifar10",
     "fashion-mnist-seg",
+    "text",
+    "text-demo",
 )
 SEGMENTATION_KINDS = ("demo-seg", "fashion-mnist-seg")
+TEXT_KINDS = ("text", "text-demo")
+DEMO_KINDS = ("demo", "demo-seg", "text-demo")  # built in: no folder
 CANVASES_PER_ITEM = 0.2  # fashion-mnist-seg: canvases per Fashion-MNIST image of a split
 
 
@@ -48,10 +52,14 @@ def load_model(
     weights: str | Path | None = None,
     trust_pickle: bool = False,
     in_channels: int = 1,
+    input_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> nn.Module:
     """The model a ``--model`` spec names, with ``weights`` loaded into it when given.
 
     Specs: ``demo`` (`DemoResNet`, untrained), ``torchvision:NAME`` (random weights),
+    ``hf:NAME`` (a Hugging Face classifier, see `compressor.hf_models`; built from a config
+    it takes ``vocab_size`` for text, ``in_channels`` and ``input_size`` for images),
     ``path/to/file.py:factory``,
     ``package.module:factory`` (a callable returning an ``nn.Module``; it gets
     ``num_classes`` when it takes that argument), or a file holding a pickled module
@@ -66,6 +74,16 @@ def load_model(
         model: nn.Module = DemoResNet(num_classes=num_classes or 10, in_channels=in_channels)
     elif spec.startswith("torchvision:"):
         model = _torchvision_model(spec.removeprefix("torchvision:"), num_classes)
+    elif spec.startswith("hf:"):
+        from .hf_models import load_hf_model
+
+        model = load_hf_model(
+            spec.removeprefix("hf:"),
+            num_classes=num_classes,
+            vocab_size=vocab_size,
+            channels=in_channels,
+            image_size=input_size,
+        )
     elif sep and source and factory.isidentifier():  # "C:" of a Windows path is no factory
         model = _call_factory(source, factory, num_classes)
     else:
@@ -250,11 +268,16 @@ class DataOptions:
     download: bool = False
     val_split: float = 0.2
     seed: int = 0
+    seq_len: int | None = None
+    vocab_size: int = 8000
 
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the loaders yield: input shape, classes, sizes, task (for the mismatch checks)."""
+    """What the loaders yield: input shape, classes, sizes, task (for the mismatch checks).
+
+    Text data has ``channels`` 0, ``input_size`` the sequence length and a ``vocab_size``.
+    """
 
     source: str
     channels: int
@@ -263,6 +286,12 @@ class DataInfo:
     train_samples: int
     val_samples: int
     task: str = "classification"
+    vocab_size: int | None = None
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the inputs are token ids and an attention mask."""
+        return self.vocab_size is not None
 
 
 @dataclass(frozen=True)
@@ -282,6 +311,8 @@ _DEFAULTS = {
     "imagefolder": _Defaults(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32),
     "fashion-mnist-seg": _Defaults(1, 64, (0.1,), (0.25,), 32),
     "demo-seg": _Defaults(1, 64, (0.1,), (0.25,), 32),
+    "text": _Defaults(0, 128, (), (), 32),
+    "text-demo": _Defaults(0, 128, (), (), 32),
 }
 
 
@@ -297,20 +328,25 @@ def load_data(
     of Fashion-MNIST items (`compressor.segmentation_data`, 11 classes), 12,000 for
     training from its training split and 2,000 for validation from its test split;
     ``demo-seg`` builds 1,600 / 400 such canvases from the embedded subset.
+    Text (`compressor.text_data`; batches of ``input_ids`` and ``attention_mask``,
+    ``seq_len`` tokens, default 128): ``text-demo`` (documentation of 8 standard-library
+    packages, labelled by package) and ``text:DIR`` (DIR/train.tsv and DIR/val.tsv of
+    ``label<TAB>text`` lines).
     """
     options = options or DataOptions()
     kind, _, root = spec.partition(":")
     if kind not in DATA_KINDS:
         close = difflib.get_close_matches(kind, DATA_KINDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        msg = f"unknown data source {spec!r}{hint}; allowed: demo, demo-seg, " + ", ".join(
-            f"{k}:DIR" for k in DATA_KINDS[2:]
-        )
+        kinds = [k if k in DEMO_KINDS else f"{k}:DIR" for k in DATA_KINDS]
+        msg = f"unknown data source {spec!r}{hint}; allowed: {', '.join(kinds)}"
         raise UserError(msg)
-    if not kind.startswith("demo") and not root:
+    if kind not in DEMO_KINDS and not root:
         msg = f"data source {kind!r} needs a folder: --data {kind}:DIR"
         raise UserError(msg)
     _check_options(options)
+    if kind in TEXT_KINDS:
+        return _text_loaders(spec, kind, Path(root).expanduser(), options)
     defaults = _DEFAULTS[kind]
     channels = options.channels or defaults.channels
     size = options.input_size or defaults.input_size
@@ -353,6 +389,8 @@ def _check_options(options: DataOptions) -> None:
         ("--input-size", options.input_size, ">= 8", lambda v: v is None or v >= 8),
         ("--channels", options.channels, "1 or 3", lambda v: v in (None, 1, 3)),
         ("--val-split", options.val_split, "in (0, 1)", lambda v: 0 < v < 1),
+        ("--seq-len", options.seq_len, ">= 2", lambda v: v is None or v >= 2),
+        ("vocab_size", options.vocab_size, "> 4", lambda v: v > 4),
     )
     for flag, value, allowed, ok in checks:
         if not ok(value):
@@ -552,6 +590,48 @@ def _canvas_sets(kind, root, options, size, channels, mean, std):
     return sets[0], sets[1], CLASSES
 
 
+def _text_loaders(
+    spec: str, kind: str, root: Path, options: DataOptions
+) -> tuple[DataLoader, DataLoader, DataInfo]:
+    from .text_data import TextDataset, WordVocab, read_tsv, split, stdlib_docs
+
+    if options.channels or options.input_size or options.mean or options.std:
+        msg = "--channels, --input-size, --mean and --std are for images; text takes --seq-len"
+        raise UserError(msg)
+    if kind == "text-demo":
+        samples, classes = stdlib_docs()
+        train, val = split(samples)
+    else:
+        files = [root / "train.tsv", root / "val.tsv"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            msg = f"--data text:DIR needs DIR/train.tsv and DIR/val.tsv; missing: {missing}"
+            raise DataError(msg)
+        train_rows, val_rows = read_tsv(files[0]), read_tsv(files[1])
+        classes = sorted({label for _, label in train_rows})
+        unknown = sorted({label for _, label in val_rows} - set(classes))
+        if unknown:
+            msg = f"val.tsv has labels that train.tsv lacks: {unknown[:5]}"
+            raise DataError(msg)
+        index = {label: i for i, label in enumerate(classes)}
+        train = [(text, index[label]) for text, label in train_rows]
+        val = [(text, index[label]) for text, label in val_rows]
+    vocab = WordVocab([text for text, _ in train], size=options.vocab_size)
+    length = options.seq_len or _DEFAULTS[kind].input_size
+    sets = [TextDataset(train, vocab, length), TextDataset(val, vocab, length)]
+    batch = options.batch_size or _DEFAULTS[kind].batch_size
+    generator = torch.Generator().manual_seed(options.seed)
+    loader_args = {"num_workers": options.workers, "persistent_workers": options.workers > 0}
+    train_loader = DataLoader(
+        sets[0], batch_size=batch, shuffle=True, generator=generator, **loader_args
+    )
+    val_loader = DataLoader(sets[1], batch_size=batch, **loader_args)
+    info = DataInfo(
+        spec, 0, length, len(classes), len(train), len(val), "classification", len(vocab)
+    )
+    return train_loader, val_loader, info
+
+
 def _demo_sets(channels: int, size: int):
     from .demo import demo_datasets
 
@@ -570,12 +650,28 @@ def _demo_sets(channels: int, size: int):
 # ----------------------------------------------------------------- model/data checks
 
 
-def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
-    """Catch channel, input-size and class-count mismatches before any training.
+def _run_on_text(model: nn.Module, info: DataInfo) -> Any:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if isinstance(embeddings, nn.Embedding) and embeddings.num_embeddings < info.vocab_size:
+        msg = (
+            f"the model's vocabulary has {embeddings.num_embeddings} tokens, the data's "
+            f"{info.vocab_size}: build the model from a config (hf:NAME_OR_CONFIG) so it "
+            "takes the data's vocabulary"
+        )
+        raise ModelError(msg)
+    example = {
+        "input_ids": torch.zeros(2, info.input_size, dtype=torch.long),
+        "attention_mask": torch.ones(2, info.input_size, dtype=torch.long),
+    }
+    return _forward(
+        model,
+        example,
+        f"token ids and an attention mask of {info.input_size} tokens",
+        "--data text needs a text model such as hf:bert-tiny; --seq-len sets the length",
+    )
 
-    Raises:
-        ModelError: naming what differs and the flag that fixes it.
-    """
+
+def _run_on_images(model: nn.Module, info: DataInfo) -> Any:
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
     if isinstance(first, nn.Conv2d) and first.in_channels != info.channels:
         msg = (
@@ -584,20 +680,34 @@ def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
         )
         raise ModelError(msg)
     example = torch.zeros(2, info.channels, info.input_size, info.input_size)
+    return _forward(
+        model,
+        example,
+        f"{info.channels}x{info.input_size}x{info.input_size} inputs",
+        "set --input-size to the size it was built for",
+    )
+
+
+def _forward(model: nn.Module, example: Any, what: str, fix: str) -> Any:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = call(model, example)
+            return call(model, example)
     except Exception as exc:
-        msg = (
-            f"the model cannot run on {info.channels}x{info.input_size}x{info.input_size} "
-            f"inputs ({type(exc).__name__}: {first_line(exc)}); set --input-size to the size "
-            "it was built for"
-        )
+        msg = f"the model cannot run on {what} ({type(exc).__name__}: {first_line(exc)}); {fix}"
         raise ModelError(msg) from exc
     finally:
         model.train(was_training)
+
+
+def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
+    """Catch channel, input-size, vocabulary and class-count mismatches before any training.
+
+    Raises:
+        ModelError: naming what differs and the flag that fixes it.
+    """
+    out = _run_on_text(model, info) if info.is_text else _run_on_images(model, info)
     from .model_io import logits_of
 
     logits = logits_of(out)

@@ -1,0 +1,136 @@
+"""Hugging Face ``transformers`` models as ``--model hf:NAME`` names them.
+
+``transformers`` is an optional extra (``pip install compressor[transformers]``), imported
+only here and only when such a model is asked for.
+
+- ``hf:bert-tiny``, ``hf:bert-mini``, ``hf:distilbert-tiny``, ``hf:vit-tiny``: small
+  models built from a config, with random weights (no download);
+- ``hf:path/to/config.json``: a model built from that config, random weights;
+- ``hf:DIR`` or ``hf:org/name``: ``from_pretrained`` (a folder with a config and weights,
+  or a Hub name, which needs the internet the first time).
+
+Text models become ``AutoModelForSequenceClassification``, image models (ViT, DeiT, ...)
+``AutoModelForImageClassification``, with ``num_classes`` labels. A model built from a
+config takes the data's vocabulary size (text) or channels and image size (images).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ModelError, UserError, first_line
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-tiny": {
+        "model_type": "bert",
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+    },
+    "bert-mini": {
+        "model_type": "bert",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    },
+    "distilbert-tiny": {
+        "model_type": "distilbert",
+        "dim": 128,
+        "n_layers": 2,
+        "n_heads": 2,
+        "hidden_dim": 512,
+    },
+    "vit-tiny": {
+        "model_type": "vit",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "patch_size": 4,
+    },
+}
+IMAGE_TYPES = ("vit", "deit", "beit", "dinov2", "swin", "convnext", "mobilevit", "levit")
+MAX_POSITIONS = 512
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        msg = (
+            "hf: models need the optional extra: pip install 'compressor[transformers]' "
+            f"({first_line(exc)})"
+        )
+        raise UserError(msg) from exc
+    return transformers
+
+
+def is_image_config(config: Any) -> bool:
+    """Whether a transformers config describes an image model."""
+    return getattr(config, "model_type", "") in IMAGE_TYPES
+
+
+def hf_config(name: str) -> Any:
+    """The config ``name`` (a preset, a config.json, a folder or a Hub name) describes."""
+    transformers = _transformers()
+    if name in PRESETS:
+        fields = dict(PRESETS[name])
+        return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            return transformers.AutoConfig.from_pretrained(str(path))
+        return transformers.AutoConfig.from_pretrained(str(path) if path.is_dir() else name)
+    except Exception as exc:
+        presets = ", ".join(PRESETS)
+        msg = (
+            f"cannot read the Hugging Face model {name!r}: {first_line(exc)}; give a preset "
+            f"({presets}), a config.json, a model folder, or a Hub name (needs the internet)"
+        )
+        raise UserError(msg) from exc
+
+
+def load_hf_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    vocab_size: int | None = None,
+    channels: int | None = None,
+    image_size: int | None = None,
+) -> nn.Module:
+    """The classifier ``hf:NAME`` names (see the module doc)."""
+    transformers = _transformers()
+    config = hf_config(name)
+    image = is_image_config(config)
+    auto = (
+        transformers.AutoModelForImageClassification
+        if image
+        else transformers.AutoModelForSequenceClassification
+    )
+    path = Path(name).expanduser()
+    pretrained = name not in PRESETS and not path.is_file()
+    if num_classes is not None:
+        config.num_labels = num_classes
+    if not pretrained:  # built from a config: it fits the data
+        if image:
+            config.num_channels = channels or config.num_channels
+            config.image_size = image_size or config.image_size
+        elif vocab_size is not None:
+            config.vocab_size = vocab_size
+            config.max_position_embeddings = max(config.max_position_embeddings, MAX_POSITIONS)
+    try:
+        if pretrained:
+            return auto.from_pretrained(
+                str(path) if path.is_dir() else name,
+                config=config,
+                ignore_mismatched_sizes=num_classes is not None,
+            )
+        return auto.from_config(config)
+    except Exception as exc:
+        msg = f"cannot build the Hugging Face model {name!r}: {first_line(exc)}"
+        raise ModelError(msg) from exc
