@@ -54,6 +54,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_size": 4,
     },
 }
+_ALLOWED = (
+    f"give a preset ({', '.join(PRESETS)}), a config.json, a model folder, or a Hub name "
+    "(which needs the internet)"
+)
 IMAGE_TYPES = ("vit", "deit", "beit", "dinov2", "swin", "convnext", "mobilevit", "levit")
 MAX_POSITIONS = 512
 
@@ -82,16 +86,15 @@ def hf_config(name: str) -> Any:
         fields = dict(PRESETS[name])
         return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.exists():
+        msg = f"no such Hugging Face config or model folder: {str(path)!r}; {_ALLOWED}"
+        raise UserError(msg)
     try:
         if path.is_file():
             return transformers.AutoConfig.from_pretrained(str(path))
         return transformers.AutoConfig.from_pretrained(str(path) if path.is_dir() else name)
     except Exception as exc:
-        presets = ", ".join(PRESETS)
-        msg = (
-            f"cannot read the Hugging Face model {name!r}: {first_line(exc)}; give a preset "
-            f"({presets}), a config.json, a model folder, or a Hub name (needs the internet)"
-        )
+        msg = f"cannot read the Hugging Face model {name!r}: {first_line(exc)}; {_ALLOWED}"
         raise UserError(msg) from exc
 
 

@@ -40,6 +40,19 @@ def has_convolutions(path: str | Path) -> bool:
     return any(node.op_type in _CONV_OPS for node in graph.node)
 
 
+def activation_matmuls(path: str | Path) -> list[str]:
+    """MatMul nodes with no constant input (attention's q.k and weights.v): dynamic INT8
+    leaves them in FP32, by design."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and n.name and not any(i in constants for i in n.input)
+    ]
+
+
 def quantize_dynamic_file(
     source: Path, out: Path, *, per_channel: bool, reduce_range: bool, external: bool
 ) -> None:

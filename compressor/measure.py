@@ -29,6 +29,7 @@ from torch import nn
 from .data import DataSpec
 from .errors import UserError
 from .inputs import Inputs, call, cat, feeds, repeat_to, rows, to_device
+from .model_io import logits_of
 from .onnx_files import onnx_size
 from .row import Row
 from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
@@ -73,7 +74,7 @@ def torch_predictor(model: nn.Module) -> Predict:
     def predict(inputs: Inputs) -> torch.Tensor:
         with torch.inference_mode():
             out = call(model, to_device(inputs, "cpu"))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return logits_of(out)  # a dict, tuple or Hugging Face output: the one tensor
 
     return predict
 

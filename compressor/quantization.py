@@ -27,7 +27,13 @@ from .errors import ModelError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .inputs import Inputs, feeds, rows, take, to_device
 from .int8_budget import revert_to_budget
-from .int8_mode import MODES, choose_mode, has_convolutions, quantize_dynamic_file
+from .int8_mode import (
+    MODES,
+    activation_matmuls,
+    choose_mode,
+    has_convolutions,
+    quantize_dynamic_file,
+)
 from .int8_placement import place_fp32
 from .measure import (
     cpu_info,
@@ -346,6 +352,8 @@ class Int8Quantization(Stage):
                 clock.lap("mode_choice")
             chosen = "dynamic" if quantized == dynamic else "static"
             kept = placement["fp32_nodes"] if placement else []
+            if chosen == "dynamic":
+                kept = activation_matmuls(source)
             budget = None
             if floor is not None and chosen == "dynamic":
                 accuracy = float(ctx.eval_fn(onnx_predictor(dynamic, ctx.threads), ctx.eval_data))

@@ -174,7 +174,8 @@ def test_segmentation_through_the_whole_pipeline(tmp_path):
     )
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model_io"] == {
-        "task": "segmentation", "output": "out", "metric": "miou", "ignore_index": 255
+        "task": "segmentation", "output": "out", "metric": "miou", "ignore_index": 255,
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 32, 32]}],
     }  # fmt: skip
     assert "| mIoU |" in (tmp_path / "report.md").read_text()
     rows = {(r["name"], r["runtime"]): r for r in report["rows"]}
