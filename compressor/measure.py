@@ -30,6 +30,7 @@ from .data import DataSpec
 from .errors import UserError
 from .inputs import Inputs, call, cat, feeds, repeat_to, rows, to_device
 from .model_io import logits_of
+from .model_io import top1 as top1  # the default metric, importable from here as before
 from .onnx_files import onnx_size
 from .row import Row
 from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
@@ -43,17 +44,6 @@ def default_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def top1(predict: Predict, data: DataSpec) -> float:
-    """Top-1 accuracy of ``predict`` over all of ``data`` (the default metric)."""
-    correct = total = 0
-    for batch in data:
-        logits = predict(data.input_fn(batch))
-        targets = torch.as_tensor(data.target_fn(batch))
-        correct += int((logits.argmax(dim=1).cpu() == targets.cpu()).sum())
-        total += int(targets.numel())
-    return correct / total if total else float("nan")
 
 
 @contextmanager

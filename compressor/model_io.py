@@ -86,8 +86,6 @@ class ModelIO:
 
     def eval_fn(self) -> Callable[[Any, Any], float]:
         """The task's default metric as an ``eval_fn(predict, data)``."""
-        from .measure import top1
-
         if self.task == "segmentation":
             return functools.partial(mean_iou, ignore_index=self.ignore_index)
         return top1
@@ -239,6 +237,17 @@ def check_targets(output: torch.Tensor, targets: Any, io: ModelIO, what: str) ->
         f"{classes} outputs (classes 0..{classes - 1}): give the model as many outputs as "
         "the data has classes"
     )
+
+
+def top1(predict: Callable[[Any], torch.Tensor], data: Any) -> float:
+    """Top-1 accuracy of ``predict`` over all of ``data`` (the default metric)."""
+    correct = total = 0
+    for batch in data:
+        logits = predict(data.input_fn(batch))
+        targets = torch.as_tensor(data.target_fn(batch))
+        correct += int((logits.argmax(dim=1).cpu() == targets.cpu()).sum())
+        total += int(targets.numel())
+    return correct / total if total else float("nan")
 
 
 def mean_iou(predict: Any, data: Any, *, ignore_index: int = 255) -> float:

@@ -20,7 +20,8 @@ from torch import nn
 from .adapters import restructure, untraceable_blocks
 from .data import data_subset
 from .errors import ModelError, RecipeError
-from .measure import EvalFn, count_params_macs, top1, torch_predictor
+from .measure import EvalFn, count_params_macs, torch_predictor
+from .model_io import top1
 from .pruning_check import pruned_alone
 from .pruning_plan import PruningPlan
 

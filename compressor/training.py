@@ -298,7 +298,7 @@ def fit_baseline(
     """
     check_training_options(mixed_precision, accumulate_grad_batches)
     from .data import as_data_spec
-    from .measure import top1
+    from .model_io import top1
     from .stage import RunContext
 
     distributed.setup()  # under torchrun: every rank trains its share together
