@@ -1,7 +1,8 @@
 """Measure any ONNX file with the report's own code (`compressor bench`).
 
 Latency does not depend on the input values, so the files run on seeded random inputs
-of the shape the model declares; accuracy is left out.
+of the shape the model declares (float inputs: normal values; integer inputs such as token
+ids and attention masks: zeros, which every vocabulary holds); accuracy is left out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,21 @@ from .report import Report
 from .row import Row
 from .runtimes import check_runtimes
 
-_INT8_OPS = ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+_INT8_OPS = (
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+)
+_INTEGER_TYPES = {
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(int8)": torch.int8,
+    "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
+}
 
 
 def bench(
@@ -34,12 +49,13 @@ def bench(
     """A report with one row per ONNX file and runtime, measured side by side in one process.
 
     Args:
-        paths: ONNX files with one float input.
+        paths: ONNX files (one input, or several named ones such as token ids and a mask).
         batch_sizes: latency (p50/p95) is measured at the first, throughput at the others
             (at the first too when it is the only one).
         threads: the runtimes' intra-op threads (default: all cores).
         input_shape: the input's shape without the batch axis, for models that leave it
-            dynamic (e.g. ``[3, 224, 224]``).
+            dynamic (e.g. ``[3, 224, 224]``, or ``[128]`` for a text model's tokens; it
+            applies to every input with dynamic sizes).
         runtimes: from ``("onnxruntime", "openvino")`` (default: every one installed);
             ONNX Runtime always measures.
     """
@@ -52,9 +68,7 @@ def bench(
     rows: list[Row] = []
     for path in paths:
         path = Path(path)
-        shape = _input_shape(path, input_shape, threads)
-        generator = torch.Generator().manual_seed(0)
-        inputs = torch.randn((max(sizes), *shape), generator=generator)
+        inputs, shape = _inputs(path, input_shape, threads, max(sizes))
         data = DataSpec([(inputs, None)])
         params, precision = _params_and_precision(path)
         for runtime in chosen:
@@ -76,7 +90,11 @@ def bench(
     return Report(rows=rows, environment=environment(threads))
 
 
-def _input_shape(path: Path, given: Sequence[int] | None, threads: int) -> list[int]:
+def _inputs(
+    path: Path, given: Sequence[int] | None, threads: int, rows: int
+) -> tuple[Any, list[int]]:
+    """Seeded inputs for ``rows`` samples (a tensor for one float input, else a dict by
+    name) and the shape without the batch axis they have."""
     if not path.is_file():
         msg = f"ONNX file {str(path)!r} does not exist"
         raise UserError(msg)
@@ -85,26 +103,44 @@ def _input_shape(path: Path, given: Sequence[int] | None, threads: int) -> list[
     except Exception as exc:
         msg = f"ONNX Runtime cannot load {str(path)!r}: {first_line(exc)}"
         raise UserError(msg) from exc
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
-        found = ", ".join(f"{i.name}: {i.type}" for i in inputs)
-        msg = f"bench measures models with one float input; {path.name} has: {found}"
+    declared = session.get_inputs()
+    bad = [f"{i.name}: {i.type}" for i in declared if i.type not in {*_INTEGER_TYPES, *_FLOATS}]
+    if bad:
+        msg = f"bench feeds float and integer inputs; {path.name} has: {', '.join(bad)}"
         raise UserError(msg)
-    declared = inputs[0].shape[1:]
+    generator = torch.Generator().manual_seed(0)
+    tensors, shapes = {}, []
+    for info in declared:
+        shape = _shape(path, info, given)
+        shapes.append(shape)
+        if info.type in _FLOATS:
+            tensors[info.name] = torch.randn((rows, *shape), generator=generator)
+        else:
+            tensors[info.name] = torch.zeros((rows, *shape), dtype=_INTEGER_TYPES[info.type])
+    if len(tensors) == 1 and declared[0].type in _FLOATS:
+        return tensors[declared[0].name], shapes[0]
+    return tensors, shapes[0]
+
+
+_FLOATS = {"tensor(float)", "tensor(float16)", "tensor(double)"}
+
+
+def _shape(path: Path, info: Any, given: Sequence[int] | None) -> list[int]:
+    declared = info.shape[1:]
     if given is not None:
         if len(given) != len(declared) or any(
             isinstance(d, int) and d != g for d, g in zip(declared, given, strict=False)
         ):
             msg = (
-                f"--input-shape {list(given)} does not fit {path.name}'s input "
-                f"{inputs[0].shape} (give the shape without the batch axis)"
+                f"--input-shape {list(given)} does not fit {path.name}'s input {info.name!r} "
+                f"{info.shape} (give the shape without the batch axis)"
             )
             raise UserError(msg)
         return [int(g) for g in given]
     if not all(isinstance(d, int) for d in declared):
         msg = (
-            f"{path.name}'s input shape {inputs[0].shape} has dynamic axes besides the batch; "
-            "pass --input-shape, e.g. --input-shape 3 224 224"
+            f"{path.name}'s input {info.name!r} {info.shape} has dynamic axes besides the "
+            "batch; pass --input-shape, e.g. --input-shape 3 224 224 (or 128 for tokens)"
         )
         raise UserError(msg)
     return list(declared)

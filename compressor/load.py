@@ -525,9 +525,11 @@ class LoadTest:
         files: Mapping[str, str | Path],
         threads: int,
         progress: Callable[[str], None] | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         """Load-test each of ``files`` (role -> path, e.g. ``baseline`` and ``final``);
-        the report's ``load`` section."""
+        the report's ``load`` section. ``input_shape`` (without the batch axis) fills the
+        sizes the files leave dynamic (a text model's sequence length)."""
         settings = default_settings(threads, self.max_batch)
         section: dict[str, Any] = {"p99_ms": self.p99_ms, "threads": threads, "files": {}}
         for role, path in files.items():
@@ -539,6 +541,7 @@ class LoadTest:
                 max_seconds=self.max_seconds,
                 p99_ms=self.p99_ms,
                 progress=progress,
+                input_shape=input_shape,
             )
             result["file"] = Path(path).name
             section["files"][role] = result

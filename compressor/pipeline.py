@@ -292,7 +292,8 @@ class Pipeline:
                 if state.onnx_path and state.onnx_path.name != "model.onnx":
                     files["final"] = state.onnx_path
                 say = ctx.log if ctx.progress else None
-                load = load_test.run(files, ctx.threads, progress=say)
+                shape = describe(state.example_input)[0]["shape"]  # e.g. the sequence length
+                load = load_test.run(files, ctx.threads, progress=say, input_shape=shape)
             report = Report(
                 rows=list(state.rows),
                 environment=environment(ctx.threads),

@@ -59,7 +59,7 @@ def outlier_model(data):
 def _files(model, data, tmp_path):
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     export_onnx(model, torch.randn(1, 3, 16, 16), fp32, threads=1)
-    reader = _CalibrationReader(cz.DataSpec(data[0]), "input", 64, False, 64)
+    reader = _CalibrationReader(cz.DataSpec(data[0]), ["input"], 64, False, 64)
     quantize_static(str(fp32), str(int8), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
     return fp32, int8

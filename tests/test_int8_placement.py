@@ -21,7 +21,7 @@ def _quantize(model, data, tmp_path, exclude=()):
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(model, torch.randn(1, 3, 16, 16), fp32, threads=1)
     out = tmp_path / f"int8_{len(exclude)}.onnx"
-    reader = _CalibrationReader(cz.DataSpec(data[1]), "input", 64, False, 64)  # not shuffled
+    reader = _CalibrationReader(cz.DataSpec(data[1]), ["input"], 64, False, 64)  # not shuffled
     quantize_static(
         str(fp32),
         str(out),
@@ -80,7 +80,7 @@ def test_keep_fp32_of_an_inner_node_keeps_the_activation_the_quantizer_clipped(d
     x = torch.randn(32, 3, 32, 32)
     export_onnx(model, x[:1], fp32, threads=1)
     int8 = tmp_path / "int8.onnx"
-    reader = _CalibrationReader(cz.DataSpec([(x, None)]), "input", 32, False, 32)
+    reader = _CalibrationReader(cz.DataSpec([(x, None)]), ["input"], 32, False, 32)
     quantize_static(str(fp32), str(int8), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
     source = onnx.load(fp32)

@@ -193,7 +193,7 @@ def write_tsv(folder, samples):
         (folder / name).write_text("".join(f"{WORDS[y]}\t{t}\n" for t, y in rows_))
 
 
-def test_cli_compresses_an_hf_config_on_tsv_text(tmp_path):
+def test_cli_compresses_an_hf_config_on_tsv_text(tmp_path, capsys):
     write_tsv(tmp_path / "text", sentences(480, 0))
     config = transformers.BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
@@ -211,9 +211,20 @@ def test_cli_compresses_an_hf_config_on_tsv_text(tmp_path):
         "--runtime", "onnxruntime", "--quiet", "--output", str(tmp_path / "run"),
     ]  # fmt: skip
     assert main(args) == 0
+    capsys.readouterr()
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [i["shape"] for i in report["model_io"]["inputs"]] == [[24], [24]]
     assert "'input_ids': input_ids.astype(np.int64)" in (tmp_path / "run" / "report.md").read_text()
+    # bench feeds both named inputs at the sequence length it is given
+    bench = [
+        "bench",
+        str(tmp_path / "run" / "model.onnx"),
+        str(tmp_path / "run" / "model.int8.onnx"),
+    ]
+    options = ["--input-shape", "24", "--batch-sizes", "1", "--threads", "1", "--json"]
+    assert main([*bench, *options, "--runtime", "onnxruntime"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"]
 
 
 @pytest.mark.parametrize(
