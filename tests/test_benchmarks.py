@@ -254,9 +254,26 @@ def test_segmentation_script(tmp_path):
     table = run("segmentation.py", *args, cwd=tmp_path)
     (found,) = json.loads(out.read_text())["runs"]
     assert found["model_io"] == {
-        "task": "segmentation", "output": "out", "metric": "miou", "ignore_index": 255
+        "task": "segmentation", "output": "out", "metric": "miou", "ignore_index": 255,
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [3, 64, 64]}],
     }  # fmt: skip
     assert found["macs_x"] > 2 and 0 <= found["final_miou"] <= 1
     assert 0 <= found["pixel_agreement"] <= 1 and "ort_default" in found["peers"]
     assert all(ms > 0 for ms in found["p50_ms"].values())
     assert "| lraspp_mobilenet_v3_large | compressor: pruned + INT8 | 1 |" in table
+
+
+def test_text_classification_script(tmp_path):
+    """bert-tiny on the standard-library text through the pipeline and ORT's INT8, shortened."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "text.json"
+    args = ["--seeds", "0", "--baseline-epochs", "1", "--train-batches", "4", "--seq-len", "64"]
+    args += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    table = run("text_classification.py", *args, cwd=tmp_path)
+    (found,) = json.loads(out.read_text())["runs"]
+    assert found["macs_x"] > 1 and 0 <= found["final_acc"] <= 1
+    assert found["heads"]["heads_after"] < found["heads"]["heads_before"]
+    assert found["int8_format"] in ("QDQ", "dynamic")
+    assert set(found["peers"]) == {"ort_dynamic", "ort_static"}
+    assert all(ms > 0 for ms in found["p50_ms"].values())
+    assert "| compressor: pruned + INT8 | 1 |" in table

@@ -101,8 +101,8 @@ def test_tsv_lines_without_a_tab_are_named(tmp_path):
         read_tsv(path)
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert"])
-def test_text_classifier_through_the_whole_pipeline(kind, tmp_path):
+def test_text_classifier_through_the_whole_pipeline(tmp_path):
+    kind = "bert"
     train, val, vocab = text_loaders()
     model = tiny_bert(vocab, kind)
     fit_baseline(model, train, epochs=10, lr=0.3, progress=False)
@@ -168,6 +168,22 @@ def test_int8_modes_are_kept_apart(tmp_path):
         assert row["mode_choice"] is None
     with pytest.raises(cz.RecipeError, match="mode must be one of"):
         cz.Int8Quantization(mode="fast")
+
+
+def test_distilbert_loses_whole_heads_and_keeps_its_outputs_shape(tmp_path):
+    train, val, vocab = text_loaders()
+    model = tiny_bert(vocab, "distilbert")
+    result = cz.Pipeline([cz.StructuredPruning(ratio=0.5)]).run(
+        model, train, val, output_dir=tmp_path, progress=False, threads=1,
+        runtimes=["onnxruntime"], throughput_batch=8,
+    )  # fmt: skip
+    row = next(r for r in result.report.rows if r.name == "structured_pruning")
+    assert row.details["pruning"]["attention_heads"]["heads_after"] < 8
+    for m in result.model.modules():
+        if hasattr(m, "n_heads"):
+            assert m.q_lin.out_features == m.n_heads * m.attention_head_size == m.v_lin.out_features
+    batch = next(iter(val))[0]
+    assert result.model(**batch).shape == (32, 3)
 
 
 def test_hf_vit_prunes_whole_heads_on_images(tmp_path):
