@@ -4,6 +4,7 @@ a Markdown table on stdout and a results file."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 import compressor as cz
 from compressor._io import write_text
 from compressor.data import DataSpec
-from compressor.measure import environment, timed_runs, top1
+from compressor.measure import environment, ort_predictor, ort_session, timed_runs, top1
 from compressor.stage import RunContext, State
 
 
@@ -45,6 +46,19 @@ def side_by_side(runs: dict[Any, Callable[[], Any]], rounds: int = 3) -> dict[An
             "stable": stable[name],
         }
     return result
+
+
+def files_p50(files: dict[str, Path], example: Any, threads: int = 2) -> dict[str, float]:
+    """Batch-1 p50 milliseconds of each ONNX file in ONNX Runtime, in interleaved rounds."""
+    predict = {name: ort_predictor(ort_session(path, threads)) for name, path in files.items()}
+    timings = side_by_side({n: (lambda p=p: p(example)) for n, p in predict.items()})
+    return {name: timings[name]["p50"] for name in files}
+
+
+def mean_spread(values: list[float]) -> str:
+    """``mean ± standard deviation`` of ``values`` with two decimals."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
 
 
 def cell(value: Any) -> str:

@@ -34,7 +34,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import nncf_int8, ort_default_int8, print_table, side_by_side, write_results
+from common import files_p50, mean_spread, nncf_int8, ort_default_int8, print_table, write_results
 from fashion_mnist import prepare_debian
 
 import compressor as cz
@@ -130,18 +130,6 @@ def peers(out: Path, calibration: DataSpec, test: DataSpec) -> dict[str, dict[st
         name: {"file": path, "miou": cz.mean_iou(ort_predictor(ort_session(path, 2)), test)}
         for name, path in files.items()
     }
-
-
-def latency(files: dict[str, Path], example: torch.Tensor) -> dict[str, float]:
-    """Batch-1 p50 milliseconds of each file, in interleaved rounds."""
-    predict = {name: ort_predictor(ort_session(path, 2)) for name, path in files.items()}
-    timings = side_by_side({n: (lambda p=p: p(example)) for n, p in predict.items()})
-    return {name: timings[name]["p50"] for name in files}
-
-
-def mean_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,7 +239,7 @@ def main() -> int:
             others = peers(out, calibration, test_spec)
             files = {"fp32": out / "model.onnx", "compressor": out / "model.int8.onnx"}
             files.update({peer: found["file"] for peer, found in others.items()})
-            found["p50_ms"] = latency(files, example)
+            found["p50_ms"] = files_p50(files, example)
             found["peers"] = {peer: {"miou": v["miou"]} for peer, v in others.items()}
             runs.append({"model": name, "seed": seed, **found})
             print(json.dumps(runs[-1], default=str), file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, side_by_side, write_results
+from common import files_p50, mean_spread, print_table, write_results
 
 import compressor as cz
 from compressor._io import atomic_path, write_text
@@ -139,18 +139,6 @@ def peers(out: Path, calibration: DataSpec, val: DataSpec) -> dict[str, dict[str
     }
 
 
-def latency(files: dict[str, Path], example: Any) -> dict[str, float]:
-    """Batch-1 p50 milliseconds of each file, in interleaved rounds."""
-    predict = {name: ort_predictor(ort_session(path, 2)) for name, path in files.items()}
-    timings = side_by_side({n: (lambda p=p: p(example)) for n, p in predict.items()})
-    return {name: timings[name]["p50"] for name in files}
-
-
-def mean_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
-
-
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per artifact: the FP32 baseline, compressor's pipeline and each peer's INT8."""
     base = runs[0]["baseline_acc"]
@@ -238,7 +226,7 @@ def main() -> int:
         others = peers(out, calibration, val_spec)
         files = {"fp32": out / "model.onnx", "compressor": out / "model.int8.onnx"}
         files.update({peer: v["file"] for peer, v in others.items()})
-        found["p50_ms"] = latency(files, example)
+        found["p50_ms"] = files_p50(files, example)
         found["peers"] = {peer: {"acc": v["acc"]} for peer, v in others.items()}
         runs.append({"seed": seed, **found})
         print(json.dumps(runs[-1], default=str), file=sys.stderr, flush=True)
