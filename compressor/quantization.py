@@ -340,12 +340,13 @@ class Int8Quantization(Stage):
                     notes += placement.pop("notes")
                     clock.lap("placement")
             floor = self._min_accuracy(ctx, fp32)
+            dynamic_accuracy = None  # measured once, when a budget needs it
             if try_dynamic and self.mode == "auto":
                 ctx.log(f"{ctx.step}: timing static against dynamic INT8")
                 mode_choice = choose_mode(fp32, quantized, dynamic, ctx)
                 if mode_choice["chosen"] == "dynamic" and floor is not None:
-                    accuracy = ctx.eval_fn(onnx_predictor(dynamic, ctx.threads), ctx.eval_data)
-                    if float(accuracy) < floor:
+                    dynamic_accuracy = self._accuracy(dynamic, ctx)
+                    if dynamic_accuracy < floor:
                         mode_choice.update(chosen="static", reason="dynamic misses the budget")
                 if mode_choice["chosen"] == "dynamic":
                     quantized, placement = dynamic, None
@@ -356,7 +357,9 @@ class Int8Quantization(Stage):
                 kept = activation_matmuls(source)
             budget = None
             if floor is not None and chosen == "dynamic":
-                accuracy = float(ctx.eval_fn(onnx_predictor(dynamic, ctx.threads), ctx.eval_data))
+                accuracy = dynamic_accuracy
+                if accuracy is None:
+                    accuracy = self._accuracy(dynamic, ctx)
                 budget = {"min_accuracy": round(floor, 6), "int8_accuracy": round(accuracy, 6)}
                 budget.update(met=accuracy >= floor, fp32_nodes=[], trials=[])
                 if not budget["met"]:
@@ -489,13 +492,17 @@ class Int8Quantization(Stage):
         chosen, _ = place_fp32(out, source, small, self.placement_candidates)
         return chosen
 
+    @staticmethod
+    def _accuracy(path: Path, ctx: RunContext) -> float:
+        """``ctx.eval_fn`` of the ONNX file ``path`` over the eval data, in ONNX Runtime."""
+        return float(ctx.eval_fn(onnx_predictor(path, ctx.threads), ctx.eval_data))
+
     def _min_accuracy(self, ctx: RunContext, fp32: Path) -> float | None:
         """The lowest accuracy the INT8 file may have: this stage's budget against the
         model it quantizes and the pipeline's against the baseline, the stricter one."""
         floors = [] if ctx.min_accuracy is None else [ctx.min_accuracy]
         if self.max_accuracy_drop is not None:
-            accuracy = ctx.eval_fn(onnx_predictor(fp32, ctx.threads), ctx.eval_data)
-            floors.append(float(accuracy) - self.max_accuracy_drop)
+            floors.append(self._accuracy(fp32, ctx) - self.max_accuracy_drop)
         return max(floors) if floors else None
 
 
