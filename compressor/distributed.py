@@ -10,6 +10,7 @@ process, without torchrun, runs exactly as before: nothing here is used.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import io
@@ -47,7 +48,9 @@ def setup() -> bool:
     """Join torchrun's process group when launched by it; True when the run is data-parallel.
 
     Uses the group the script made itself when there is one; otherwise starts one from
-    torchrun's environment (its rendezvous): gloo for CPU tensors, NCCL for CUDA ones.
+    torchrun's environment (its rendezvous): gloo for CPU tensors, NCCL for CUDA ones, and
+    destroys it when the process exits (a group left to the interpreter's teardown can abort
+    the process after the run: "terminate called without an active exception").
     """
     if not launched():
         return False
@@ -56,7 +59,14 @@ def setup() -> bool:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        atexit.register(_close)
     return True
+
+
+def _close() -> None:
+    """Destroy the process group `setup` started, unless the script already did."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:
