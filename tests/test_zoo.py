@@ -99,13 +99,17 @@ PRUNED_AROUND = {"shufflenet_v2_x0_5": "stage2.0"}
 # window attention, which torch-pruning cannot trace either: whole heads removed inside the
 # blocks by their adapters, MLPs pruned around them
 HEADS_INSIDE = {"swin": ".attn", "swin_v2": ".attn", "maxvit": ".attn_layer."}
+# fitted longer: after 8 Adam steps inception_v3's logits nearly tie (cosine 0.9995 with
+# INT8, yet 4 of 32 top-1 labels flip on a VNNI CPU, where reduce_range is off)
+FIT_STEPS = {"inception_v3": 24}
 
 
 def _check(name, size, cwd):
     torch.manual_seed(0)  # the same weights, so the same outcome, on every run
     model = tiny(name).eval() if name in TINY else build(name)
     # the INT8 stage's FP32 placement (timing) has tests of its own
-    row = check_model(model, name, size, threads=2, latency=False, placement=False)
+    steps = FIT_STEPS.get(name, 8)
+    row = check_model(model, name, size, threads=2, latency=False, placement=False, fit_steps=steps)
     assert list(cwd.iterdir()) == [], "scratch files were left in the working directory"
     assert row["status"] == "pass", row.get("reason")
     assert row["params_after"] < row["params_before"], "nothing was pruned"
