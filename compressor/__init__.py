@@ -9,6 +9,8 @@ from .adapters import register_adapter as register_adapter
 from .batching import BatchSettings as BatchSettings
 from .batching import DynamicBatcher as DynamicBatcher
 from .data import DataSpec as DataSpec
+from .detection import DetectionHead as DetectionHead
+from .detection import mean_ap as mean_ap
 from .distillation import Distillation as Distillation
 from .errors import CompressorError as CompressorError
 from .errors import DataError as DataError
@@ -43,6 +45,7 @@ __all__ = [
     "CompressorError",
     "DataError",
     "DataSpec",
+    "DetectionHead",
     "Distillation",
     "DynamicBatcher",
     "ExportError",
@@ -66,6 +69,7 @@ __all__ = [
     "int8_sensitivity",
     "load_file",
     "load_url",
+    "mean_ap",
     "mean_iou",
     "pruning_sensitivity",
     "register_stage",

@@ -2,14 +2,16 @@
 
 `compressor.adapters` holds the registry; the built-in adapters live in
 `compressor.torch_adapters` (torch's own layers, timm-style attention) and
-`compressor.torchvision_adapters`.
+`compressor.torchvision_adapters`, `compressor.torchvision_detection`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -51,6 +53,9 @@ class Adapter:
         restructure_if: given the block and the ``(args, kwargs)`` of its first call on
             the example input, whether to restructure it (default: always). A block the
             example does not reach is never restructured.
+        detector: for a whole object detector, given it and an example batch of images:
+            its dense part (images -> one ``(N, A, 4 + C)`` tensor) and the
+            `compressor.detection.DetectionHead` that decodes, trains and scores it.
 
     ``after_pruning`` must do nothing to an unpruned block and may run more than once: it
     also runs when a checkpoint is loaded.
@@ -66,6 +71,7 @@ class Adapter:
     leave_whole: Callable[[nn.Module], list[str]] | None = None
     restructure: Callable[[nn.Module], nn.Module] | None = None
     restructure_if: Callable[[nn.Module, tuple, dict], bool] | None = None
+    detector: Callable[[nn.Module, torch.Tensor], tuple[nn.Module, Any]] | None = None
 
 
 def class_named(*paths: str) -> Callable[[nn.Module], bool]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import torch_adapters, torchvision_adapters, transformers_adapters
+from . import torch_adapters, torchvision_adapters, torchvision_detection, transformers_adapters
 from .adapter import Adapter, Attention, class_named
 from .inputs import call
 
@@ -32,6 +32,7 @@ __all__ = ["Adapter", "Attention", "class_named", "register_adapter", "unregiste
 
 _REGISTRY: list[Adapter] = [
     *torchvision_adapters.ADAPTERS,
+    *torchvision_detection.ADAPTERS,
     *transformers_adapters.ADAPTERS,
     *torch_adapters.ADAPTERS,
 ]
@@ -87,6 +88,15 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Adapter, At
         if info is not None:
             found.append((name, module, adapter, info))
     return found
+
+
+def dense_detector(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Any] | None:
+    """``model``'s dense part and `compressor.detection.DetectionHead` when an adapter
+    says ``model`` is a whole object detector (its ``detector``); else None."""
+    adapter = adapter_for(model)
+    if adapter is None or adapter.detector is None:
+        return None
+    return adapter.detector(model, example)
 
 
 def untraceable_blocks(model: nn.Module) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,16 +28,21 @@ def kd_loss(
     temperature: float,
     alpha: float,
     hard_loss: LossFn,
+    soft_loss: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss(student, targets)``.
 
     The KL divergence is over the class axis (1) and averaged over every other position:
     per sample for ``(N, C)`` logits, per pixel for ``(N, C, H, W)`` (segmentation).
+    ``soft_loss(student, teacher, T)`` replaces the ``T^2 * KL`` term for outputs that are
+    not class scores on axis 1 (a detector's, `DetectionHead.soft_loss`).
     The soft-target gradients scale as 1/T^2, so multiplying by T^2 keeps the soft and hard
     terms' relative contributions unchanged when T changes (Hinton et al. 2015,
     https://arxiv.org/abs/1503.02531).
     """
     t = temperature
+    if soft_loss is not None:
+        return alpha * soft_loss(logits_s, logits_t, t) + (1 - alpha) * hard_loss(logits_s, targets)
     soft = F.kl_div(
         F.log_softmax(logits_s / t, dim=1),
         F.log_softmax(logits_t / t, dim=1),
@@ -93,6 +99,7 @@ class Distillation(Stage):
                 temperature=self.temperature,
                 alpha=self.alpha,
                 hard_loss=ctx.loss_fn,
+                soft_loss=ctx.io.detection.soft_loss if ctx.io.detection is not None else None,
             )
             return loss, logits
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -159,3 +160,45 @@ def check_parity(
         )
         raise ExportError(msg)
     return parity
+
+
+def nodes_of_modules(model: onnx.ModelProto, modules: Sequence[str]) -> list[str]:
+    """The names of the nodes of an exported ``model`` that torch modules ``modules``
+    (dotted names, e.g. ``head.classification_head.module_list.0.1``) or their children
+    computed, read from the exporter's scope names (``/layer1/layer1.0/conv1/Conv``)."""
+    found = []
+    for node in model.graph.node:
+        module = scope_module(node.name)
+        if any(module == m or module.startswith(f"{m}.") for m in modules):
+            found.append(node.name)
+    return found
+
+
+def tail_nodes(model: onnx.ModelProto, modules: Sequence[str]) -> list[str]:
+    """`nodes_of_modules` and every node after them (what reads their outputs, on to the
+    model's outputs): a detector's heads and the reshapes and concatenation after them."""
+    chosen = set(nodes_of_modules(model, modules))
+    tensors = {o for n in model.graph.node if n.name in chosen for o in n.output}
+    for node in model.graph.node:  # a graph's nodes are in topological order
+        if node.name not in chosen and any(i in tensors for i in node.input):
+            chosen.add(node.name)
+            tensors.update(node.output)
+    return [n.name for n in model.graph.node if n.name in chosen]
+
+
+def scope_module(node_name: str) -> str:
+    """The dotted torch module name of an exported node's scope (``""`` for none).
+
+    The scope lists the modules that ran, each by its name from its last non-numeric part
+    (``layer1``, ``layer1.0``, ``conv1``); a part that repeats the end of the name so far
+    continues it (``layer1`` + ``layer1.0`` is ``layer1.0``).
+    """
+    atoms: list[str] = []
+    for part in node_name.split("/")[1:-1]:
+        new = part.split(".")
+        overlap = next(
+            (k for k in range(min(len(atoms), len(new) - 1), 0, -1) if atoms[-k:] == new[:k]),
+            0,
+        )
+        atoms += new[overlap:]
+    return ".".join(atoms)

@@ -373,8 +373,14 @@ def measure_onnx(
     )
 
 
-def compare_outputs(reference: Predict, candidate: Predict, data: DataSpec) -> dict[str, Any]:
-    """Top-1 agreement (per sample, or per pixel for segmentation outputs) and output
+def compare_outputs(
+    reference: Predict,
+    candidate: Predict,
+    data: DataSpec,
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Top-1 agreement (per sample, per pixel for segmentation, per anchor for detection:
+    the classes ``labels(output)`` gives, default argmax over axis 1) and output
     differences of two predictors over all of ``data``."""
     agree = total = positions = 0
     max_diff = sum_diff = 0.0
@@ -391,7 +397,7 @@ def compare_outputs(reference: Predict, candidate: Predict, data: DataSpec) -> d
         sum_diff += float(diff.sum())
         elements += diff.numel()
         if ref.dim() >= 2:
-            same = out.argmax(dim=1) == ref.argmax(dim=1)
+            same = labels(out) == labels(ref) if labels else out.argmax(1) == ref.argmax(1)
             agree += int(same.sum())
             positions += same.numel()
         total += int(ref.shape[0]) if ref.dim() else 1

@@ -10,29 +10,34 @@ model and one batch:
   element. A model whose output is not a tensor runs wrapped in `SelectOutput`.
 - the task: ``classification`` when the output is ``(N, C)`` and the targets ``(N,)``
   class indices; ``segmentation`` when the output is ``(N, C, H, W)`` and the targets
-  ``(N, H, W)`` class indices per pixel.
+  ``(N, H, W)`` class indices per pixel; ``detection`` when an adapter knows the model as
+  a whole detector (torchvision's SSDs): it runs as its dense part, and ``detection``
+  holds the `DetectionHead` that decodes, trains and scores its ``(N, A, 4 + C)`` output.
 - the metric and loss: top-1 and cross-entropy for classification; mean intersection over
   union (`mean_iou`) and per-pixel cross-entropy, both skipping ``ignore_index``, for
-  segmentation.
+  segmentation; COCO mAP (`compressor.detection.mean_ap`) and SSD's loss for detection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import detection as det
+from .adapters import dense_detector
 from .errors import ModelError, UserError
 from .inputs import call
 
-TASKS = ("classification", "segmentation")
-METRICS = {"classification": "top1", "segmentation": "miou"}
-METRIC_LABELS = {"top1": "accuracy", "miou": "mIoU", "custom": "metric"}
+TASKS = ("classification", "segmentation", "detection")
+METRICS = {"classification": "top1", "segmentation": "miou", "detection": "map"}
+METRIC_LABELS = {"top1": "accuracy", "miou": "mIoU", "map": "mAP", "custom": "metric"}
 OUTPUT_KEYS = ("out", "logits")  # tried in this order in a mapping output
 
 
@@ -43,9 +48,12 @@ class ModelIO:
     Args:
         output: a key of a mapping output (``"out"``), an attribute of an output object
             (``"logits"``), or an index into a tuple output; None infers it.
-        task: ``"classification"`` or ``"segmentation"``; None infers it from the output
-            and the targets of the first training batch.
+        task: ``"classification"``, ``"segmentation"`` or ``"detection"``; None infers
+            it from the model, the output and the targets of the first training batch.
         ignore_index: the target value segmentation's loss and metric skip (e.g. borders).
+        detection: for a detector's dense model (one ``(N, A, 4 + C)`` output), the
+            `compressor.detection.DetectionHead` that decodes, trains and scores it; made
+            by the model's adapter for torchvision's SSDs.
 
     Example:
         >>> import compressor as cz
@@ -56,6 +64,7 @@ class ModelIO:
     output: str | int | None = None
     task: str | None = None
     ignore_index: int = 255
+    detection: det.DetectionHead | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.output is not None and (
@@ -72,6 +81,15 @@ class ModelIO:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             msg = f"ModelIO.ignore_index must be an int (got: {self.ignore_index!r})"
             raise UserError(msg)
+        if self.detection is not None and not isinstance(self.detection, det.DetectionHead):
+            msg = (
+                "ModelIO.detection must be a compressor.detection.DetectionHead "
+                f"(got: {type(self.detection).__name__})"
+            )
+            raise UserError(msg)
+        if self.detection is not None and self.task not in (None, "detection"):
+            msg = f"ModelIO.detection is for task 'detection' (got task {self.task!r})"
+            raise UserError(msg)
 
     @property
     def metric(self) -> str | None:
@@ -79,13 +97,18 @@ class ModelIO:
         return METRICS.get(self.task or "")
 
     def loss_fn(self) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-        """The task's default loss: cross-entropy (per pixel for segmentation)."""
+        """The task's default loss: cross-entropy (per pixel for segmentation), the
+        detection head's loss for detection."""
+        if self.detection is not None:
+            return self.detection.loss
         if self.task == "segmentation":
             return functools.partial(F.cross_entropy, ignore_index=self.ignore_index)
         return F.cross_entropy
 
     def eval_fn(self) -> Callable[[Any, Any], float]:
         """The task's default metric as an ``eval_fn(predict, data)``."""
+        if self.detection is not None:
+            return functools.partial(det.mean_ap, head=self.detection)
         if self.task == "segmentation":
             return functools.partial(mean_iou, ignore_index=self.ignore_index)
         return top1
@@ -97,7 +120,15 @@ class ModelIO:
             "output": self.output,
             "metric": "custom" if custom_metric else self.metric,
             **({"ignore_index": self.ignore_index} if self.task == "segmentation" else {}),
+            **({"detection": self.detection.to_dict()} if self.detection is not None else {}),
         }
+
+    def labels(self, output: torch.Tensor) -> torch.Tensor:
+        """The classes an output predicts, compared between FP32 and INT8: per sample or
+        per pixel the best class (axis 1); per anchor for a detector (its class scores)."""
+        if self.detection is not None:
+            return self.detection.split(output)[1].argmax(-1)
+        return output.argmax(dim=1)
 
 
 def pick_output(outputs: Any, key: str | int | None) -> Any:
@@ -188,6 +219,17 @@ def resolve_io(
     if not isinstance(io, ModelIO):
         msg = f"io must be a cz.ModelIO (got: {type(io).__name__})"
         raise UserError(msg)
+    found = dense_detector(model, example) if io.detection is None else None
+    if found is not None:  # a whole detector: its dense part, and what follows it
+        model, head = found
+        io = dataclasses.replace(io, task="detection", detection=head)
+    elif io.task == "detection" and io.detection is None:
+        msg = (
+            f"task 'detection' needs a detector compressor knows (torchvision's SSDs; got "
+            f"{type(model).__name__}), or its dense model with "
+            "cz.ModelIO(detection=cz.DetectionHead(...))"
+        )
+        raise UserError(msg)
     was_training = model.training
     model.eval()
     try:
@@ -205,6 +247,9 @@ def resolve_io(
         raise ModelError(msg)
     if key is not None and not isinstance(model, SelectOutput):
         model = SelectOutput(model, key)
+    if io.detection is not None:
+        io.detection.split(output)  # the output fits the head: (N, A, 4 + C)
+        return model, dataclasses.replace(io, output=key, task="detection")
     task = io.task or infer_task(output, targets[:1] if _batched(targets) else targets)
     if task is None and output.dim() == 2:
         task = "classification"  # e.g. soft or unusual targets with a user's loss
@@ -217,6 +262,8 @@ def _batched(targets: Any) -> bool:
 
 def check_targets(output: torch.Tensor, targets: Any, io: ModelIO, what: str) -> str | None:
     """Why the class-index ``targets`` do not fit ``output``'s classes (None: they fit)."""
+    if io.detection is not None:
+        return _check_boxes(output, targets, what)
     if (
         io.task not in TASKS
         or not isinstance(targets, torch.Tensor)
@@ -236,6 +283,26 @@ def check_targets(output: torch.Tensor, targets: Any, io: ModelIO, what: str) ->
         f"{what} has class {high if high >= classes else low}{skip}, but the model has "
         f"{classes} outputs (classes 0..{classes - 1}): give the model as many outputs as "
         "the data has classes"
+    )
+
+
+def _check_boxes(output: torch.Tensor, targets: Any, what: str) -> str | None:
+    """Why detection ``targets`` do not fit a dense ``(N, A, 4 + C)`` output (None: fit)."""
+    try:
+        det.check_targets(targets)
+    except UserError as exc:
+        return f"{what}: {exc}"
+    classes = output.shape[-1] - 4
+    labels = targets[..., 0][targets[..., 0] != det.PAD]
+    if not labels.numel():
+        return None
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 1 and high < classes:
+        return None
+    return (
+        f"{what} has object class {low if low < 1 else high}, but the detector scores "
+        f"classes 1..{classes - 1} (0 is the background): give it as many classes as the "
+        "data has, plus one"
     )
 
 

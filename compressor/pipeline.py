@@ -647,7 +647,7 @@ def _in_other_runtimes(path: Path, row: Row, ctx: RunContext) -> list[Row]:
     for runtime in others:
         ctx.log(f"measuring {path.name} in {runtime}")
         candidate = onnx_predictor(path, ctx.threads, runtime)
-        parity = compare_outputs(reference, candidate, ctx.eval_data)
+        parity = compare_outputs(reference, candidate, ctx.eval_data, labels=ctx.io.labels)
         rows.append(
             measure_onnx(
                 path,
@@ -686,7 +686,7 @@ def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
     reference = onnx_predictor(baseline, ctx.threads)
     candidate = onnx_predictor(state.onnx_path, ctx.threads)
     try:
-        parity = compare_outputs(reference, candidate, ctx.eval_data)
+        parity = compare_outputs(reference, candidate, ctx.eval_data, labels=ctx.io.labels)
     except ValueError as exc:  # a stage changed the output shape; nothing to compare
         ctx.log(f"parity not measured: {exc}")
         return None

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path
 from .data import DataSpec, data_subset
 from .errors import ModelError, first_line
-from .export import DEFAULT_OPSET, export_onnx
+from .export import DEFAULT_OPSET, export_onnx, tail_nodes
 from .inputs import Inputs, feeds, rows, take, to_device
 from .int8_budget import revert_to_budget
 from .int8_mode import (
@@ -239,6 +239,9 @@ class Int8Quantization(Stage):
             ``max_accuracy_drop`` still applies).
         sensitivity_samples: eval inputs on which each node's INT8 error is measured when
             nodes must be reverted.
+        head_fp32: for a detector, the heads' last layers (per-anchor class scores and box
+            offsets, `compressor.detection.DetectionHead.keep_fp32`) stay in FP32; box
+            decoding and NMS are never in the file.
     """
 
     mode: str = "auto"
@@ -253,6 +256,7 @@ class Int8Quantization(Stage):
     placement_candidates: int = 3
     max_accuracy_drop: float | None = None
     sensitivity_samples: int = 256
+    head_fp32: bool = True
 
     name = "int8_quantization"
     runtime = "onnxruntime"
@@ -273,6 +277,7 @@ class Int8Quantization(Stage):
         if self.max_accuracy_drop is not None:
             check_float(self.name, "max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
         check_int(self.name, "sensitivity_samples", self.sensitivity_samples, minimum=1)
+        check_bool(self.name, "head_fp32", self.head_fp32)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
@@ -316,8 +321,11 @@ class Int8Quantization(Stage):
                     external=external,
                 )
                 clock.lap("dynamic")
-            seen, placement, mode_choice = 0, None, None
+            seen, placement, mode_choice, head = 0, None, None, []
             quantized = dynamic
+            detector = ctx.io.detection
+            if self.head_fp32 and detector is not None and detector.keep_fp32:
+                head = tail_nodes(onnx.load(str(source)), detector.keep_fp32)
             if self.mode != "dynamic":
                 ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
                 quantized = Path(tmp) / "int8" / "model.int8.onnx"
@@ -330,6 +338,7 @@ class Int8Quantization(Stage):
                     max_batch=max_batch,
                     external=external,
                     progress=ctx.progress,
+                    exclude=head,
                 )
                 clock.lap("calibrate_quantize")
                 if self.fp32_placement and self.placement_candidates and not external:
@@ -352,7 +361,7 @@ class Int8Quantization(Stage):
                     quantized, placement = dynamic, None
                 clock.lap("mode_choice")
             chosen = "dynamic" if quantized == dynamic else "static"
-            kept = placement["fp32_nodes"] if placement else []
+            kept = [*head, *(placement["fp32_nodes"] if placement else [])]
             if chosen == "dynamic":
                 kept = activation_matmuls(source)
             budget = None
@@ -429,9 +438,11 @@ class Int8Quantization(Stage):
         max_batch: int | None = None,
         external: bool = False,
         progress: bool = False,
+        exclude: Sequence[str] = (),
     ) -> int:
         """Quantize the FP32 ONNX file ``source`` into ``out`` with this stage's settings
-        (static QDQ), calibrated on ``samples`` inputs of ``data``; returns how many it read."""
+        (static QDQ), calibrated on ``samples`` inputs of ``data``, the nodes ``exclude``
+        names left in FP32; returns how many inputs it read."""
         from onnxruntime.quantization import (
             CalibrationMethod,
             QuantFormat,
@@ -464,6 +475,7 @@ class Int8Quantization(Stage):
                 weight_type=qtype[types.weight_type],
                 calibrate_method=method,
                 use_external_data_format=external,
+                nodes_to_exclude=list(exclude),
             )
         return reader.seen
 

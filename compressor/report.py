@@ -394,7 +394,15 @@ class Report:
             return None
         threads = int(self.environment.get("threads") or 1)
         inputs = (self.model_io or {}).get("inputs")
-        return runtime, deployment_snippet(runtime, file, threads, inputs)
+        snippet = deployment_snippet(runtime, file, threads, inputs)
+        detection = (self.model_io or {}).get("detection")
+        if detection:  # the file ends before box decoding and NMS
+            snippet += (
+                f"# outputs: (batch, {detection.get('anchors')} default boxes, 4 offsets + class "
+                "scores); boxes: DetectionHead.detections(torch.from_numpy(outputs)), in FP32 "
+                "(docs/concepts.md, 'Object detection')\n"
+            )
+        return runtime, snippet
 
     def environment_line(self) -> str:
         """Where and with what the rows were measured, in one sentence."""
