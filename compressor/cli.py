@@ -541,20 +541,22 @@ TASK_CHOICES = ("classification", "segmentation", "detection")
 
 def _check_task(task: str | None, info: Any) -> str:
     """The task ``--task`` names, checked against the data's (one line each when not)."""
-    if task == "detection":
-        msg = (
-            "--task detection is not supported yet: compressor compresses classification "
-            "and segmentation models"
-        )
-        raise UserError(msg)
     if task is not None and task != info.task:
         msg = (
             f"--task {task} does not fit --data {info.source}, which is a {info.task} data set "
-            "(demo-seg and fashion-mnist-seg:DIR are segmentation, the others, text included, "
-            "classification)"
+            "(demo-seg and fashion-mnist-seg:DIR are segmentation, demo-det and "
+            "fashion-mnist-det:DIR detection, the others, text included, classification)"
         )
         raise UserError(msg)
     return info.task
+
+
+def _dense_detector(model: Any, io: Any, loader: Any) -> tuple[Any, Any]:
+    """A detector's dense part and its `ModelIO` (with the decoding head), from a batch."""
+    from .model_io import resolve_io
+
+    images, targets = next(iter(loader))
+    return resolve_io(io, model, images, targets)
 
 
 def _hf_from_config(spec: str) -> bool:
@@ -607,7 +609,9 @@ def _compress(args: argparse.Namespace) -> int:
     train_loader, val_loader, info = load_data(args.data, options)
     io = ModelIO(task=_check_task(args.task, info))
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights
-    new_head = args.model == "demo" or args.model.startswith("hf:")  # sized to the data
+    new_head = (  # sized to the data
+        args.model == "demo" or args.model.startswith("hf:") or info.task == "detection"
+    )
     model = load_model(
         args.model,
         num_classes=args.num_classes or (info.num_classes if new_head else None),
@@ -618,6 +622,8 @@ def _compress(args: argparse.Namespace) -> int:
         vocab_size=info.vocab_size,
     )
     check_model_fits_data(model, info)
+    if info.task == "detection":  # its dense part trains, and the pipeline runs on it
+        model, io = _dense_detector(model, io, train_loader)
     if args.resume and args.overwrite:
         msg = "--resume continues the run in --output and --overwrite starts anew: pass one"
         raise UserError(msg)

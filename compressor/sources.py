@@ -33,13 +33,17 @@ DATA_KINDS = (
     "mnist",
     "cifar10",
     "fashion-mnist-seg",
+    "demo-det",
+    "fashion-mnist-det",
     "text",
     "text-demo",
 )
 SEGMENTATION_KINDS = ("demo-seg", "fashion-mnist-seg")
+DETECTION_KINDS = ("demo-det", "fashion-mnist-det")
 TEXT_KINDS = ("text", "text-demo")
-DEMO_KINDS = ("demo", "demo-seg", "text-demo")  # built in: no folder
-CANVASES_PER_ITEM = 0.2  # fashion-mnist-seg: canvases per Fashion-MNIST image of a split
+DEMO_KINDS = ("demo", "demo-seg", "demo-det", "text-demo")  # built in: no folder
+CANVASES_PER_ITEM = 0.2  # -seg and -det: canvases per Fashion-MNIST image of a split
+DETECTORS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")  # torchvision's, supported
 
 
 # ---------------------------------------------------------------------------- models
@@ -97,15 +101,20 @@ def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
     import torchvision
 
     segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
-    names = torchvision.models.list_models(module=torchvision.models) + segmentation
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
+    names = [*torchvision.models.list_models(module=torchvision.models), *segmentation]
+    if name not in names + list(DETECTORS):
+        close = difflib.get_close_matches(name, names + list(DETECTORS), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
-        msg = f"unknown torchvision classification or segmentation model {name!r}: {hint}"
+        msg = (
+            f"unknown torchvision classification, segmentation or detection model {name!r} "
+            f"(detectors: {', '.join(DETECTORS)}): {hint}"
+        )
         raise UserError(msg)
     kwargs: dict[str, Any] = {"weights": None}
     if name in segmentation:  # no download: random backbone, no auxiliary head
         kwargs.update(weights_backbone=None, aux_loss=False)
+    if name in DETECTORS:
+        kwargs.update(weights_backbone=None)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if name.startswith(("googlenet", "inception")):
@@ -311,6 +320,8 @@ _DEFAULTS = {
     "imagefolder": _Defaults(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32),
     "fashion-mnist-seg": _Defaults(1, 64, (0.1,), (0.25,), 32),
     "demo-seg": _Defaults(1, 64, (0.1,), (0.25,), 32),
+    "fashion-mnist-det": _Defaults(3, 160, (0.0,), (1.0,), 32),
+    "demo-det": _Defaults(3, 160, (0.0,), (1.0,), 32),
     "text": _Defaults(0, 128, (), (), 32),
     "text-demo": _Defaults(0, 128, (), (), 32),
 }
@@ -328,6 +339,9 @@ def load_data(
     of Fashion-MNIST items (`compressor.segmentation_data`, 11 classes), 12,000 for
     training from its training split and 2,000 for validation from its test split;
     ``demo-seg`` builds 1,600 / 400 such canvases from the embedded subset.
+    ``fashion-mnist-det:DIR`` and ``demo-det``: detection canvases the same way
+    (`compressor.detection_data`, 1-4 scaled items per canvas, boxes and 10 classes plus
+    the background; targets batched by `compressor.detection.collate`).
     Text (`compressor.text_data`; batches of ``input_ids`` and ``attention_mask``,
     ``seq_len`` tokens, default 128): ``text-demo`` (documentation of 8 standard-library
     packages, labelled by package) and ``text:DIR`` (DIR/train.tsv and DIR/val.tsv of
@@ -358,7 +372,7 @@ def load_data(
     folder = Path(root).expanduser()
     if kind == "demo":
         train, val, num_classes = _demo_sets(channels, size)
-    elif kind in SEGMENTATION_KINDS:
+    elif kind in SEGMENTATION_KINDS or kind in DETECTION_KINDS:
         train, val, num_classes = _canvas_sets(kind, folder, options, size, channels, mean, std)
     elif kind == "imagefolder":
         train, val, num_classes = _imagefolder_sets(folder, options, size, channels, mean, std)
@@ -372,12 +386,21 @@ def load_data(
             raise DataError(msg)
     batch = options.batch_size or defaults.batch_size
     generator = torch.Generator().manual_seed(options.seed)
-    loader_args = {"num_workers": options.workers, "persistent_workers": options.workers > 0}
+    loader_args: dict[str, Any] = {
+        "num_workers": options.workers,
+        "persistent_workers": options.workers > 0,
+    }
+    if kind in DETECTION_KINDS:
+        from .detection import collate
+
+        loader_args["collate_fn"] = collate
     train_loader = DataLoader(
         train, batch_size=batch, shuffle=True, generator=generator, **loader_args
     )
     val_loader = DataLoader(val, batch_size=batch, **loader_args)
-    task = "segmentation" if kind in SEGMENTATION_KINDS else "classification"
+    task = "classification"
+    if kind in SEGMENTATION_KINDS or kind in DETECTION_KINDS:
+        task = "segmentation" if kind in SEGMENTATION_KINDS else "detection"
     info = DataInfo(spec, channels, size, num_classes, len(train), len(val), task)
     return train_loader, val_loader, info
 
@@ -555,10 +578,13 @@ class _Mapped(Dataset):
 
 
 def _canvas_sets(kind, root, options, size, channels, mean, std):
+    from . import detection_data
     from .segmentation_data import CLASSES, ITEM, FashionCanvas
 
-    if size < ITEM:
-        msg = f"{kind} canvases are at least {ITEM} pixels wide (got --input-size {size})"
+    detection = kind in DETECTION_KINDS
+    smallest = 2 * ITEM if detection else ITEM
+    if size < smallest:
+        msg = f"{kind} canvases are at least {smallest} pixels wide (got --input-size {size})"
         raise UserError(msg)
     if channels not in (1, 3) or len(set(mean)) > 1 or len(set(std)) > 1:
         msg = (
@@ -566,7 +592,13 @@ def _canvas_sets(kind, root, options, size, channels, mean, std):
             f"channels (got: {channels}, {mean}, {std})"
         )
         raise UserError(msg)
-    if kind == "demo-seg":
+    if detection and (options.mean or options.std):
+        msg = (
+            f"{kind} images are in [0, 1] and the detector normalises them itself: drop "
+            f"--mean and --std (got: {options.mean}, {options.std})"
+        )
+        raise UserError(msg)
+    if kind in ("demo-seg", "demo-det"):
         from .demo import demo_images
 
         splits = [demo_images("train"), demo_images("val")]
@@ -575,19 +607,25 @@ def _canvas_sets(kind, root, options, size, channels, mean, std):
         splits = [(items[0].data, items[0].targets), (items[1].data, items[1].targets)]
     sets = []
     for train, (images, labels) in zip((True, False), splits, strict=True):
-        sets.append(
-            FashionCanvas(
+        samples = max(1, int(len(images) * CANVASES_PER_ITEM))
+        seed = options.seed * 2 + (0 if train else 1)
+        if detection:
+            dataset: Dataset = detection_data.FashionDetection(
+                images, labels, samples=samples, size=size, channels=channels, seed=seed
+            )
+        else:
+            dataset = FashionCanvas(
                 images,
                 labels,
-                samples=max(1, int(len(images) * CANVASES_PER_ITEM)),
+                samples=samples,
                 size=size,
                 channels=channels,
                 mean=mean[0],
                 std=std[0],
-                seed=options.seed * 2 + (0 if train else 1),
+                seed=seed,
             )
-        )
-    return sets[0], sets[1], CLASSES
+        sets.append(dataset)
+    return sets[0], sets[1], detection_data.CLASSES if detection else CLASSES
 
 
 def _text_loaders(
@@ -621,7 +659,14 @@ def _text_loaders(
     sets = [TextDataset(train, vocab, length), TextDataset(val, vocab, length)]
     batch = options.batch_size or _DEFAULTS[kind].batch_size
     generator = torch.Generator().manual_seed(options.seed)
-    loader_args = {"num_workers": options.workers, "persistent_workers": options.workers > 0}
+    loader_args: dict[str, Any] = {
+        "num_workers": options.workers,
+        "persistent_workers": options.workers > 0,
+    }
+    if kind in DETECTION_KINDS:
+        from .detection import collate
+
+        loader_args["collate_fn"] = collate
     train_loader = DataLoader(
         sets[0], batch_size=batch, shuffle=True, generator=generator, **loader_args
     )
@@ -688,6 +733,34 @@ def _run_on_images(model: nn.Module, info: DataInfo) -> Any:
     )
 
 
+def _check_detector(model: nn.Module, info: DataInfo) -> None:
+    from .adapters import dense_detector
+
+    example = torch.zeros(2, info.channels, info.input_size, info.input_size)
+    found = dense_detector(model, example)
+    if found is None:
+        msg = (
+            f"{info.source} is a detection data set, which needs a detector compressor knows "
+            f"(--model torchvision:{' or torchvision:'.join(DETECTORS)}); got "
+            f"{type(model).__name__}"
+        )
+        raise ModelError(msg)
+    dense, _head = found
+    out = _forward(
+        dense,
+        example,
+        f"{info.channels}x{info.input_size}x{info.input_size} inputs",
+        "set --input-size to one its feature maps fit",
+    )
+    classes = out.shape[-1] - 4
+    if classes != info.num_classes:
+        msg = (
+            f"the detector scores {classes} classes, the data has {info.num_classes} "
+            f"(background included): pass --num-classes {info.num_classes}"
+        )
+        raise ModelError(msg)
+
+
 def _forward(model: nn.Module, example: Any, what: str, fix: str) -> Any:
     was_training = model.training
     model.eval()
@@ -707,6 +780,9 @@ def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
     Raises:
         ModelError: naming what differs and the flag that fixes it.
     """
+    if info.task == "detection":
+        _check_detector(model, info)
+        return
     out = _run_on_text(model, info) if info.is_text else _run_on_images(model, info)
     from .model_io import logits_of
 

@@ -224,7 +224,7 @@ def test_cli_segments_a_torchvision_model_on_the_demo_canvases(tmp_path, capsys)
     ("extra", "message"),
     [
         (["--task", "classification"], "--task classification does not fit --data demo-seg"),
-        (["--task", "detection"], "--task detection is not supported yet"),
+        (["--task", "detection"], "--task detection does not fit --data demo-seg"),
         (["--model", "torchvision:resnet18"], "which needs (N, classes, H, W) scores per pixel"),
         (["--input-size", "16"], "canvases are at least 28 pixels wide"),
     ],
