@@ -258,9 +258,26 @@ def test_segmentation_script(tmp_path):
         "inputs": [{"name": "input", "dtype": "float32", "shape": [3, 64, 64]}],
     }  # fmt: skip
     assert found["macs_x"] > 2 and 0 <= found["final_miou"] <= 1
-    assert 0 <= found["pixel_agreement"] <= 1 and "ort_default" in found["peers"]
+    assert 0 <= found["agreement"] <= 1 and "ort_default" in found["peers"]
     assert all(ms > 0 for ms in found["p50_ms"].values())
     assert "| lraspp_mobilenet_v3_large | compressor: pruned + INT8 | 1 |" in table
+
+
+def test_detection_script(tmp_path):
+    """SSDlite on Fashion-MNIST detection canvases, the peers' INT8, shortened."""
+    need_fashion_mnist()
+    out = tmp_path / "detection.json"
+    args = ["--seeds", "0", "--baseline-epochs", "0", "--train-batches", "2", "--input-size", "64"]
+    args += ["--test-canvases", "32", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    args += ["--data", str(tmp_path / "data")]
+    table = run("detection.py", *args, cwd=tmp_path)
+    (found,) = json.loads(out.read_text())["runs"]
+    assert found["model_io"]["task"] == "detection" and found["model_io"]["metric"] == "map"
+    assert len(found["model_io"]["detection"]["fp32_layers"]) == 12
+    assert found["macs_x"] > 1.5 and 0 <= found["final_map"] <= 1
+    assert 0 <= found["agreement"] <= 1 and "ort_default" in found["peers"]
+    assert all(ms > 0 for ms in found["p50_ms"].values())
+    assert "| ssdlite320_mobilenet_v3_large | compressor: pruned + INT8 | 1 |" in table
 
 
 def test_text_classification_script(tmp_path):
