@@ -216,7 +216,7 @@ class Int8Quantization(Stage):
 
     Args:
         mode: ``auto`` (static for a model with convolutions; otherwise both are made and
-            timed, and the faster one kept unless it is further from FP32, see
+            timed; the one clearly closer to FP32 is kept, else the faster, see
             `compressor.int8_mode`), ``static`` or ``dynamic``. The choice and both timings
             are in the row's ``details.quantization.mode_choice``.
         calibration_samples: how many training samples calibrate the activation ranges.

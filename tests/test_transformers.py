@@ -135,7 +135,11 @@ def test_text_classifier_through_the_whole_pipeline(tmp_path):
         assert m.attention_head_size == 8 and q.out_features == 8 * count
     final = rows_["int8_quantization", "onnxruntime"]
     assert final["accuracy"] > rows_["distillation", "torch"]["accuracy"] - 0.05
-    assert final["details"]["quantization"]["mode_choice"]["chosen"] in ("static", "dynamic")
+    choice = final["details"]["quantization"]["mode_choice"]
+    assert choice["chosen"] in ("static", "dynamic")
+    gap = choice["dynamic"]["top1_agreement"] - choice["static"]["top1_agreement"]
+    if abs(gap) > 0.005:  # the file clearly closer to FP32 wins, whatever the timings say
+        assert choice["chosen"] == ("dynamic" if gap > 0 else "static"), choice
     # both files take the two named int64 inputs with a dynamic sequence axis
     for path in (tmp_path / "model.onnx", result.onnx_path):
         graph = onnx.load(path).graph
