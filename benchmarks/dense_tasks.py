@@ -1,9 +1,9 @@
 """What the segmentation and detection benchmarks share: the command line, one compress
 run per seed, the peers' INT8 of the same baseline file, the table and the results file.
 
-A task script gives its models, how to train a baseline (which returns the model and its
-`cz.ModelIO`, whose ``eval_fn`` scores the peers too), its data source and its metric's
-name (``miou`` or ``map``); `main` does the rest.
+A task script gives its models, how to build one untrained with its `cz.ModelIO` (whose
+``loss_fn`` trains the baseline and whose ``eval_fn`` scores the peers too), its data source
+and its metric's name (``miou`` or ``map``); `main` does the rest.
 """
 
 from __future__ import annotations
@@ -25,14 +25,33 @@ from common import files_p50, mean_spread, nncf_int8, ort_default_int8, print_ta
 from fashion_mnist import prepare_debian
 
 import compressor as cz
-from compressor._io import write_text
+from compressor._io import atomic_path, write_text
 from compressor.data import DataSpec
 from compressor.measure import ort_predictor, ort_session
 from compressor.sources import DataOptions, load_data
+from compressor.training import fit_baseline
 
 HERE = Path(__file__).parent
-# (model name, training loader, classes, epochs, cache folder) -> (trained model, its ModelIO)
-Baseline = Callable[[str, Any, int, int, Path], tuple[torch.nn.Module, cz.ModelIO]]
+# (model name, a training batch, classes) -> (untrained model, its ModelIO)
+Builder = Callable[[str, Any, int], tuple[torch.nn.Module, cz.ModelIO]]
+
+
+def baseline(
+    build: Builder, name: str, train: Any, classes: int, epochs: int, path: Path
+) -> tuple[torch.nn.Module, cz.ModelIO]:
+    """``name`` trained ``epochs`` on all of ``train`` (cached at ``path``), and its IO."""
+    torch.manual_seed(0)
+    model, io = build(name, next(iter(train)), classes)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), io
+    start = time.perf_counter()
+    fit_baseline(model, train, epochs=epochs, lr=0.05, seed=0, loss_fn=io.loss_fn())
+    print(f"{name}: baseline trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return model.eval(), io
 
 
 def stages(ratio: float) -> list[cz.Stage]:
@@ -178,7 +197,7 @@ def main(
     source: str,
     metric: str,
     label: str,
-    baseline: Baseline,
+    build: Builder,
     defaults: dict[str, Any],
 ) -> int:
     """Parse the command line, then per model and seed: compress, run the peers, time the
@@ -214,7 +233,8 @@ def main(
     example = next(iter(test))[0][:1]
     runs: list[dict[str, Any]] = []
     for name in args.models:
-        model, io = baseline(name, train, info.num_classes, args.baseline_epochs, args.cache)
+        cached = args.cache / f"{task}_{name}_{args.input_size}_e{args.baseline_epochs}.pt"
+        model, io = baseline(build, name, train, info.num_classes, args.baseline_epochs, cached)
         for seed in args.seeds:
             out = args.cache / task / f"{name}_{seed}"
             found = run_one(model, io, args, (train, test), seed, out, metric)

@@ -24,7 +24,6 @@ benchmarks/results/detection.json after every run.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,37 +34,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dense_tasks
 
 import compressor as cz
-from compressor._io import atomic_path
 from compressor.model_io import resolve_io
-from compressor.training import fit_baseline
 
 MODELS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")
 
 
-def build(name: str, classes: int) -> torch.nn.Module:
-    """A torchvision detector with random weights, as ``--model torchvision:`` does."""
+def build(name: str, batch: Any, classes: int) -> tuple[torch.nn.Module, cz.ModelIO]:
+    """A torchvision detector with random weights, as ``--model torchvision:`` builds it,
+    taken apart into its dense part for ``batch``'s image size, and its IO."""
     builder = getattr(torchvision.models.detection, name)
-    return builder(weights=None, weights_backbone=None, num_classes=classes)
-
-
-def baseline(
-    name: str, train: Any, classes: int, epochs: int, cache: Path
-) -> tuple[torch.nn.Module, cz.ModelIO]:
-    """``name``'s dense part trained ``epochs`` on all training canvases (cached), its IO."""
-    torch.manual_seed(0)
-    images, targets = next(iter(train))
-    model, io = resolve_io(None, build(name, classes), images, targets)
-    path = cache / f"detection_{name}_{images.shape[-1]}_e{epochs}.pt"
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval(), io
-    start = time.perf_counter()
-    fit_baseline(model, train, epochs=epochs, lr=0.05, seed=0, loss_fn=io.loss_fn())
-    print(f"{name}: baseline trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return model.eval(), io
+    detector = builder(weights=None, weights_backbone=None, num_classes=classes)
+    return resolve_io(None, detector, *batch)
 
 
 if __name__ == "__main__":
@@ -77,7 +56,7 @@ if __name__ == "__main__":
             source="fashion-mnist-det",
             metric="map",
             label="mAP",
-            baseline=baseline,
+            build=build,
             defaults={"input_size": 160, "baseline_epochs": 8},
         )
     )

@@ -22,7 +22,6 @@ benchmarks/results/segmentation.json after every run.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +32,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dense_tasks
 
 import compressor as cz
-from compressor._io import atomic_path
-from compressor.training import fit_baseline
 
 MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
 
 
-def build(name: str, classes: int) -> torch.nn.Module:
-    """A torchvision segmentation model with random weights, as ``--model torchvision:`` does."""
+def build(name: str, _batch: Any, classes: int) -> tuple[torch.nn.Module, cz.ModelIO]:
+    """A torchvision segmentation model with random weights, as ``--model torchvision:``
+    builds it, and its IO."""
     builder = getattr(torchvision.models.segmentation, name)
     kwargs = {"aux_loss": False} if name.startswith(("fcn", "deeplab")) else {}
-    return builder(weights=None, weights_backbone=None, num_classes=classes, **kwargs)
-
-
-def baseline(
-    name: str, train: Any, classes: int, epochs: int, cache: Path
-) -> tuple[torch.nn.Module, cz.ModelIO]:
-    """``name`` trained ``epochs`` on all training canvases (cached), and its IO."""
-    torch.manual_seed(0)
-    model = build(name, classes)
-    io = cz.ModelIO(output="out", task="segmentation")
-    path = cache / f"segmentation_{name}_e{epochs}.pt"
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval(), io
-    start = time.perf_counter()
-    fit_baseline(model, train, epochs=epochs, lr=0.05, seed=0, loss_fn=io.loss_fn())
-    print(f"{name}: baseline trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return model.eval(), io
+    model = builder(weights=None, weights_backbone=None, num_classes=classes, **kwargs)
+    return model, cz.ModelIO(output="out", task="segmentation")
 
 
 if __name__ == "__main__":
@@ -75,7 +54,7 @@ if __name__ == "__main__":
             source="fashion-mnist-seg",
             metric="miou",
             label="mIoU",
-            baseline=baseline,
+            build=build,
             defaults={"input_size": 64, "baseline_epochs": 6},
         )
     )
