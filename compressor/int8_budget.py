@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,42 +150,104 @@ def revert_to_budget(
     ranking = [n["node"] for n in sensitivity["nodes"]]
     info["sensitivity"] = {**sensitivity, "nodes": sensitivity["nodes"][:SHOWN]}
     model, source = onnx.load(str(quantized)), onnx.load(str(fp32))
-    results: dict[int, tuple[float, Path]] = {0: (info["int8_accuracy"], quantized)}
+    prefixes = graph_prefixes(model, source, exclude)
+    # (order, count) -> (accuracy, file); order "ranking" or "prefix"
+    results: dict[tuple[str, int], tuple[float, Path]] = {
+        ("ranking", 0): (info["int8_accuracy"], quantized)
+    }
 
-    def trial(count: int) -> bool:
-        path = quantized.with_name(f"budget_{count}.onnx")
-        onnx.save(keep_fp32(model, source, ranking[:count], float_inputs=True), str(path))
-        results[count] = (accuracy(path), path)
-        info["trials"].append({"fp32_nodes": count, "accuracy": results[count][0]})
-        ctx.log(f"{ctx.step}: {count} node(s) in FP32: accuracy {results[count][0]:.4f}")
-        return results[count][0] >= min_accuracy
+    def reverted(order: str, count: int) -> list[str]:
+        return ranking[:count] if order == "ranking" else prefixes[count - 1]
 
-    low, high, count = 0, None, 1  # low fails; high meets the budget
-    while ranking and high is None:
-        count = min(count, len(ranking))
-        if trial(count):
+    def trial(order: str, count: int) -> bool:
+        path = quantized.with_name(f"budget_{order}_{count}.onnx")
+        onnx.save(keep_fp32(model, source, reverted(order, count), float_inputs=True), str(path))
+        results[order, count] = (accuracy(path), path)
+        info["trials"].append(
+            {"order": order, "fp32_nodes": count, "accuracy": results[order, count][0]}
+        )
+        ctx.log(
+            f"{ctx.step}: {count} compute node(s) in FP32 ({order}): "
+            f"accuracy {results[order, count][0]:.4f}"
+        )
+        return results[order, count][0] >= min_accuracy
+
+    met = {"ranking": _fewest(lambda c: trial("ranking", c), len(ranking))}
+    # Errors that grow layer by layer (a constant background's rounding, amplified by
+    # the convolutions after it) show in no single node: try the graph's first layers.
+    limit = len(prefixes) if met["ranking"] is None else met["ranking"] - 1
+    met["prefix"] = _fewest(lambda c: trial("prefix", c), limit)
+    found = [(count, order) for order, count in met.items() if count is not None]
+    if found:
+        count, order = min(found)
+    else:  # nothing met it: the most accurate, fewest nodes on a tie
+        order, count = max(results, key=lambda k: (results[k][0], -k[1]))
+    path = results[order, count][1]
+    info["met"] = results[order, count][0] >= min_accuracy
+    info["order"] = order
+    names = set(reverted(order, count))
+    info["fp32_nodes"] = (
+        ranking[:count]
+        if order == "ranking"
+        else [n.name for n in model.graph.node if n.name in names and n.op_type in _COMPUTE]
+    )
+    info["fp32_other_nodes"] = sorted(
+        n.name for n in model.graph.node if n.name in names and n.op_type not in _COMPUTE
+    )
+    if count:
+        info["fp32_producers"] = float_producers(onnx.load(str(path)), info["fp32_nodes"])
+    info["accuracy"] = results[order, count][0]
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    return path, info
+
+
+def _fewest(meets: Callable[[int], bool], limit: int) -> int | None:
+    """The smallest count in 1..``limit`` for which ``meets`` holds (assumed to keep holding
+    for larger counts): tried 1, 2, 4, ... then halved back. None when ``limit`` fails."""
+    low, high, count = 0, None, 1  # low fails; high meets
+    while limit > 0 and high is None:
+        count = min(count, limit)
+        if meets(count):
             high = count
-        elif count == len(ranking):
-            break
+        elif count == limit:
+            return None
         else:
             low, count = count, count * 2
     while high is not None and high - low > 1:
         middle = (low + high) // 2
-        if trial(middle):
+        if meets(middle):
             high = middle
         else:
             low = middle
-    chosen = high
-    if chosen is None:  # nothing met it: the most accurate, fewest nodes on a tie
-        chosen = max(results, key=lambda k: (results[k][0], -k))
-    info["met"] = results[chosen][0] >= min_accuracy
-    info["fp32_nodes"] = ranking[:chosen]
-    if chosen:
-        edited = onnx.load(str(results[chosen][1]))
-        info["fp32_producers"] = float_producers(edited, info["fp32_nodes"])
-    info["accuracy"] = results[chosen][0]
-    info["seconds"] = round(time.perf_counter() - start, 2)
-    return results[chosen][1], info
+    return high
+
+
+def graph_prefixes(
+    quantized: onnx.ModelProto, fp32: onnx.ModelProto, exclude: Collection[str] = ()
+) -> list[list[str]]:
+    """The graph's first layers, for reverting together: entry ``k - 1`` names every node of
+    ``quantized`` that ``fp32`` computes before its ``k + 1``-th compute node (so ``k``
+    compute nodes, with the activations and other ops between them), in graph order.
+
+    Nodes the quantizer dropped (a Relu folded into a Quantize), unnamed nodes and
+    ``exclude`` (already FP32) are left out.
+    """
+    have = {n.name: n.op_type for n in quantized.graph.node}
+    found: list[list[str]] = []
+    current: list[str] = []
+    for node in fp32.graph.node:
+        if (
+            node.op_type in _COMPUTE
+            and node.name not in exclude
+            and current
+            and any(have.get(n) in _COMPUTE for n in current)
+        ):
+            found.append(list(current))
+        if node.name and have.get(node.name) == node.op_type and node.name not in exclude:
+            current.append(node.name)
+    if any(have.get(n) in _COMPUTE for n in current):
+        found.append(current)
+    return found
 
 
 def float_producers(model: onnx.ModelProto, names: Collection[str]) -> list[str]:

@@ -167,14 +167,18 @@ def keep_fp32(
     that was quantized). The model's own inputs it reads directly. Its other activation
     inputs stay dequantized INT8 tensors unless ``float_inputs``: then it reads the float
     activation before their Quantize too (for accuracy: an activation whose range 8 bits
-    cannot hold is no longer rounded). The quantizer drops a Relu or Clip before a Quantize
-    whose range already clips, so the float tensor before an inner Quantize is not always
-    the activation the node computed on; such a dropped Relu or Clip is put back for the
-    node, and an input whose float form cannot be told stays quantized. Quantize and
-    Dequantize nodes and quantized weights nothing reads any more are dropped.
+    cannot hold is no longer rounded). With ``float_inputs``, ``names`` may also hold
+    nodes that are not compute nodes (an activation, an Add): they read float inputs too,
+    so a run of nodes reverted together passes float tensors from one to the next.
+    The quantizer drops a Relu or Clip before a Quantize whose range already clips, so the
+    float tensor before an inner Quantize is not always the activation the node computed
+    on; such a dropped Relu or Clip is put back for the node, and an input whose float form
+    cannot be told stays quantized. Quantize and Dequantize nodes and quantized weights
+    nothing reads any more are dropped.
 
     Raises:
-        ValueError: a name is not a compute node of both models.
+        ValueError: a name is not a compute node of both models (with ``float_inputs``: not
+            a node of both, of the same type).
     """
     model = onnx.ModelProto()
     model.CopyFrom(quantized)
@@ -187,8 +191,14 @@ def keep_fp32(
     for name in names:
         node = next((n for n in graph.node if n.name == name), None)
         original = float_nodes.get(name)
-        if node is None or original is None or node.op_type not in _COMPUTE:
-            msg = f"no compute node {name!r} in both the FP32 and the INT8 model"
+        if (
+            node is None
+            or original is None
+            or node.op_type != original.op_type
+            or (node.op_type not in _COMPUTE and not float_inputs)
+        ):
+            kind = "node" if float_inputs else "compute node"
+            msg = f"no {kind} {name!r} in both the FP32 and the INT8 model"
             raise ValueError(msg)
         for index, tensor in enumerate(node.input):
             source = original.input[index] if index < len(original.input) else ""

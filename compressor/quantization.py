@@ -242,6 +242,10 @@ class Int8Quantization(Stage):
         head_fp32: for a detector, the heads' last layers (per-anchor class scores and box
             offsets, `compressor.detection.DetectionHead.keep_fp32`) stay in FP32; box
             decoding and NMS are never in the file.
+        detector_max_accuracy_drop: for a detector, the budget (mAP, a fraction) applied
+            when ``max_accuracy_drop`` is null: INT8 detectors often lose most of their mAP
+            in their first layers (a flat background's rounding error, amplified layer by
+            layer), and the budget reverts those layers to FP32. ``null``: none.
     """
 
     mode: str = "auto"
@@ -257,6 +261,7 @@ class Int8Quantization(Stage):
     max_accuracy_drop: float | None = None
     sensitivity_samples: int = 256
     head_fp32: bool = True
+    detector_max_accuracy_drop: float | None = 0.015
 
     name = "int8_quantization"
     runtime = "onnxruntime"
@@ -278,6 +283,9 @@ class Int8Quantization(Stage):
             check_float(self.name, "max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
         check_int(self.name, "sensitivity_samples", self.sensitivity_samples, minimum=1)
         check_bool(self.name, "head_fp32", self.head_fp32)
+        if self.detector_max_accuracy_drop is not None:
+            drop = self.detector_max_accuracy_drop
+            check_float(self.name, "detector_max_accuracy_drop", drop, low=0, high=1)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
@@ -510,11 +518,15 @@ class Int8Quantization(Stage):
         return float(ctx.eval_fn(onnx_predictor(path, ctx.threads), ctx.eval_data))
 
     def _min_accuracy(self, ctx: RunContext, fp32: Path) -> float | None:
-        """The lowest accuracy the INT8 file may have: this stage's budget against the
-        model it quantizes and the pipeline's against the baseline, the stricter one."""
+        """The lowest accuracy the INT8 file may have: this stage's budget (a detector's
+        when it has none) against the model it quantizes and the pipeline's against the
+        baseline, the stricter one."""
         floors = [] if ctx.min_accuracy is None else [ctx.min_accuracy]
-        if self.max_accuracy_drop is not None:
-            floors.append(self._accuracy(fp32, ctx) - self.max_accuracy_drop)
+        drop = self.max_accuracy_drop
+        if drop is None and ctx.io.detection is not None:
+            drop = self.detector_max_accuracy_drop
+        if drop is not None:
+            floors.append(self._accuracy(fp32, ctx) - drop)
         return max(floors) if floors else None
 
 
@@ -601,8 +613,31 @@ def _pre_process(fp32: Path, out: Path, external: bool) -> tuple[Path, str, str 
         except Exception as exc:
             error = error or first_line(exc)
             continue
+        if not external:
+            name_nodes(out)
         return out, how, None
     return fp32, "failed", error
+
+
+def name_nodes(path: Path) -> None:
+    """Give every unnamed node of the ONNX file ``path`` a name of its own, in place.
+
+    quant_pre_process inlines ONNX functions (the exporter writes HardSwish as one) into
+    unnamed nodes, and nodes are kept in FP32 or reverted by name.
+    """
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node}
+    unnamed = [n for n in model.graph.node if not n.name]
+    if not unnamed:
+        return
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"/unnamed/{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(model, str(path))
 
 
 class _Clock:

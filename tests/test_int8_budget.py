@@ -1,5 +1,6 @@
 """Accuracy budgets: INT8 sensitivity, reverting nodes to FP32, and over-budget artifacts."""
 
+import itertools
 import json
 
 import onnx
@@ -11,7 +12,7 @@ from torch import nn
 
 import compressor as cz
 from compressor.export import export_onnx
-from compressor.int8_budget import quantized_nodes
+from compressor.int8_budget import graph_prefixes, quantized_nodes
 from compressor.int8_placement import keep_fp32
 from compressor.measure import onnx_predictor, sample_batch
 from compressor.quantization import _CalibrationReader
@@ -161,6 +162,78 @@ def test_missed_budget_keeps_the_artifact_under_a_name_that_says_so(data, tmp_pa
     assert budget["accuracy_budget"]["trials"] == []  # lost before INT8: nothing reverted
     assert any("already under the accuracy budget" in n for n in result.report.notes())
     assert cz.Report.load(tmp_path / "report.json").budget == document["budget"]
+
+
+class SpreadOutlierNet(OutlierNet):
+    """`OutlierNet` with a HardSwish after the first conv: ONNX Runtime quantizes the
+    HardSwish's input as well as its output, so no conv reverted on its own (nor all of
+    them) reads the first conv's output unrounded; only the conv and the activation
+    reverted together do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(nn.functional.hardswish(self.conv0(x))))
+        return self.fc(self.conv2(x).mean(dim=(2, 3)))
+
+
+def test_graph_prefixes_count_compute_nodes_and_skip_excluded(outlier_model, data, tmp_path):
+    fp32, int8 = _files(outlier_model, data, tmp_path)
+    quantized, source = onnx.load(int8), onnx.load(fp32)
+    prefixes = graph_prefixes(quantized, source)
+    kinds = {n.name: n.op_type for n in quantized.graph.node}
+    computes = [[n for n in p if kinds[n] in ("Conv", "Gemm", "MatMul")] for p in prefixes]
+    assert [len(c) for c in computes] == [1, 2, 3, 4]
+    assert all(a == b[: len(a)] for a, b in itertools.pairwise(prefixes))  # each extends the last
+    assert not any(kinds[n] in ("QuantizeLinear", "DequantizeLinear") for n in prefixes[-1])
+    conv1 = computes[1][1]
+    assert [len(p) for p in graph_prefixes(quantized, source, exclude=[conv1])][:2] == [
+        len(prefixes[1]) - 1,
+        len(prefixes[2]) - 1,
+    ]
+    # the whole graph reverted with float inputs computes what the FP32 model does, up to
+    # the rounding of the output (its Quantize/Dequantize stays)
+    x = sample_batch(cz.DataSpec(data[1]), 16)
+    path = tmp_path / "all.onnx"
+    edited = keep_fp32(quantized, source, prefixes[-1], float_inputs=True)
+    onnx.save(edited, path)
+    step = _output_scale(edited)
+    reference = onnx_predictor(fp32, 1)(x)
+    assert (onnx_predictor(path, 1)(x) - reference).abs().max() <= step / 2 + 1e-4
+    assert (onnx_predictor(int8, 1)(x) - reference).abs().max() > 2 * step
+    with pytest.raises(ValueError, match="no compute node"):  # an activation needs float inputs
+        keep_fp32(quantized, source, [next(n for n in prefixes[-1] if n not in computes[-1])])
+
+
+def _output_scale(model: onnx.ModelProto) -> float:
+    """The quantization step of the model's output (a Dequantize writes it)."""
+    produced = {o: n for n in model.graph.node for o in n.output}
+    dq = produced[model.graph.output[0].name]
+    assert dq.op_type == "DequantizeLinear"
+    scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+    return float(onnx.numpy_helper.to_array(scale))
+
+
+def test_budget_reverts_the_first_layers_together_when_no_single_node_helps(data, tmp_path):
+    torch.manual_seed(0)
+    model = fit(SpreadOutlierNet(), data[0], epochs=4).eval()
+    with torch.no_grad():
+        model.conv1.weight[:, 0] = 0
+    model.add_outlier()
+    stage = cz.Int8Quantization(calibration_samples=64, fp32_placement=False)
+    result = cz.Pipeline([stage], max_accuracy_drop=0.05).run(
+        model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
+    )
+    budget = result.report.row("int8_quantization", "onnxruntime").details["quantization"][
+        "accuracy_budget"
+    ]
+    assert budget["int8_accuracy"] < budget["min_accuracy"] <= budget["accuracy"]
+    assert result.budget_met is True and budget["order"] == "prefix"
+    ranking = [t for t in budget["trials"] if t["order"] == "ranking"]
+    assert ranking[-1]["fp32_nodes"] == 4  # every compute node reverted on its own: no use
+    assert all(t["accuracy"] < budget["min_accuracy"] for t in ranking)
+    # conv0, the HardSwish (inlined by pre-processing into unnamed nodes, named for this)
+    # and conv1, which reads it: conv0's output is no longer rounded anywhere
+    assert [n.split("/")[1] for n in budget["fp32_nodes"]] == ["conv0", "conv1"]
+    assert budget["fp32_other_nodes"]
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, "half", float("nan"), True])
