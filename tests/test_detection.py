@@ -203,6 +203,9 @@ def test_a_detector_through_all_four_stages(tmp_path, val):
     kept = quantization["fp32_by_choice"]
     assert len(kept) == 4 and all(k.startswith("/head/") for k in kept)
     assert quantization["int8_compute_ops"] >= 6
+    budget = quantization["accuracy_budget"]  # a detector's own, by default
+    assert budget["min_accuracy"] == pytest.approx(budget["fp32_accuracy"] - 0.015, abs=1e-6)
+    assert budget["met"]
     # INT8 against the compressed FP32 model: the same classes per anchor, the same mAP
     distilled = rows[("distillation", "torch")]["accuracy"]
     assert base["accuracy"] > 0.01, "the baseline found nothing: the check means nothing"

@@ -77,6 +77,11 @@ BAD = [
     ),
     (cz.Int8Quantization, {"opset": 13}, r"opset must be an integer >= 17 \(got: 13\)"),
     (cz.Int8Quantization, {"activation_type": "fp8"}, r"activation_type must be one of"),
+    (
+        cz.Int8Quantization,
+        {"detector_max_accuracy_drop": 2.0},
+        r"detector_max_accuracy_drop must be a number in \[0, 1\] \(got: 2\.0\)",
+    ),
 ]
 
 
