@@ -13,9 +13,10 @@ compressed on ``--train-images`` of them, three seeds, three ways:
 - ``harsh``: pruning 0.8 and distillation 1 epoch with the same budget and no search, which
   should end over budget, with ``model.int8.over-budget.onnx`` and the message the CLI prints.
 
-Every number comes from the pipeline's own report (accuracy over the 10,000 test images, the
-INT8 file run in ONNX Runtime). Prints a row per run and a table of means and standard
-deviations, and writes benchmarks/results/budget_search.json after every run.
+Every number comes from the pipeline's own report (accuracy over the 10,000 test images, or
+the first ``--test-images``; the INT8 file run in ONNX Runtime). Prints a row per run and a
+table of means and standard deviations, and writes benchmarks/results/budget_search.json
+after every run.
 
     apt-get install dataset-fashion-mnist        # Debian: found in /usr/share/datasets
     python benchmarks/budget_search.py           # about 50 minutes on 2 cores
@@ -153,6 +154,7 @@ def main() -> int:
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-images", type=int, default=4_000)
+    parser.add_argument("--test-images", type=int, default=10_000, help="of the 10,000")
     parser.add_argument("--budget", type=float, default=0.005)
     parser.add_argument("--minutes", type=float, default=5.0, help="max_search_minutes")
     parser.add_argument("--baseline-epochs", type=int, default=2)
@@ -165,7 +167,7 @@ def main() -> int:
     train_set, test_set = tensors(args.data)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
     short = Subset(train_set, order[: args.train_images].tolist())
-    test = DataLoader(test_set, batch_size=256)
+    test = DataLoader(Subset(test_set, range(min(args.test_images, len(test_set)))), batch_size=256)
     runs: list[dict[str, Any]] = []
     if args.out.is_file():  # keep the runs of other models, ways and seeds
         done = {(m, w, s) for m in args.models for w in args.ways for s in args.seeds}
