@@ -388,7 +388,12 @@ class Int8Quantization(Stage):
                 quantized, budget = revert_to_budget(
                     quantized, source, ctx, floor, samples=self.sensitivity_samples, exclude=kept
                 )
-                kept = [*kept, *budget["fp32_nodes"], *budget.get("fp32_producers", [])]
+                kept = [
+                    *kept,
+                    *budget["fp32_nodes"],
+                    *budget.get("fp32_producers", []),
+                    *budget.get("fp32_other_nodes", []),
+                ]
                 notes += _budget_notes(budget)
                 clock.lap("accuracy_budget")
             with atomic_path(final) as out:
@@ -543,8 +548,14 @@ def _budget_notes(budget: dict[str, Any]) -> list[str]:
         ]
     reached = budget["accuracy"]
     if budget["met"]:
+        what = f"{count} node(s)"
+        if budget.get("order") == "prefix":
+            other = len(budget.get("fp32_other_nodes", []))
+            what = (
+                f"the first {count} compute node(s) and the {other} op(s) before and between them"
+            )
         return [
-            f"{count} node(s) kept in FP32 to stay within the accuracy budget "
+            f"{what} kept in FP32 to stay within the accuracy budget "
             f"(INT8 {budget['int8_accuracy']:.4f} -> {reached:.4f}, at least "
             f"{budget['min_accuracy']:.4f} needed): {', '.join(budget['fp32_nodes'][:5])}"
         ]

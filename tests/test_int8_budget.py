@@ -234,6 +234,7 @@ def test_budget_reverts_the_first_layers_together_when_no_single_node_helps(data
     # and conv1, which reads it: conv0's output is no longer rounded anywhere
     assert [n.split("/")[1] for n in budget["fp32_nodes"]] == ["conv0", "conv1"]
     assert budget["fp32_other_nodes"]
+    assert any("the first 2 compute node(s) and the" in n for n in result.report.notes())
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, "half", float("nan"), True])
