@@ -235,17 +235,16 @@ def graph_prefixes(
     have = {n.name: n.op_type for n in quantized.graph.node}
     found: list[list[str]] = []
     current: list[str] = []
+    computes = 0  # compute nodes in ``current``
     for node in fp32.graph.node:
-        if (
-            node.op_type in _COMPUTE
-            and node.name not in exclude
-            and current
-            and any(have.get(n) in _COMPUTE for n in current)
-        ):
-            found.append(list(current))
-        if node.name and have.get(node.name) == node.op_type and node.name not in exclude:
-            current.append(node.name)
-    if any(have.get(n) in _COMPUTE for n in current):
+        if not node.name or have.get(node.name) != node.op_type or node.name in exclude:
+            continue
+        if node.op_type in _COMPUTE:
+            if computes:
+                found.append(list(current))
+            computes += 1
+        current.append(node.name)
+    if computes:
         found.append(current)
     return found
 

@@ -638,8 +638,7 @@ def name_nodes(path: Path) -> None:
     """
     model = onnx.load(str(path))
     taken = {n.name for n in model.graph.node}
-    unnamed = [n for n in model.graph.node if not n.name]
-    if not unnamed:
+    if "" not in taken:
         return
     for index, node in enumerate(model.graph.node):
         if not node.name:
