@@ -114,11 +114,14 @@ def revert_to_budget(
 ) -> tuple[Path, dict[str, Any]]:
     """Revert the most INT8-sensitive nodes to FP32 until accuracy >= ``min_accuracy``.
 
-    Accuracy is ``ctx.eval_fn`` over ``ctx.eval_data`` in ONNX Runtime. Counts of reverted
-    nodes are tried 1, 2, 4, ... until one meets the budget, then halved back to the fewest
-    that do. When none does (all reverted included), the most accurate file is kept. When
-    the FP32 model is itself under ``min_accuracy``, no node is reverted: the accuracy was
-    lost before INT8, and reverting could not win it back.
+    Accuracy is ``ctx.eval_fn`` over ``ctx.eval_data`` in ONNX Runtime. Two orders are tried
+    side by side: the nodes by their own INT8 error ("ranking"), and the graph's first
+    compute nodes with every op between them ("prefix", `graph_prefixes`). Counts of
+    reverted compute nodes are tried 1, 2, 4, ... until one meets the budget, then halved
+    back to the fewest that do (`_fewest`). When none does (all reverted included), the
+    most accurate file is kept. When the FP32 model is itself under ``min_accuracy``, no
+    node is reverted: the accuracy was lost before INT8, and reverting could not win it
+    back.
 
     Returns:
         The file to ship and what was done: ``min_accuracy``, ``fp32_accuracy``,
@@ -172,14 +175,17 @@ def revert_to_budget(
         )
         return results[order, count][0] >= min_accuracy
 
-    met = {"ranking": _fewest(lambda c: trial("ranking", c), len(ranking))}
     # Errors that grow layer by layer (a constant background's rounding, amplified by
-    # the convolutions after it) show in no single node: try the graph's first layers.
-    limit = len(prefixes) if met["ranking"] is None else met["ranking"] - 1
-    met["prefix"] = _fewest(lambda c: trial("prefix", c), limit)
-    found = [(count, order) for order, count in met.items() if count is not None]
+    # the convolutions after it) show in no single node: the graph's first layers together
+    # are tried beside the ranking.
+    found = _fewest(
+        {
+            "ranking": (lambda c: trial("ranking", c), len(ranking)),
+            "prefix": (lambda c: trial("prefix", c), len(prefixes)),
+        }
+    )
     if found:
-        count, order = min(found)
+        order, count = found
     else:  # nothing met it: the most accurate, fewest nodes on a tie
         order, count = max(results, key=lambda k: (results[k][0], -k[1]))
     path = results[order, count][1]
@@ -201,25 +207,41 @@ def revert_to_budget(
     return path, info
 
 
-def _fewest(meets: Callable[[int], bool], limit: int) -> int | None:
-    """The smallest count in 1..``limit`` for which ``meets`` holds (assumed to keep holding
-    for larger counts): tried 1, 2, 4, ... then halved back. None when ``limit`` fails."""
-    low, high, count = 0, None, 1  # low fails; high meets
-    while limit > 0 and high is None:
-        count = min(count, limit)
-        if meets(count):
-            high = count
-        elif count == limit:
-            return None
-        else:
+def _fewest(orders: dict[str, tuple[Callable[[int], bool], int]]) -> tuple[str, int] | None:
+    """The order, and its smallest count in 1..limit, for which ``meets`` holds (assumed to
+    keep holding for larger counts), given ``{order: (meets, limit)}``; the earlier order
+    on a tie, None when every limit fails.
+
+    The orders are tried side by side at 1, 2, 4, ... until one meets, then halved back: an
+    order that failed at a count cannot beat one that met there, so it is not tried further.
+    """
+    alive = {name: spec for name, spec in orders.items() if spec[1] > 0}
+    low, count, met = 0, 1, []  # every alive order failed at `low`
+    while alive and not met:
+        for name, (meets, limit) in list(alive.items()):
+            tried = min(count, limit)
+            if meets(tried):
+                met.append((name, tried))
+            elif tried == limit:
+                del alive[name]
+        if not met:
             low, count = count, count * 2
-    while high is not None and high - low > 1:
-        middle = (low + high) // 2
-        if meets(middle):
-            high = middle
-        else:
-            low = middle
-    return high
+    best: tuple[str, int] | None = None
+    for name, high in met:
+        meets = orders[name][0]
+        if best is not None:  # only fewer than the best so far can win
+            if best[1] - 1 <= low or not meets(best[1] - 1):
+                continue
+            high = best[1] - 1
+        bottom = low
+        while high - bottom > 1:
+            middle = (bottom + high) // 2
+            if meets(middle):
+                high = middle
+            else:
+                bottom = middle
+        best = (name, high)
+    return best
 
 
 def graph_prefixes(

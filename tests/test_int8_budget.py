@@ -12,7 +12,7 @@ from torch import nn
 
 import compressor as cz
 from compressor.export import export_onnx
-from compressor.int8_budget import graph_prefixes, quantized_nodes
+from compressor.int8_budget import _fewest, graph_prefixes, quantized_nodes
 from compressor.int8_placement import keep_fp32
 from compressor.measure import onnx_predictor, sample_batch
 from compressor.quantization import _CalibrationReader
@@ -175,6 +175,37 @@ class SpreadOutlierNet(OutlierNet):
         return self.fc(self.conv2(x).mean(dim=(2, 3)))
 
 
+def _order(fewest: int, tried: list):
+    """``meets`` of an order whose smallest passing count is ``fewest``, noting each count."""
+    return lambda count: tried.append(count) or count >= fewest
+
+
+@pytest.mark.parametrize(
+    ("ranking", "prefix", "limits", "expected"),
+    [
+        (5, 2, (8, 8), ("prefix", 2)),
+        (2, 2, (8, 8), ("ranking", 2)),  # a tie: the earlier order
+        (3, 4, (8, 8), ("ranking", 3)),  # both meet at 4: the prefix tried below 3 only
+        (9, 6, (8, 7), ("prefix", 6)),  # the ranking's limit fails
+        (9, 9, (8, 7), None),
+        (1, 1, (0, 3), ("prefix", 1)),  # no ranking at all
+    ],
+)
+def test_fewest_tries_the_orders_side_by_side(ranking, prefix, limits, expected):
+    tried = {"ranking": [], "prefix": []}
+    orders = {
+        "ranking": (_order(ranking, tried["ranking"]), limits[0]),
+        "prefix": (_order(prefix, tried["prefix"]), limits[1]),
+    }
+    assert _fewest(orders) == expected
+    for name, counts in tried.items():
+        assert len(counts) == len(set(counts)), f"{name} tried a count twice: {counts}"
+        assert all(1 <= c <= limits[name == "prefix"] for c in counts)
+    if expected:  # nothing above the doubling's round that met was tried
+        rounds = max(max(c) for c in tried.values() if c)
+        assert rounds <= 2 * expected[1]
+
+
 def test_graph_prefixes_count_compute_nodes_and_skip_excluded(outlier_model, data, tmp_path):
     fp32, int8 = _files(outlier_model, data, tmp_path)
     quantized, source = onnx.load(int8), onnx.load(fp32)
@@ -228,7 +259,10 @@ def test_budget_reverts_the_first_layers_together_when_no_single_node_helps(data
     assert budget["int8_accuracy"] < budget["min_accuracy"] <= budget["accuracy"]
     assert result.budget_met is True and budget["order"] == "prefix"
     ranking = [t for t in budget["trials"] if t["order"] == "ranking"]
-    assert ranking[-1]["fp32_nodes"] == 4  # every compute node reverted on its own: no use
+    # tried side by side: the ranking failed at every count the prefix was tried at
+    assert {t["fp32_nodes"] for t in ranking} >= {
+        t["fp32_nodes"] for t in budget["trials"] if t["order"] == "prefix"
+    }
     assert all(t["accuracy"] < budget["min_accuracy"] for t in ranking)
     # conv0, the HardSwish (inlined by pre-processing into unnamed nodes, named for this)
     # and conv1, which reads it: conv0's output is no longer rounded anywhere
