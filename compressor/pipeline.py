@@ -617,7 +617,8 @@ def _search_span(stages: list[Stage], options: dict[str, Any]) -> tuple[int, int
 
 def _candidate_numbers(state: State, ctx: RunContext, quantizer: Any) -> dict[str, Any]:
     """A search candidate's accuracy, size in parameters and MACs, and, when an INT8 stage
-    follows, the accuracy of its INT8 file (every node INT8, calibrated on a sample)."""
+    follows, the accuracy of its INT8 file (calibrated on a sample; the nodes the accuracy
+    budget reverts in FP32 as the stage would, their count as ``int8_fp32_nodes``)."""
     params, macs = count_params_macs(state.model, state.example_input)
     with torch_threads(ctx.threads):
         accuracy = float(ctx.eval_fn(torch_predictor(state.model.cpu()), ctx.eval_data))
@@ -627,9 +628,13 @@ def _candidate_numbers(state: State, ctx: RunContext, quantizer: Any) -> dict[st
             fp32 = Path(tmp) / "candidate.onnx"
             export_onnx(state.model, state.example_input, fp32, threads=ctx.threads)
             out = Path(tmp) / "candidate.int8.onnx"
-            int8 = quantizer.quantize_sample(fp32, out, ctx, placement=False)
-            predict = onnx_predictor(int8, ctx.threads)
-            numbers["int8_accuracy"] = float(ctx.eval_fn(predict, ctx.eval_data))
+            int8, budget = quantizer.quantize_sample(fp32, out, ctx, placement=False, budget=True)
+            if budget is None:
+                predict = onnx_predictor(int8, ctx.threads)
+                numbers["int8_accuracy"] = float(ctx.eval_fn(predict, ctx.eval_data))
+            else:  # what the INT8 stage's budget will revert, as it will
+                numbers["int8_accuracy"] = budget.get("accuracy", budget["int8_accuracy"])
+                numbers["int8_fp32_nodes"] = len(budget["fp32_nodes"])
     return numbers
 
 

@@ -222,7 +222,7 @@ def artifact_measure(
             export_onnx(model, example, path, threads=ctx.threads, atol=1e-2, rtol=1e-2)
             if quantizer is not None:
                 out = Path(tmp) / "candidate.int8.onnx"
-                path = quantizer.quantize_sample(path, out, ctx, placement=option in TIMED)
+                path, _ = quantizer.quantize_sample(path, out, ctx, placement=option in TIMED)
             if option == "target_size_mb":
                 return path.stat().st_size / 1e6
             predict = onnx_predictor(path, ctx.threads, runtime)

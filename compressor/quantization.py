@@ -329,11 +329,9 @@ class Int8Quantization(Stage):
                     external=external,
                 )
                 clock.lap("dynamic")
-            seen, placement, mode_choice, head = 0, None, None, []
+            seen, placement, mode_choice = 0, None, None
             quantized = dynamic
-            detector = ctx.io.detection
-            if self.head_fp32 and detector is not None and detector.keep_fp32:
-                head = tail_nodes(onnx.load(str(source)), detector.keep_fp32)
+            head = self._head(source, ctx)
             if self.mode != "dynamic":
                 ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
                 quantized = Path(tmp) / "int8" / "model.int8.onnx"
@@ -493,12 +491,21 @@ class Int8Quantization(Stage):
         return reader.seen
 
     def quantize_sample(
-        self, fp32: Path, out: Path, ctx: RunContext, *, samples: int = 8, placement: bool = True
-    ) -> Path:
+        self,
+        fp32: Path,
+        out: Path,
+        ctx: RunContext,
+        *,
+        samples: int = 8,
+        placement: bool = True,
+        budget: bool = False,
+    ) -> tuple[Path, dict[str, Any] | None]:
         """Quantize ``fp32`` as `apply` would, calibrated on ``samples`` training inputs only,
-        for a candidate's size and speed: with the stage's FP32 placement (decided on at most
-        256 eval inputs) when ``placement``, without an accuracy budget. Returns the file
-        (``out``, or the placement's choice beside it)."""
+        for a candidate's size, speed and accuracy: a detector's head in FP32, with the
+        stage's FP32 placement (decided on at most 256 eval inputs) when ``placement``, and
+        when ``budget`` the accuracy budget's reverted nodes (`revert_to_budget`, against
+        ``ctx.min_accuracy`` and the stage's own budget). Returns the file (``out``, or the
+        choice beside it) and the budget's record (None when no budget applied)."""
         source, _, _ = _pre_process(fp32, out.with_name(out.stem + ".pre.onnx"), False)
         if self.mode == "dynamic" or (self.mode == "auto" and not has_convolutions(source)):
             types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
@@ -509,13 +516,26 @@ class Int8Quantization(Stage):
                 reduce_range=types.reduce_range,
                 external=False,
             )
-            return out  # a model without convolutions: dynamic, as `apply` most often keeps
-        self.quantize_file(source, out, ctx.train_data, samples=samples)
-        if not (placement and self.fp32_placement and self.placement_candidates):
-            return out
-        small = dataclasses.replace(ctx, eval_data=data_subset(ctx.eval_data, 256))
-        chosen, _ = place_fp32(out, source, small, self.placement_candidates)
-        return chosen
+            return out, None  # a model without convolutions: dynamic, as `apply` most often keeps
+        head = self._head(source, ctx)
+        self.quantize_file(source, out, ctx.train_data, samples=samples, exclude=head)
+        chosen = out
+        if placement and self.fp32_placement and self.placement_candidates:
+            small = dataclasses.replace(ctx, eval_data=data_subset(ctx.eval_data, 256))
+            chosen, _ = place_fp32(out, source, small, self.placement_candidates)
+        floor = self._min_accuracy(ctx, fp32) if budget else None
+        if floor is None:
+            return chosen, None
+        return revert_to_budget(
+            chosen, source, ctx, floor, samples=self.sensitivity_samples, exclude=head
+        )
+
+    def _head(self, source: Path, ctx: RunContext) -> list[str]:
+        """The detector head's nodes in ``source`` that stay FP32 (``head_fp32``), or none."""
+        detector = ctx.io.detection
+        if not (self.head_fp32 and detector is not None and detector.keep_fp32):
+            return []
+        return tail_nodes(onnx.load(str(source)), detector.keep_fp32)
 
     @staticmethod
     def _accuracy(path: Path, ctx: RunContext) -> float:

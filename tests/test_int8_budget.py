@@ -6,7 +6,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import TinyResNet, fit
+from conftest import TinyResNet, fit, loaders
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from torch import nn
 
@@ -47,7 +47,7 @@ class OutlierNet(nn.Module):
 @pytest.fixture(scope="module")
 def outlier_model(data):
     torch.manual_seed(0)
-    model = fit(OutlierNet(), data[0], epochs=4).eval()
+    model = fit(OutlierNet(), loaders()[0], epochs=4).eval()
     with torch.no_grad():
         model.conv1.weight[:, 0] = 0  # channel 0 carries nothing: scaling it keeps the function
     x = sample_batch(cz.DataSpec(data[1]), 64)
@@ -245,7 +245,7 @@ def _output_scale(model: onnx.ModelProto) -> float:
 
 def test_budget_reverts_the_first_layers_together_when_no_single_node_helps(data, tmp_path):
     torch.manual_seed(0)
-    model = fit(SpreadOutlierNet(), data[0], epochs=4).eval()
+    model = fit(SpreadOutlierNet(), loaders()[0], epochs=4).eval()
     with torch.no_grad():
         model.conv1.weight[:, 0] = 0
     model.add_outlier()
@@ -318,3 +318,24 @@ def test_cli_exits_3_when_the_budget_is_missed(tmp_path, capsys):
     assert (out / "model.int8.onnx").is_file() and not (
         out / "model.int8.over-budget.onnx"
     ).exists()
+
+
+def test_the_ratio_search_judges_a_candidate_by_the_int8_file_the_budget_will_ship(
+    outlier_model, data, tmp_path
+):
+    """Every node INT8 misses the budget on this model at any ratio; with the nodes the
+    stage's budget reverts, a candidate meets it, and the search keeps that candidate."""
+    stages = [
+        cz.StructuredPruning(ratio=0.2, round_to=1),
+        cz.Int8Quantization(calibration_samples=64, fp32_placement=False),
+    ]
+    result = cz.Pipeline(stages, max_accuracy_drop=0.03, max_search_minutes=2).run(
+        outlier_model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
+    )
+    search = result.report.row("structured_pruning", "torch").details["pruning"]["search"]
+    trace = {c["ratio"]: c for c in search["trace"]}
+    chosen = trace[search["ratio"]]
+    assert search["met"] is True and chosen["met"] is True
+    assert chosen["int8_fp32_nodes"] >= 1  # plain INT8 would have missed
+    assert chosen["int8_accuracy"] >= result.report.rows[0].accuracy - 0.03
+    assert result.budget_met is True
