@@ -54,12 +54,12 @@ def baseline(
     return model.eval(), io
 
 
-def stages(ratio: float) -> list[cz.Stage]:
-    """The short budget: 1 epoch of sparsity training, 2 of distillation."""
+def stages(ratio: float, distill_epochs: int = 2) -> list[cz.Stage]:
+    """The short budget: 1 epoch of sparsity training, 2 of distillation (by default)."""
     return [
         cz.SparsityTraining(epochs=1),
         cz.StructuredPruning(ratio=ratio),
-        cz.Distillation(epochs=2),
+        cz.Distillation(epochs=distill_epochs),
         cz.Int8Quantization(),
     ]
 
@@ -75,7 +75,7 @@ def run_one(
 ) -> dict[str, Any]:
     """One pipeline run; the table's numbers from its report."""
     start = time.perf_counter()
-    result = cz.Pipeline(stages(args.ratio)).run(
+    result = cz.Pipeline(stages(args.ratio, args.distill_epochs)).run(
         model,
         *data,
         io=io,
@@ -83,7 +83,7 @@ def run_one(
         seed=seed,
         threads=2,
         progress=False,
-        limit_train_batches=args.train_batches,
+        limit_train_batches=args.train_batches or None,
         runtimes=["onnxruntime"],
     )
     seconds = time.perf_counter() - start
@@ -181,6 +181,7 @@ def save(args: argparse.Namespace, runs: list[dict[str, Any]], metric: str) -> N
         "baseline_epochs": args.baseline_epochs,
         "test_canvases": args.test_canvases,
         "train_batches": args.train_batches,
+        "distill_epochs": args.distill_epochs,
         "threads": 2,
     }
     write_results(args.out, settings, aggregate(runs, metric))
@@ -213,8 +214,9 @@ def main(
         "--train-batches",
         type=int,
         default=125,
-        help="training batches (of 32) per epoch of the pipeline's stages",
+        help="training batches (of 32) per epoch of the pipeline's stages (0: whole epochs)",
     )
+    parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--test-canvases", type=int, default=None, help="default: all 2,000")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--out", type=Path, default=HERE / "results" / f"{task}.json")
