@@ -76,11 +76,12 @@ def choose_mode(fp32: Path, static: Path, dynamic: Path, ctx: RunContext) -> dic
     """Time the FP32, static and dynamic files at batch 1, and compare their outputs with
     FP32's on up to `SAMPLES` eval inputs.
 
-    The file clearly closer to FP32 is ``chosen``: top-1 agreement with FP32 (per sample, or
-    per pixel) more than `AGREEMENT_MARGIN` higher, or, for outputs without a class axis, a
-    mean absolute difference more than `ERROR_MARGIN` times smaller. When neither is,
-    ``dynamic`` if it is at least `MIN_GAIN` times faster than static, else ``static``. (A
-    timing alone never picks a file that wrecks accuracy, as static QDQ does to BERT.)
+    The file clearly closer to FP32 is ``chosen``: top-1 agreement with FP32 (per sample,
+    pixel or anchor, `ModelIO.labels`) more than `AGREEMENT_MARGIN` higher, or, for outputs
+    without a class axis, a mean absolute difference more than `ERROR_MARGIN` times smaller.
+    When neither is, ``dynamic`` if it is at least `MIN_GAIN` times faster than static,
+    else ``static``. (A timing alone never picks a file that wrecks accuracy, as static QDQ
+    does to BERT.)
     """
     x1 = sample_batch(ctx.eval_data, 1)
     xs = sample_batch(ctx.eval_data, SAMPLES)
@@ -89,7 +90,9 @@ def choose_mode(fp32: Path, static: Path, dynamic: Path, ctx: RunContext) -> dic
         for name, path in (("fp32", fp32), ("static", static), ("dynamic", dynamic))
     }
     reference = predictors["fp32"](xs).float()
-    classes = reference.dim() >= 2 and reference.shape[1] > 1
+    # class scores to compare by the class they pick (`ModelIO.labels`: per sample or
+    # pixel, per anchor for a detector), else a regression-like output
+    classes = ctx.io.detection is not None or (reference.dim() >= 2 and reference.shape[1] > 1)
     info: dict[str, Any] = {}
     for name, predict in predictors.items():
         p50 = timed_runs(lambda p=predict: p(x1)).median
@@ -98,7 +101,7 @@ def choose_mode(fp32: Path, static: Path, dynamic: Path, ctx: RunContext) -> dic
             out = predict(xs).float()
             entry["mean_abs_diff"] = round(float((out - reference).abs().mean()), 6)
             if classes:
-                same = out.argmax(dim=1) == reference.argmax(dim=1)
+                same = ctx.io.labels(out) == ctx.io.labels(reference)
                 entry["top1_agreement"] = round(float(same.float().mean()), 6)
         info[name] = entry
     static_info, dynamic_info = info["static"], info["dynamic"]
