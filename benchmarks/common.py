@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 import compressor as cz
 from compressor._io import write_text
 from compressor.data import DataSpec
-from compressor.measure import environment, ort_predictor, ort_session, timed_runs, top1
+from compressor.measure import environment, interleaved_runs, ort_predictor, ort_session, top1
 from compressor.stage import RunContext, State
 
 
@@ -29,21 +29,14 @@ def side_by_side(runs: dict[Any, Callable[[], Any]], rounds: int = 3) -> dict[An
     median settles), so a slow spell of a shared machine falls on all of them alike rather
     than on whichever ran then. The times of all rounds are pooled.
     """
-    times: dict[Any, list[float]] = {name: [] for name in runs}
-    stable = dict.fromkeys(runs, True)
-    for _ in range(rounds):
-        for name, run in runs.items():
-            timing = timed_runs(run)
-            times[name] += timing.times
-            stable[name] &= timing.stable
     result = {}
-    for name, values in times.items():
-        ms = np.asarray(values) * 1e3
+    for name, timing in interleaved_runs(runs, rounds=rounds).items():
+        ms = np.asarray(timing.times) * 1e3
         result[name] = {
             "p50": round(float(np.median(ms)), 3),
             "p90": round(float(np.percentile(ms, 90)), 3),
             "repeats": len(ms),
-            "stable": stable[name],
+            "stable": timing.stable,
         }
     return result
 

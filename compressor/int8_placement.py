@@ -8,7 +8,6 @@ the INT8 stage keeps a node in FP32 only when the whole model measures faster th
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from .measure import Predict, onnx_predictor, sample_batch, timed_runs
+from .measure import Predict, interleaved_runs, onnx_predictor, sample_batch
 
 if TYPE_CHECKING:
     from .stage import RunContext
@@ -116,15 +115,15 @@ def _interleaved(
     current: dict[str, Predict], trial: dict[str, Predict], x: object
 ) -> dict[str, dict[str, float]]:
     """p50 ms of both files in each runtime, timed in alternating rounds."""
-    times: dict[str, dict[str, list[float]]] = {r: {"int8": [], "fp32": []} for r in current}
-    for _ in range(ROUNDS):
-        for runtime in current:
-            for key, predictors in (("int8", current), ("fp32", trial)):
-                predict = predictors[runtime]
-                times[runtime][key] += timed_runs(lambda p=predict: p(x), min_time_s=0.25).times
+    runs = {
+        (runtime, key): (lambda p=predictors[runtime]: p(x))
+        for runtime in current
+        for key, predictors in (("int8", current), ("fp32", trial))
+    }
+    timings = interleaved_runs(runs, rounds=ROUNDS, min_time_s=0.25)
     return {
-        runtime: {key: round(statistics.median(v) * 1e3, 4) for key, v in by_key.items()}
-        for runtime, by_key in times.items()
+        runtime: {key: round(timings[runtime, key].median * 1e3, 4) for key in ("int8", "fp32")}
+        for runtime in current
     }
 
 

@@ -30,11 +30,14 @@ from torch import nn
 from .data import DataSpec
 from .export import export_onnx
 from .inputs import call
-from .measure import onnx_predictor, timed_runs
+from .measure import interleaved_runs, onnx_predictor
 
 FLOOR = 0.05
 """A group's cost is at least this share of the mean group's: timing noise can make a
 small layer's slope zero or negative, and a free channel must not look infinitely cheap."""
+
+ROUNDS = 4
+"""Alternating timing rounds per layer (see `_timed`)."""
 
 _TIMINGS: dict[tuple[Any, ...], float] = {}
 
@@ -75,11 +78,10 @@ def layer_slopes(
     table = {}
     for name, shape in shapes.items():
         layer = modules[name]
-        full = _timed(layer, shape, 1.0, 1.0, runtime, threads)
-        out_half = _timed(layer, shape, 0.5, 1.0, runtime, threads)
-        in_half = _timed(layer, shape, 1.0, 0.5, runtime, threads)
-        if full is None or out_half is None or in_half is None:
+        times = _timed(layer, shape, runtime, threads)
+        if times is None:
             continue
+        full, out_half, in_half = times
         cout, cin = _widths(layer)
         table[name] = LayerSlopes(
             ms=full,
@@ -127,15 +129,37 @@ def _half(width: int) -> int:
     return max(1, width // 2)
 
 
+WIDTHS = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5))
+"""The (output, input) channel shares each layer is timed at: as it is, half out, half in."""
+
+
 def _timed(
+    layer: nn.Module, shape: tuple[int, ...], runtime: str, threads: int
+) -> tuple[float, float, float] | None:
+    """The batch-1 median ms of ``layer``'s shape at each of `WIDTHS`, INT8, in ``runtime``.
+
+    The widths not timed yet are timed together, in alternating rounds: a burst of load
+    from another process must not make the half-width layer look slower than the whole one.
+    """
+    variants = [_variant(layer, shape, share, runtime, threads) for share in WIDTHS]
+    if any(v is None for v in variants):
+        return None
+    missing = {key: (single, inputs) for key, single, inputs in variants if key not in _TIMINGS}
+    if missing:
+        _TIMINGS.update(_time_int8(missing, runtime, threads))
+    full, out_half, in_half = (_TIMINGS[key] for key, _, _ in variants)
+    return full, out_half, in_half
+
+
+def _variant(
     layer: nn.Module,
     shape: tuple[int, ...],
-    out_share: float,
-    in_share: float,
+    shares: tuple[float, float],
     runtime: str,
     threads: int,
-) -> float | None:
-    """The batch-1 median ms of ``layer``'s shape at these widths, INT8, in ``runtime``."""
+) -> tuple[tuple[Any, ...], nn.Module, torch.Tensor] | None:
+    """The timing key, the single layer and its input at these channel shares."""
+    out_share, in_share = shares
     cout, cin = _widths(layer)
     cout = cout if out_share == 1.0 else _half(cout)
     cin = cin if in_share == 1.0 else _half(cin)
@@ -151,31 +175,33 @@ def _timed(
         single: nn.Module = nn.Conv2d(
             cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups
         )
-        inputs = torch.randn(1, cin, *shape[2:])
-    else:
-        key = ("linear", cin, cout, tuple(shape[1:-1]), runtime, threads)
-        single = nn.Linear(cin, cout)
-        inputs = torch.randn(1, *shape[1:-1], cin)
-    if key not in _TIMINGS:
-        _TIMINGS[key] = _time_int8(single.eval(), inputs, runtime, threads)
-    return _TIMINGS[key]
+        return key, single.eval(), torch.randn(1, cin, *shape[2:])
+    key = ("linear", cin, cout, tuple(shape[1:-1]), runtime, threads)
+    return key, nn.Linear(cin, cout).eval(), torch.randn(1, *shape[1:-1], cin)
 
 
-def _time_int8(layer: nn.Module, inputs: torch.Tensor, runtime: str, threads: int) -> float:
+def _time_int8(
+    layers: Mapping[tuple[Any, ...], tuple[nn.Module, torch.Tensor]], runtime: str, threads: int
+) -> dict[tuple[Any, ...], float]:
+    """Each layer quantized as the INT8 stage does it, its median ms timed interleaved."""
     from .quantization import Int8Quantization, pre_process
 
+    runs = {}
     with (
         tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp,
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")
-        fp32, int8 = Path(tmp) / "layer.onnx", Path(tmp) / "layer.int8.onnx"
-        export_onnx(layer, inputs, fp32, threads=threads, atol=1e-2, rtol=1e-2)
-        source = pre_process(fp32, Path(tmp) / "layer.pre.onnx")
-        calibration = DataSpec([(torch.randn(8, *inputs.shape[1:]), torch.zeros(8))])
-        Int8Quantization().quantize_file(source, int8, calibration, samples=8)
-        predict = onnx_predictor(int8, threads, runtime)
-        return timed_runs(lambda: predict(inputs), min_time_s=0.1, max_time_s=1.0).median * 1e3
+        for i, (key, (layer, inputs)) in enumerate(layers.items()):
+            fp32, int8 = Path(tmp) / f"layer{i}.onnx", Path(tmp) / f"layer{i}.int8.onnx"
+            export_onnx(layer, inputs, fp32, threads=threads, atol=1e-2, rtol=1e-2)
+            source = pre_process(fp32, Path(tmp) / f"layer{i}.pre.onnx")
+            calibration = DataSpec([(torch.randn(8, *inputs.shape[1:]), torch.zeros(8))])
+            Int8Quantization().quantize_file(source, int8, calibration, samples=8)
+            predict = onnx_predictor(int8, threads, runtime)
+            runs[key] = lambda p=predict, x=inputs: p(x)
+        timings = interleaved_runs(runs, rounds=ROUNDS, min_time_s=0.05, max_time_s=0.25)
+    return {key: timing.median * 1e3 for key, timing in timings.items()}
 
 
 def latency_costs(

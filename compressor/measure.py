@@ -16,11 +16,11 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .onnx_files import onnx_size
 from .row import Row
 from .runtimes import ONNX_RUNTIMES, openvino_settings, ort_options, runtime_versions
 
+K = TypeVar("K")
 Predict = Callable[[Inputs], torch.Tensor]
 EvalFn = Callable[[Predict, DataSpec], float]
 
@@ -174,6 +175,29 @@ def timed_runs(
         if elapsed >= max_time_s:
             return Timing(times, stable=False)
         previous = median
+
+
+def interleaved_runs(
+    runs: Mapping[K, Callable[[], Any]],
+    *,
+    rounds: int = 3,
+    min_time_s: float = 0.5,
+    max_time_s: float = 10.0,
+) -> dict[K, Timing]:
+    """Each of ``runs`` timed in alternating rounds; the times of all rounds pooled.
+
+    Each round gives every run its own `timed_runs`; a burst of load from another process
+    then slows all of them alike instead of the one being timed, so their differences (what
+    a comparison or a slope uses) stay honest. A run is ``stable`` if it was in every round.
+    """
+    times: dict[K, list[float]] = {key: [] for key in runs}
+    stable = dict.fromkeys(runs, True)
+    for _ in range(rounds):
+        for key, run in runs.items():
+            timing = timed_runs(run, min_time_s=min_time_s, max_time_s=max_time_s)
+            times[key] += timing.times
+            stable[key] &= timing.stable
+    return {key: Timing(times[key], stable[key]) for key in runs}
 
 
 def _percentile(values: list[float], q: float) -> float:

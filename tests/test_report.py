@@ -13,7 +13,7 @@ from compressor.bench import bench
 from compressor.cli import main
 from compressor.diagnosis import diagnose
 from compressor.export import export_onnx
-from compressor.measure import PeakMemory, environment, timed_runs
+from compressor.measure import PeakMemory, environment, interleaved_runs, timed_runs
 from compressor.quantization import inspect_int8_graph
 from compressor.report import Report, Row
 
@@ -88,6 +88,28 @@ def test_timed_runs_stops_once_the_median_is_stable():
     assert timing.stable
     assert 20 <= len(timing.times) < 1000
     assert 0.001 <= timing.median < 0.01
+
+
+def test_interleaved_runs_alternate_the_runs_round_by_round():
+    order: list[str] = []
+
+    def sleeper(key: str, seconds: float):
+        def run() -> None:
+            order.append(key)
+            time.sleep(seconds)
+
+        return run
+
+    timings = interleaved_runs(
+        {"short": sleeper("short", 0.001), "long": sleeper("long", 0.004)},
+        rounds=3,
+        min_time_s=0.02,
+        max_time_s=1.0,
+    )
+    assert 0.001 <= timings["short"].median < timings["long"].median
+    assert all(t.stable and len(t.times) >= 3 * 20 for t in timings.values())
+    blocks = [key for i, key in enumerate(order) if i == 0 or order[i - 1] != key]
+    assert blocks == ["short", "long"] * 3
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
