@@ -54,11 +54,17 @@ def baseline(
     return model.eval(), io
 
 
-def stages(ratio: float, distill_epochs: int = 2) -> list[cz.Stage]:
-    """The short budget: 1 epoch of sparsity training, 2 of distillation (by default)."""
+def stages(ratio: float, distill_epochs: int = 2, target_macs: str | None = None) -> list[cz.Stage]:
+    """The short budget: 1 epoch of sparsity training, 2 of distillation (by default);
+    pruning at ``ratio``, or to ``target_macs`` (the stage searches the ratio)."""
+    pruning = (
+        cz.StructuredPruning(target_macs=target_macs)
+        if target_macs
+        else cz.StructuredPruning(ratio=ratio)
+    )
     return [
         cz.SparsityTraining(epochs=1),
-        cz.StructuredPruning(ratio=ratio),
+        pruning,
         cz.Distillation(epochs=distill_epochs),
         cz.Int8Quantization(),
     ]
@@ -75,7 +81,7 @@ def run_one(
 ) -> dict[str, Any]:
     """One pipeline run; the table's numbers from its report."""
     start = time.perf_counter()
-    result = cz.Pipeline(stages(args.ratio, args.distill_epochs)).run(
+    result = cz.Pipeline(stages(args.ratio, args.distill_epochs, args.target_macs)).run(
         model,
         *data,
         io=io,
@@ -100,6 +106,7 @@ def run_one(
         f"final_{metric}": final.accuracy,
         "drop_points": round(100 * (base.accuracy - final.accuracy), 2),
         "macs_x": round(base.macs / final.macs, 2),
+        "ratio": rows[("structured_pruning", "torch")].details.get("pruning", {}).get("ratio"),
         "size_x": report.summary.get("size_ratio"),
         "agreement": (report.parity or {}).get("top1_agreement"),
         "seconds": round(seconds, 1),
@@ -177,7 +184,8 @@ def aggregate(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 def save(args: argparse.Namespace, runs: list[dict[str, Any]], metric: str) -> None:
     settings = {
         "input_size": args.input_size,
-        "ratio": args.ratio,
+        "ratio": None if args.target_macs else args.ratio,
+        "target_macs": args.target_macs,
         "baseline_epochs": args.baseline_epochs,
         "test_canvases": args.test_canvases,
         "train_batches": args.train_batches,
@@ -209,6 +217,9 @@ def main(
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--input-size", type=int, default=defaults["input_size"])
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--target-macs", default=None, help="prune to at most these MACs (e.g. 16.7M), not --ratio"
+    )
     parser.add_argument("--baseline-epochs", type=int, default=defaults["baseline_epochs"])
     parser.add_argument(
         "--train-batches",
