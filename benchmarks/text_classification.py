@@ -88,6 +88,7 @@ def run_one(
         seed=seed,
         threads=2,
         progress=False,
+        throughput_batch=1,  # the table has no throughput: do not time batches of 32
         runtimes=["onnxruntime"],
         limit_train_batches=args.train_batches,
     )

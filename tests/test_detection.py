@@ -187,7 +187,13 @@ def test_a_detector_through_all_four_stages(tmp_path, val):
         ]
     )
     result = pipeline.run(
-        detector, train, val, output_dir=tmp_path / "out", runtimes=["onnxruntime"], progress=False
+        detector,
+        train,
+        val,
+        output_dir=tmp_path / "out",
+        runtimes=["onnxruntime"],
+        progress=False,
+        throughput_batch=4,
     )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model_io"]["task"] == "detection" and report["model_io"]["metric"] == "map"
@@ -228,6 +234,7 @@ def test_cli_compresses_a_detector_and_refuses_bad_combinations(tmp_path, capsys
             "--limit-train-batches", "2", "--set", "sparsity_training.epochs=1",
             "--set", "distillation.epochs=1", "--set", "int8_quantization.fp32_placement=false",
             "--calibration-samples", "16", "--runtime", "onnxruntime", "--threads", "1",
+            "--throughput-batch", "4",
             "--output", str(out), "--quiet", "--json",
         ]
     )  # fmt: skip
