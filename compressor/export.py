@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +46,15 @@ def export_onnx(
     threads: int = 1,
     atol: float = 1e-4,
     rtol: float = 2e-3,
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Parity:
     """Export ``model`` (on the CPU, eval mode) to ``path`` and check it in ONNX Runtime.
 
     The file has one input ``input`` for a tensor example, or one input per key of a
     mapping example (see `compressor.inputs`), each with a dynamic batch axis; 2-D integer
     inputs (token ids, attention masks) also get a dynamic ``sequence`` axis. It is written
-    only if ONNX Runtime's output matches torch's on ``check_inputs`` (default: the example).
+    only if ONNX Runtime's output matches torch's on ``check_inputs`` (default: the example):
+    see `check_parity` (``labels``: the classes an output predicts, e.g. `ModelIO.labels`).
 
     Raises:
         ExportError: the exporter failed (naming the layer or op) or the outputs differ.
@@ -90,7 +92,9 @@ def export_onnx(
             msg = f"ONNX export of {type(model).__name__} failed: {first_line(exc)}"
             raise ExportError(msg) from exc
         inputs = example_input if check_inputs is None else check_inputs
-        parity = check_parity(model, tmp, inputs, threads=threads, atol=atol, rtol=rtol)
+        parity = check_parity(
+            model, tmp, inputs, threads=threads, atol=atol, rtol=rtol, labels=labels
+        )
     return parity
 
 
@@ -129,8 +133,12 @@ def check_parity(
     atol: float = 1e-4,
     rtol: float = 2e-3,
     min_agreement: float = 0.99,
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Parity:
     """Compare ONNX Runtime's output on ``inputs`` with torch's.
+
+    Top-1 agreement compares the classes ``labels(output)`` gives (default: argmax over
+    axis 1, per sample or per pixel; a detector's `ModelIO.labels` is per anchor).
 
     Raises:
         ExportError: shapes differ, the max abs difference exceeds ``atol + rtol * max|torch|``
@@ -150,7 +158,8 @@ def check_parity(
     tolerance = atol + rtol * float(ref.abs().max()) if ref.numel() else atol
     agreement = 1.0
     if ref.dim() >= 2 and ref.shape[0] > 0:
-        agreement = float((out.argmax(dim=1) == ref.argmax(dim=1)).float().mean())
+        classes = labels or (lambda output: output.argmax(dim=1))
+        agreement = float((classes(out) == classes(ref)).float().mean())
     parity = Parity(diff, tolerance, agreement, rows(inputs))
     if diff > tolerance or agreement < min_agreement:
         msg = (

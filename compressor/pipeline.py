@@ -535,6 +535,7 @@ class Pipeline:
             ctx.output_dir / "model.onnx",
             check_inputs=sample_batch(ctx.eval_data, 64),
             threads=ctx.threads,
+            labels=ctx.io.labels,
         )
         export_s = time.perf_counter() - start
         common = ctx.measure_settings()
@@ -626,7 +627,9 @@ def _candidate_numbers(state: State, ctx: RunContext, quantizer: Any) -> dict[st
     if quantizer is not None:
         with tempfile.TemporaryDirectory(prefix="compressor-search-") as tmp:
             fp32 = Path(tmp) / "candidate.onnx"
-            export_onnx(state.model, state.example_input, fp32, threads=ctx.threads)
+            export_onnx(
+                state.model, state.example_input, fp32, threads=ctx.threads, labels=ctx.io.labels
+            )
             out = Path(tmp) / "candidate.int8.onnx"
             int8, budget = quantizer.quantize_sample(fp32, out, ctx, placement=False, budget=True)
             if budget is None:

@@ -219,7 +219,15 @@ def artifact_measure(
     def measure(model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="compressor-target-") as tmp:
             path = Path(tmp) / "candidate.onnx"
-            export_onnx(model, example, path, threads=ctx.threads, atol=1e-2, rtol=1e-2)
+            export_onnx(
+                model,
+                example,
+                path,
+                threads=ctx.threads,
+                atol=1e-2,
+                rtol=1e-2,
+                labels=ctx.io.labels,
+            )
             if quantizer is not None:
                 out = Path(tmp) / "candidate.int8.onnx"
                 path, _ = quantizer.quantize_sample(path, out, ctx, placement=option in TIMED)

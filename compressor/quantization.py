@@ -303,6 +303,7 @@ class Int8Quantization(Stage):
                 check_inputs=sample_batch(ctx.eval_data, 64),
                 opset=self.opset,
                 threads=ctx.threads,
+                labels=ctx.io.labels,
             )
             clock.lap("export")
             external = needs_external_data(fp32)  # over 2 GB: weights beside every file

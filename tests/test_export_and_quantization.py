@@ -36,6 +36,23 @@ def test_parity_mismatch_is_an_error(trained_resnet, example, tmp_path):
         check_parity(other, path, torch.randn(16, 3, 16, 16))
 
 
+def test_parity_compares_the_classes_labels_gives(trained_resnet, example, tmp_path):
+    """A detector's classes are per anchor (`ModelIO.labels`), not argmax over axis 1."""
+    path = tmp_path / "m.onnx"
+    batch = torch.randn(8, 3, 16, 16)
+    calls = []
+
+    def labels(output: torch.Tensor) -> torch.Tensor:
+        calls.append(output.shape)
+        return torch.full(output.shape[:1], len(calls))  # torch's and ORT's never agree
+
+    with pytest.raises(cz.ExportError, match=r"top-1 agreement 0\.000"):
+        export_onnx(trained_resnet, example, path, check_inputs=batch, labels=labels)
+    assert calls == [(8, 4), (8, 4)] and not path.exists()
+    parity = export_onnx(trained_resnet, example, path, labels=lambda out: out.argmax(-1))
+    assert parity.top1_agreement == 1.0
+
+
 def test_unsupported_op_is_named_and_nothing_is_written(example, tmp_path):
     class FFTNet(nn.Module):
         def __init__(self):
