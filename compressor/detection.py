@@ -17,18 +17,24 @@ Targets are one float tensor per batch, ``(N, K, 5)``: per image up to ``K`` obj
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from ._io import write_text
 from .errors import UserError
 
 PAD = -1  # the class of a padding row in a targets tensor
+HEAD_FORMAT = "compressor.detection_head/1"
+"""The ``format`` field of a `DetectionHead.save` file."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,41 @@ class DetectionHead:
             keep = keep[: self.detections_per_image]
             found.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return found
+
+    def save(self, path: str | Path) -> None:
+        """Write the head as JSON (anchors included): what decodes the ONNX file's output
+        where the run's Python objects are gone. A pipeline writes it as
+        ``OUTPUT/detection_head.json``; `DetectionHead.load` reads it back."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["anchors"] = self.anchors.tolist()
+        text = json.dumps({"format": HEAD_FORMAT, **fields}) + "\n"
+        write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DetectionHead:
+        """The head `save` wrote to ``path``."""
+        try:
+            found = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            msg = f"cannot read a detection head from {str(path)!r}: {exc}"
+            raise UserError(msg) from exc
+        if not isinstance(found, dict) or found.pop("format", None) != HEAD_FORMAT:
+            msg = f"{str(path)!r} is not a detection head file ({HEAD_FORMAT})"
+            raise UserError(msg)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(found) - names)
+        if unknown or "anchors" not in found or "image_size" not in found:
+            msg = (
+                f"{str(path)!r}: a detection head needs anchors and image_size and knows "
+                f"{', '.join(sorted(names))} (got: {', '.join(sorted(found))})"
+            )
+            raise UserError(msg)
+        anchors = torch.tensor(found.pop("anchors"), dtype=torch.float32)
+        if anchors.dim() != 2 or anchors.shape[1] != 4:
+            msg = f"{str(path)!r}: anchors must be (A, 4) boxes (got: {tuple(anchors.shape)})"
+            raise UserError(msg)
+        tuples = {k: tuple(v) for k, v in found.items() if isinstance(v, list)}
+        return cls(anchors=anchors, **{**found, **tuples})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the report."""

@@ -26,7 +26,9 @@ from .onnx_files import external_files
 LOCK_NAME = ".compressor.lock"
 STAGING_NAME = ".compressor-run"
 REPORT_FILES = ("report.json", "report.md", "report.html")
-RESULT_FILES = ("model.onnx", "model.int8.onnx", *REPORT_FILES)
+HEAD_FILE = "detection_head.json"
+"""A detector's `DetectionHead` (anchors, decoding), beside its ONNX files."""
+RESULT_FILES = ("model.onnx", "model.int8.onnx", *REPORT_FILES, HEAD_FILE)
 """What a finished run leaves in OUTPUT/ besides checkpoints/ (and other model*.onnx files)."""
 
 _HELD: dict[Path, RunFolder] = {}

@@ -37,7 +37,7 @@ from .measure import (
     torch_threads,
 )
 from .model_io import ModelIO, check_targets, resolve_io
-from .output_folder import REPORT_FILES, run_folder
+from .output_folder import HEAD_FILE, REPORT_FILES, run_folder
 from .pipeline_ranks import follow, in_sync, send_result, send_state
 from .pruning_search import search_ratio
 from .recipe import (
@@ -311,6 +311,9 @@ class Pipeline:
                 for i, step in enumerate(self.step_names())
             ]
             files = ["model.onnx", *REPORT_FILES, *checkpoints]
+            if ctx.io.detection is not None:  # what decodes the ONNX files' output
+                ctx.io.detection.save(ctx.output_dir / HEAD_FILE)
+                files.append(HEAD_FILE)
             folder.promote(files + ([state.onnx_path.name] if state.onnx_path else []))
         onnx_path = folder.output / state.onnx_path.name if state.onnx_path else None
         ctx.log(f"done: {folder.output}")

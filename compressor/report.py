@@ -399,8 +399,11 @@ class Report:
         if detection:  # the file ends before box decoding and NMS
             snippet += (
                 f"# outputs: (batch, {detection.get('anchors')} default boxes, 4 offsets + class "
-                "scores); boxes: DetectionHead.detections(torch.from_numpy(outputs)), in FP32 "
-                "(docs/concepts.md, 'Object detection')\n"
+                "scores); decode them in FP32 (docs/concepts.md, 'Object detection'):\n"
+                "import torch\n"
+                "from compressor.detection import DetectionHead\n"
+                'head = DetectionHead.load("detection_head.json")  # beside the file\n'
+                "boxes = head.detections(torch.from_numpy(outputs))\n"
             )
         return runtime, snippet
 

@@ -1,9 +1,11 @@
 """Object detection: torchvision's SSDlite through the whole pipeline, mAP, the data."""
 
+import dataclasses
 import json
 from collections import OrderedDict
 from functools import partial
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -169,7 +171,7 @@ def test_scope_names_map_back_to_modules(tmp_path):
     assert len(found) == 12 and all(n.endswith("/Conv") for n in found)
 
 
-def test_a_detector_through_all_four_stages(tmp_path, val):
+def test_a_detector_through_all_four_stages(tmp_path, val, monkeypatch):
     torch.manual_seed(0)
     detector = tiny_ssd()
     train = canvases("train", 320, seed=0)
@@ -223,6 +225,35 @@ def test_a_detector_through_all_four_stages(tmp_path, val):
     assert out.shape == (2, len(io.detection.anchors), 4 + CLASSES)
     found = io.detection.detections(out)
     assert set(found[0]) == {"boxes", "scores", "labels"}
+    # the folder holds what decodes the file's output: the same boxes from the saved head
+    saved = DetectionHead.load(tmp_path / "out" / "detection_head.json")
+    assert saved == dataclasses.replace(io.detection, anchors=saved.anchors)
+    assert torch.equal(saved.anchors, io.detection.anchors)
+    for a, b in zip(saved.detections(out), found, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    # and the report's deployment lines run there: the file, then the saved head
+    runtime, code = result.report.deployment()
+    assert runtime == "onnxruntime"
+    monkeypatch.chdir(tmp_path / "out")
+    scope = {"batch": x[:2].numpy()}
+    exec(code, scope)
+    np.testing.assert_allclose(scope["outputs"], out.numpy(), rtol=0, atol=1e-5)
+    assert [len(d["boxes"]) for d in scope["boxes"]] == [len(d["boxes"]) for d in found]
+
+
+def test_a_saved_head_round_trips_and_a_bad_file_is_named(tmp_path):
+    _, io = resolve_io(None, tiny_ssdlite(), torch.rand(2, 3, SIZE, SIZE), None)
+    path = tmp_path / "head.json"
+    io.detection.save(path)
+    saved = DetectionHead.load(path)
+    assert torch.equal(saved.anchors, io.detection.anchors) and saved.keep_fp32
+    assert saved == dataclasses.replace(io.detection, anchors=saved.anchors)
+    path.write_text('{"format": "compressor.detection_head/1", "anchors": [[0, 0, 1]]}')
+    with pytest.raises(cz.UserError, match="needs anchors and image_size"):
+        DetectionHead.load(path)
+    path.write_text('{"anchors": []}')
+    with pytest.raises(cz.UserError, match="is not a detection head file"):
+        DetectionHead.load(path)
 
 
 def test_cli_compresses_a_detector_and_refuses_bad_combinations(tmp_path, capsys):
