@@ -13,8 +13,8 @@ from torch.nn import functional as F
 
 from .inputs import call, is_image_batch
 from .model_io import logits_of
-from .stage import Stage, check_float, check_int, register_stage
-from .training import LossAndLogits, train
+from .stage import Stage, check_choice, check_float, check_int, register_stage
+from .training import OPTIMIZERS, LossAndLogits, train
 
 if TYPE_CHECKING:
     from .stage import LossFn, RunContext, State
@@ -61,13 +61,16 @@ class Distillation(Stage):
         epochs: passes over the training data.
         temperature: softmax temperature of the soft targets (> 0).
         alpha: weight of the soft-target term, in [0, 1]; ``1 - alpha`` weighs the hard loss.
-        lr: initial learning rate (SGD, cosine decay).
+        lr: initial learning rate (cosine decay to zero; AdamW runs at ``lr`` x 0.02).
+        optimizer: ``auto`` (AdamW for a transformer, SGD with Nesterov momentum else),
+            ``sgd`` or ``adamw``.
     """
 
     epochs: int = 3
     temperature: float = 4.0
     alpha: float = 0.7
     lr: float = 0.01
+    optimizer: str = "auto"
 
     name = "distillation"
     trains = True
@@ -77,6 +80,7 @@ class Distillation(Stage):
         check_float(self.name, "temperature", self.temperature, low=0.0, low_open=True)
         check_float(self.name, "alpha", self.alpha, low=0.0, high=1.0)
         check_float(self.name, "lr", self.lr, low=0.0, low_open=True)
+        check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Distil ``state.teacher`` into a copy of ``state.model``."""
@@ -109,6 +113,7 @@ class Distillation(Stage):
                 ctx,
                 epochs=self.epochs,
                 lr=self.lr,
+                optimizer_kind=self.optimizer,
                 compute_loss=compute_loss,
                 desc=ctx.step,
             )

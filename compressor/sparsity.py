@@ -18,7 +18,7 @@ from .model_io import logits_of
 from .pruning import StructuredPruning, failing_groups, make_plan
 from .pruning_plan import Slice, group_slices, planned_group
 from .stage import Stage, check_choice, check_float, check_int, register_stage
-from .training import LossAndLogits, recalibrate_batchnorm, train
+from .training import OPTIMIZERS, LossAndLogits, recalibrate_batchnorm, train
 
 if TYPE_CHECKING:
     from .stage import RunContext, State
@@ -52,7 +52,9 @@ class SparsityTraining(Stage):
         epochs: passes over the training data.
         l1: weight of the uniform L1 penalty on all channel scales (both methods; with
             ``growing`` it is a light extra pressure, 0 turns it off).
-        lr: initial learning rate (SGD, cosine decay).
+        lr: initial learning rate (cosine decay to zero; AdamW runs at ``lr`` x 0.02).
+        optimizer: ``auto`` (AdamW for a transformer, SGD with Nesterov momentum else),
+            ``sgd`` or ``adamw``.
         method: ``growing`` or ``l1`` (see above). With no `StructuredPruning` after this
             stage, or a model torch-pruning cannot trace whole, ``growing`` acts as ``l1``
             and the report says so.
@@ -63,6 +65,7 @@ class SparsityTraining(Stage):
     epochs: int = 2
     l1: float = 1e-4
     lr: float = 0.01
+    optimizer: str = "auto"
     method: str = "growing"
     ramp: float = 0.5
 
@@ -73,6 +76,7 @@ class SparsityTraining(Stage):
         check_int(self.name, "epochs", self.epochs, minimum=1)
         check_float(self.name, "l1", self.l1, low=0.0)
         check_float(self.name, "lr", self.lr, low=0.0, low_open=True)
+        check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(self.name, "method", self.method, METHODS)
         check_float(self.name, "ramp", self.ramp, low=0.0, high=1.0, low_open=True)
 
@@ -105,6 +109,7 @@ class SparsityTraining(Stage):
             ctx,
             epochs=self.epochs,
             lr=self.lr,
+            optimizer_kind=self.optimizer,
             compute_loss=compute_loss,
             desc=ctx.step,
             after_step=growing,

@@ -46,12 +46,13 @@ def train(
     compute_loss: ComputeLoss,
     desc: str,
     after_step: AfterStep | None = None,
+    optimizer_kind: str = "auto",
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``ctx.train_data``; return the mean loss per epoch.
 
-    `optimizer_for` the model (SGD, or AdamW for transformers, with a linear warm-up over
-    the first `WARMUP` of the steps) and a cosine learning-rate decay to zero, on
-    ``ctx.device``
+    `optimizer_for` the model (``optimizer_kind``: SGD, or AdamW with a linear warm-up over the
+    first `WARMUP` of the steps; ``auto``: AdamW for transformers) and a cosine
+    learning-rate decay to zero, on ``ctx.device``
     (4-D inputs run channels-last, which is about twice as fast for convs on the CPU).
     ``compute_loss(model, inputs, targets)`` gives the loss of one batch, or ``(loss,
     logits)``; with logits and class-index targets the progress bar also shows the running
@@ -82,7 +83,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model, device) if parallel else model
-    optimizer = optimizer_for(model, lr)
+    optimizer = optimizer_for(model, lr, kind=optimizer_kind)
     per_epoch = data.num_batches(ctx.limit_train_batches)
     if per_epoch is None and (after_step is not None or parallel):  # the step count is needed
         per_epoch = sum(1 for _ in data.iter_batches(ctx.limit_train_batches))
@@ -254,6 +255,8 @@ def _correct(logits: torch.Tensor, targets: Any) -> torch.Tensor | None:
     return None
 
 
+OPTIMIZERS = ("auto", "sgd", "adamw")
+"""What a training stage's ``optimizer`` may be (see `optimizer_for`)."""
 ADAMW_LR_SCALE = 0.02  # AdamW's learning rate per unit of the SGD rate a stage is given
 WARMUP = 0.1  # AdamW's learning rate rises linearly over this share of the steps
 
@@ -267,10 +270,11 @@ def uses_adamw(model: nn.Module) -> bool:
     )
 
 
-def optimizer_for(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum 0.9 at ``lr``; for a model `uses_adamw` says is a
-    transformer, AdamW at ``lr * ADAMW_LR_SCALE`` (0.05 -> 1e-3, 0.01 -> 2e-4)."""
-    if uses_adamw(model):
+def optimizer_for(model: nn.Module, lr: float, kind: str = "auto") -> torch.optim.Optimizer:
+    """``sgd``: SGD with Nesterov momentum 0.9 at ``lr``; ``adamw``: AdamW at
+    ``lr * ADAMW_LR_SCALE`` (0.05 -> 1e-3, 0.01 -> 2e-4), so one ``lr`` suits both;
+    ``auto`` (one of `OPTIMIZERS`): AdamW for a model `uses_adamw` says is a transformer."""
+    if kind == "adamw" or (kind == "auto" and uses_adamw(model)):
         return torch.optim.AdamW(model.parameters(), lr=lr * ADAMW_LR_SCALE, weight_decay=0.0)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
 

@@ -10,6 +10,7 @@ import compressor as cz
 from compressor.distillation import kd_loss
 from compressor.measure import top1
 from compressor.stage import RunContext, State
+from compressor.training import optimizer_for
 
 
 def context(data, tmp_path: Path, **kw) -> RunContext:
@@ -78,3 +79,24 @@ def test_training_stops_on_a_diverging_loss(data, tmp_path, example):
         cz.SparsityTraining(epochs=1, lr=1e20).apply(
             state_for(TinyResNet(), example), context(data, tmp_path)
         )
+
+
+def test_a_training_stage_takes_the_optimizer_it_is_given(trained_resnet, data, tmp_path, example):
+    sgd, adamw = optimizer_for(TinyResNet(), 0.01), optimizer_for(TinyResNet(), 0.01, "adamw")
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 0.01
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == pytest.approx(2e-4)
+    layer_norm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    assert isinstance(optimizer_for(layer_norm, 0.01), torch.optim.AdamW)
+    assert isinstance(optimizer_for(layer_norm, 0.01, "sgd"), torch.optim.SGD)
+    # the stage passes it on: SGD is what auto picks here, AdamW trains to other weights
+    ctx = context(data, tmp_path, limit_train_batches=2)
+    trained = {
+        kind: cz.Distillation(epochs=1, optimizer=kind)
+        .apply(state_for(trained_resnet, example), ctx)
+        .model.state_dict()
+        for kind in ("auto", "sgd", "adamw")
+    }
+    assert all(torch.equal(v, trained["sgd"][k]) for k, v in trained["auto"].items())
+    assert not all(torch.equal(v, trained["adamw"][k]) for k, v in trained["auto"].items())
+    with pytest.raises(cz.RecipeError, match=r"optimizer must be one of 'auto', 'sgd', 'adamw'"):
+        cz.SparsityTraining(optimizer="adam")
