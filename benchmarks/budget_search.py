@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results
+from common import TABLE_RUN, print_table, write_results
 from compose import PlainNet, ResBNNet, tensors
 from fashion_mnist import prepare_debian
 
@@ -105,10 +105,8 @@ def run_one(model: nn.Module, way: str, args: argparse.Namespace, data: Any, see
         *data,
         output_dir=out,
         seed=seed,
-        threads=2,
-        progress=False,
         resume=False,
-        throughput_batch=1,  # the table has no throughput: do not time batches of 32
+        **TABLE_RUN,
     )
     seconds = time.perf_counter() - start
     report = result.report

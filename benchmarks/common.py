@@ -21,6 +21,10 @@ from compressor.data import DataSpec
 from compressor.measure import environment, interleaved_runs, ort_predictor, ort_session, top1
 from compressor.stage import RunContext, State
 
+TABLE_RUN: dict[str, Any] = {"threads": 2, "progress": False, "throughput_batch": 1}
+"""`Pipeline.run` settings of a benchmark run whose table has no throughput column: two
+threads, no progress, and throughput timed at batch 1, not on batches of 32 per row."""
+
 
 def side_by_side(runs: dict[Any, Callable[[], Any]], rounds: int = 3) -> dict[Any, dict[str, Any]]:
     """p50/p90 milliseconds of each call, measured in interleaved rounds.

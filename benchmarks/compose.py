@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, side_by_side, write_results
+from common import TABLE_RUN, print_table, side_by_side, write_results
 from fashion_mnist import prepare_debian
 
 import compressor as cz
@@ -181,10 +181,8 @@ def run_one(
         test,
         output_dir=out,
         seed=seed,
-        threads=2,
-        progress=False,
         device=device,
-        throughput_batch=1,  # the table has no throughput: do not time batches of 32
+        **TABLE_RUN,
     )
     seconds = time.perf_counter() - start
     rows = {(r.name, r.runtime): r for r in result.report.rows}

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import files_p50, mean_spread, nncf_int8, ort_default_int8, print_table, write_results
+from common import (
+    TABLE_RUN,
+    files_p50,
+    mean_spread,
+    nncf_int8,
+    ort_default_int8,
+    print_table,
+    write_results,
+)
 from fashion_mnist import prepare_debian
 
 import compressor as cz
@@ -87,9 +95,7 @@ def run_one(
         io=io,
         output_dir=out,
         seed=seed,
-        threads=2,
-        progress=False,
-        throughput_batch=1,  # the table has no throughput: do not time batches of 32
+        **TABLE_RUN,
         limit_train_batches=args.train_batches or None,
         runtimes=["onnxruntime"],
     )

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results
+from common import TABLE_RUN, print_table, write_results
 from compose import tensors
 from fashion_mnist import prepare_debian
 
@@ -90,9 +90,7 @@ def run(model: nn.Module, train: Any, test: Any, budget: float, threads: int) ->
             train,
             test,
             output_dir=out,
-            progress=False,
-            threads=threads,
-            throughput_batch=1,  # the table has no throughput: do not time batches of 32
+            **{**TABLE_RUN, "threads": threads},
         )
     row = result.report.row("int8_quantization", "onnxruntime")
     info = row.details["quantization"]["accuracy_budget"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import files_p50, mean_spread, print_table, write_results
+from common import TABLE_RUN, files_p50, mean_spread, print_table, write_results
 
 import compressor as cz
 from compressor._io import atomic_path, write_text
@@ -86,9 +86,7 @@ def run_one(
         val,
         output_dir=out,
         seed=seed,
-        threads=2,
-        progress=False,
-        throughput_batch=1,  # the table has no throughput: do not time batches of 32
+        **TABLE_RUN,
         runtimes=["onnxruntime"],
         limit_train_batches=args.train_batches,
     )
