@@ -38,6 +38,8 @@ small layer's slope zero or negative, and a free channel must not look infinitel
 
 ROUNDS = 4
 """Alternating timing rounds per layer (see `_timed`)."""
+WIDTHS = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5))
+"""The (output, input) channel shares each layer is timed at: as it is, half out, half in."""
 
 _TIMINGS: dict[tuple[Any, ...], float] = {}
 
@@ -85,8 +87,8 @@ def layer_slopes(
         cout, cin = _widths(layer)
         table[name] = LayerSlopes(
             ms=full,
-            per_out_channel=(full - out_half) / (cout - _half(cout)),
-            per_in_channel=(full - in_half) / (cin - _half(cin)),
+            per_out_channel=_slope(full, out_half, cout),
+            per_in_channel=_slope(full, in_half, cin),
         )
     return table
 
@@ -129,8 +131,9 @@ def _half(width: int) -> int:
     return max(1, width // 2)
 
 
-WIDTHS = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5))
-"""The (output, input) channel shares each layer is timed at: as it is, half out, half in."""
+def _slope(full: float, half: float, width: int) -> float:
+    """ms saved per channel between ``width`` channels and `_half` of them (0 for one)."""
+    return (full - half) / (width - _half(width)) if width > 1 else 0.0
 
 
 def _timed(

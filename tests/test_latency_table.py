@@ -93,3 +93,14 @@ def test_latency_aware_needs_global_allocation():
         cz.StructuredPruning(latency_aware=True, global_pruning=False)
     with pytest.raises(cz.RecipeError, match="latency_aware must be true or false"):
         cz.StructuredPruning(latency_aware="yes")
+
+
+def test_a_layer_too_narrow_to_halve_saves_nothing_per_channel():
+    """A one-output head (a binary score) cannot lose half its channels: slope 0, no error."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = layer_slopes(model.eval(), torch.randn(1, 1, 8, 8), "onnxruntime", threads=1)
+    assert set(table) == {"0", "3"}
+    assert table["3"].per_out_channel == 0.0 and table["0"].per_in_channel == 0.0
+    assert table["3"].ms > 0
