@@ -188,7 +188,8 @@ def interleaved_runs(
 
     Each round gives every run its own `timed_runs`; a burst of load from another process
     then slows all of them alike instead of the one being timed, so their differences (what
-    a comparison or a slope uses) stay honest. A run is ``stable`` if it was in every round.
+    a comparison or a slope uses) stay honest. A run is ``stable`` if its timing settled in
+    every round.
     """
     times: dict[K, list[float]] = {key: [] for key in runs}
     stable = dict.fromkeys(runs, True)
