@@ -18,6 +18,7 @@ from .errors import ExportError, ModelError, first_line
 from .inputs import Inputs, Positional, input_names, rows
 from .layers import call_naming_layer
 from .measure import ort_predictor, ort_session, torch_predictor, torch_threads
+from .model_io import ModelIO
 
 DEFAULT_OPSET = 17
 
@@ -158,7 +159,7 @@ def check_parity(
     tolerance = atol + rtol * float(ref.abs().max()) if ref.numel() else atol
     agreement = 1.0
     if ref.dim() >= 2 and ref.shape[0] > 0:
-        classes = labels or (lambda output: output.argmax(dim=1))
+        classes = labels or ModelIO().labels
         agreement = float((classes(out) == classes(ref)).float().mean())
     parity = Parity(diff, tolerance, agreement, rows(inputs))
     if diff > tolerance or agreement < min_agreement:
