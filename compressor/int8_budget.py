@@ -111,6 +111,7 @@ def revert_to_budget(
     *,
     samples: int,
     exclude: Collection[str] = (),
+    fp32_accuracy: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Revert the most INT8-sensitive nodes to FP32 until accuracy >= ``min_accuracy``.
 
@@ -121,7 +122,7 @@ def revert_to_budget(
     back to the fewest that do (`_fewest`). When none does (all reverted included), the
     most accurate file is kept. When the FP32 model is itself under ``min_accuracy``, no
     node is reverted: the accuracy was lost before INT8, and reverting could not win it
-    back.
+    back. ``fp32_accuracy``: ``fp32``'s, when the caller has measured it already.
 
     Returns:
         The file to ship and what was done: ``min_accuracy``, ``fp32_accuracy``,
@@ -138,7 +139,7 @@ def revert_to_budget(
 
     info: dict[str, Any] = {
         "min_accuracy": round(min_accuracy, 6),
-        "fp32_accuracy": accuracy(fp32),
+        "fp32_accuracy": accuracy(fp32) if fp32_accuracy is None else round(fp32_accuracy, 6),
         "int8_accuracy": accuracy(quantized),
         "fp32_nodes": [],
         "trials": [],

@@ -355,7 +355,7 @@ class Int8Quantization(Stage):
                     )
                     notes += placement.pop("notes")
                     clock.lap("placement")
-            floor = self._min_accuracy(ctx, fp32)
+            floor, fp32_accuracy = self._min_accuracy(ctx, source)
             dynamic_accuracy = None  # measured once, when a budget needs it
             if try_dynamic and self.mode == "auto":
                 ctx.log(f"{ctx.step}: timing static against dynamic INT8")
@@ -385,7 +385,13 @@ class Int8Quantization(Stage):
                     )
             elif floor is not None:
                 quantized, budget = revert_to_budget(
-                    quantized, source, ctx, floor, samples=self.sensitivity_samples, exclude=kept
+                    quantized,
+                    source,
+                    ctx,
+                    floor,
+                    samples=self.sensitivity_samples,
+                    exclude=kept,
+                    fp32_accuracy=fp32_accuracy,
                 )
                 kept = [
                     *kept,
@@ -524,11 +530,17 @@ class Int8Quantization(Stage):
         if placement and self.fp32_placement and self.placement_candidates:
             small = dataclasses.replace(ctx, eval_data=data_subset(ctx.eval_data, 256))
             chosen, _ = place_fp32(out, source, small, self.placement_candidates)
-        floor = self._min_accuracy(ctx, fp32) if budget else None
+        floor, fp32_accuracy = self._min_accuracy(ctx, source) if budget else (None, None)
         if floor is None:
             return chosen, None
         return revert_to_budget(
-            chosen, source, ctx, floor, samples=self.sensitivity_samples, exclude=head
+            chosen,
+            source,
+            ctx,
+            floor,
+            samples=self.sensitivity_samples,
+            exclude=head,
+            fp32_accuracy=fp32_accuracy,
         )
 
     def _head(self, source: Path, ctx: RunContext) -> list[str]:
@@ -543,17 +555,20 @@ class Int8Quantization(Stage):
         """``ctx.eval_fn`` of the ONNX file ``path`` over the eval data, in ONNX Runtime."""
         return float(ctx.eval_fn(onnx_predictor(path, ctx.threads), ctx.eval_data))
 
-    def _min_accuracy(self, ctx: RunContext, fp32: Path) -> float | None:
+    def _min_accuracy(self, ctx: RunContext, fp32: Path) -> tuple[float | None, float | None]:
         """The lowest accuracy the INT8 file may have: this stage's budget (a detector's
         when it has none) against the model it quantizes and the pipeline's against the
-        baseline, the stricter one."""
+        baseline, the stricter one; and ``fp32``'s accuracy when it was measured for it
+        (None otherwise), so that nothing measures it twice."""
         floors = [] if ctx.min_accuracy is None else [ctx.min_accuracy]
         drop = self.max_accuracy_drop
         if drop is None and ctx.io.detection is not None:
             drop = self.detector_max_accuracy_drop
+        measured = None
         if drop is not None:
-            floors.append(self._accuracy(fp32, ctx) - drop)
-        return max(floors) if floors else None
+            measured = self._accuracy(fp32, ctx)
+            floors.append(measured - drop)
+        return (max(floors) if floors else None), measured
 
 
 def _budget_notes(budget: dict[str, Any]) -> list[str]:
