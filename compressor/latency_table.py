@@ -15,11 +15,12 @@ plan is made again by sparsity training, pruning and every ratio a target search
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,10 +148,10 @@ def _timed(
     variants = [_variant(layer, shape, share, runtime, threads) for share in WIDTHS]
     if any(v is None for v in variants):
         return None
-    missing = {key: (single, inputs) for key, single, inputs in variants if key not in _TIMINGS}
+    missing = {key: build() for key, build in variants if key not in _TIMINGS}
     if missing:
         _TIMINGS.update(_time_int8(missing, runtime, threads))
-    full, out_half, in_half = (_TIMINGS[key] for key, _, _ in variants)
+    full, out_half, in_half = (_TIMINGS[key] for key, _ in variants)
     return full, out_half, in_half
 
 
@@ -160,8 +161,9 @@ def _variant(
     shares: tuple[float, float],
     runtime: str,
     threads: int,
-) -> tuple[tuple[Any, ...], nn.Module, torch.Tensor] | None:
-    """The timing key, the single layer and its input at these channel shares."""
+) -> tuple[tuple[Any, ...], Callable[[], tuple[nn.Module, torch.Tensor]]] | None:
+    """The timing key, and what builds the single layer and its input at these channel
+    shares (only when the key is not timed yet)."""
     out_share, in_share = shares
     cout, cin = _widths(layer)
     cout = cout if out_share == 1.0 else _half(cout)
@@ -175,12 +177,12 @@ def _variant(
                 return None
         key = ("conv", cin, cout, layer.kernel_size, layer.stride, layer.padding,
                layer.dilation, groups, tuple(shape[2:]), runtime, threads)  # fmt: skip
-        single: nn.Module = nn.Conv2d(
-            cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups
+        conv = functools.partial(
+            nn.Conv2d, cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation
         )
-        return key, single.eval(), torch.randn(1, cin, *shape[2:])
+        return key, lambda: (conv(groups=groups).eval(), torch.randn(1, cin, *shape[2:]))
     key = ("linear", cin, cout, tuple(shape[1:-1]), runtime, threads)
-    return key, nn.Linear(cin, cout).eval(), torch.randn(1, *shape[1:-1], cin)
+    return key, lambda: (nn.Linear(cin, cout).eval(), torch.randn(1, *shape[1:-1], cin))
 
 
 def _time_int8(
