@@ -36,6 +36,7 @@ import compressor as cz
 from compressor._io import atomic_path, write_text
 from compressor.data import DataSpec
 from compressor.measure import ort_predictor, ort_session
+from compressor.pruning_plan import IMPORTANCES
 from compressor.sources import DataOptions, load_data
 from compressor.training import fit_baseline
 
@@ -62,13 +63,19 @@ def baseline(
     return model.eval(), io
 
 
-def stages(ratio: float, distill_epochs: int = 2, target_macs: str | None = None) -> list[cz.Stage]:
+def stages(
+    ratio: float,
+    distill_epochs: int = 2,
+    target_macs: str | None = None,
+    importance: str = "auto",
+) -> list[cz.Stage]:
     """The short budget: 1 epoch of sparsity training, 2 of distillation (by default);
-    pruning at ``ratio``, or to ``target_macs`` (the stage searches the ratio)."""
+    pruning at ``ratio``, or to ``target_macs`` (the stage searches the ratio), channels
+    ranked by ``importance``."""
     pruning = (
-        cz.StructuredPruning(target_macs=target_macs)
+        cz.StructuredPruning(target_macs=target_macs, importance=importance)
         if target_macs
-        else cz.StructuredPruning(ratio=ratio)
+        else cz.StructuredPruning(ratio=ratio, importance=importance)
     )
     return [
         cz.SparsityTraining(epochs=1),
@@ -89,7 +96,9 @@ def run_one(
 ) -> dict[str, Any]:
     """One pipeline run; the table's numbers from its report."""
     start = time.perf_counter()
-    result = cz.Pipeline(stages(args.ratio, args.distill_epochs, args.target_macs)).run(
+    result = cz.Pipeline(
+        stages(args.ratio, args.distill_epochs, args.target_macs, args.importance)
+    ).run(
         model,
         *data,
         io=io,
@@ -193,6 +202,7 @@ def save(args: argparse.Namespace, runs: list[dict[str, Any]], metric: str) -> N
         "input_size": args.input_size,
         "ratio": None if args.target_macs else args.ratio,
         "target_macs": args.target_macs,
+        "importance": args.importance,
         "baseline_epochs": args.baseline_epochs,
         "test_canvases": args.test_canvases,
         "train_batches": args.train_batches,
@@ -226,6 +236,9 @@ def main(
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument(
         "--target-macs", default=None, help="prune to at most these MACs (e.g. 16.7M), not --ratio"
+    )
+    parser.add_argument(
+        "--importance", default="auto", choices=IMPORTANCES, help="structured_pruning.importance"
     )
     parser.add_argument("--baseline-epochs", type=int, default=defaults["baseline_epochs"])
     parser.add_argument(

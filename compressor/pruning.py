@@ -22,11 +22,12 @@ from .adapters import (
     restructured,
     untraceable_blocks,
 )
+from .data import data_subset
 from .errors import ModelError, RecipeError, first_line
 from .inputs import call
 from .latency_table import latency_costs
 from .layers import call_naming_layer, execution_order, find_head, has_batchnorm
-from .measure import EvalFn, count_params_macs, default_threads
+from .measure import EvalFn, count_params_macs, default_threads, torch_predictor
 from .model_io import SelectOutput
 from .pruning_check import apply_checked
 from .pruning_plan import (
@@ -35,6 +36,7 @@ from .pruning_plan import (
     PlannedGroup,
     PruningPlan,
     apply_plan,
+    auto_importances,
     plan_pruning,
     resolve_importance,
 )
@@ -43,6 +45,8 @@ from .pruning_target import TARGETS, TargetSearch, parse_amount, search_target
 from .runtimes import ONNX_RUNTIMES
 from .stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
 from .training import recalibrate_batchnorm
+
+AUTO_SAMPLES = 256  # eval inputs that score each importance `auto` tries at a target
 
 if TYPE_CHECKING:
     from .row import Row
@@ -73,7 +77,9 @@ class StructuredPruning(Stage):
             Params and MACs fall by about ``1 - (1 - ratio)**2``.
         importance: how channels are ranked. ``auto`` is ``bn_scale`` (|BatchNorm gamma|) when
             the model has BatchNorm and ``l2`` (group weight norm) otherwise, the quantities
-            `SparsityTraining` drives toward zero; also ``l1``, ``lamp``, ``fpgm``, ``random``.
+            `SparsityTraining` drives toward zero; with a target, the more accurate of that
+            and ``lamp`` at the target (`_choose_importance`); also ``l1``, ``lamp``,
+            ``fpgm``, ``random``.
         ignored_layers: names of further layers to leave whole (e.g. ``["features.0"]``).
         round_to: keep channel counts a multiple of this (INT8 kernels run faster at multiples
             of 8 or 16); ``null`` for no rounding. A group keeps at least ``round_to``
@@ -213,12 +219,22 @@ class StructuredPruning(Stage):
 
         Without a target: these options and None. ``model`` is not changed; measured
         targets (size, latency) need the run context. ``first`` is tried first and kept
-        if it meets the target.
+        if it meets the target. With ``importance: auto`` and a run context, the importance
+        is chosen too (`_choose_importance`); the options returned name it.
         """
         if self.target is None:
             return self, None
-        option, value = self.target
         ignored_modules(model, example, self.ignored_layers)  # a bad name fails here, once
+        if self.importance == "auto" and ctx is not None:
+            return self._choose_importance(model, example, ctx, first)
+        return self._search(model, example, ctx, first)
+
+    def _search(
+        self, model: nn.Module, example: torch.Tensor, ctx: RunContext | None, first: float | None
+    ) -> tuple[StructuredPruning, TargetSearch]:
+        """The ratio search for the target with these options' importance."""
+        assert self.target is not None
+        option, value = self.target
         search = search_target(
             model,
             example,
@@ -230,6 +246,39 @@ class StructuredPruning(Stage):
             first,
         )
         return self.at_ratio(search.ratio), search
+
+    def _choose_importance(
+        self, model: nn.Module, example: torch.Tensor, ctx: RunContext, first: float | None
+    ) -> tuple[StructuredPruning, TargetSearch]:
+        """``importance: auto`` with a target: each of `auto_importances` pruned to the
+        target, its BatchNorms re-estimated, scored on `AUTO_SAMPLES` eval inputs; the
+        best kept (the first on a tie). At one target the candidates cost the same, so the
+        more accurate ranking is the better one; a model trained from scratch has
+        BatchNorm scales that say little, and ranking by them can cost most of its
+        accuracy where LAMP's per-layer normalised weights cost a little."""
+        subset = data_subset(ctx.eval_data, AUTO_SAMPLES)
+        trials: list[dict[str, Any]] = []
+        best: tuple[float, StructuredPruning, TargetSearch] | None = None
+        for name in auto_importances(model):
+            options, search = dataclasses.replace(self, importance=name)._search(
+                model, example, ctx, first
+            )
+            pruned = _candidate(copy.deepcopy(model).cpu().eval(), example, options, ctx.threads)
+            if options.bn_recalibration_batches and has_batchnorm(pruned):
+                recalibrate_batchnorm(pruned, ctx.train_data, options.bn_recalibration_batches)
+            with torch.no_grad():
+                score = float(ctx.eval_fn(torch_predictor(pruned), subset))
+            trials.append({"importance": name, "ratio": round(search.ratio, 4), "score": score})
+            ctx.log(f"{ctx.step}: importance {name} at the target: {score:.4f} before training")
+            if best is None or score > best[0]:
+                best = (score, options, search)
+        assert best is not None
+        _, options, search = best
+        search.importance = {
+            "chosen": options.importance,
+            "trials": [{**t, "score": round(t["score"], 6)} for t in trials],
+        }
+        return options, search
 
     def allocation(self) -> Allocation:
         """The plan's allocation options."""
@@ -262,7 +311,13 @@ class StructuredPruning(Stage):
                 sensitivity = {"error": str(exc)}
         if self.target:
             ctx.log(f"{ctx.step}: searching the ratio that meets {self.target[0]}")
-        options, search = self.resolve(model, example, ctx, _aimed_ratio(state.rows, self.target))
+        options, first = self, None
+        aimed = _aimed(state.rows, self.target)
+        if aimed:  # the sparsity stage's ratio, and the importance it chose with `auto`
+            first = aimed.get("ratio")
+            if self.importance == "auto" and aimed.get("importance"):
+                options = dataclasses.replace(self, importance=aimed["importance"])
+        options, search = options.resolve(model, example, ctx, first)
         pruned, details = prune(model, example, options, threads=ctx.threads)
         if sensitivity is not None:
             details["pruning"]["sensitivity"] = sensitivity
@@ -317,11 +372,12 @@ def pruning_sensitivity(
     return found
 
 
-def _aimed_ratio(rows: Sequence[Row], target: tuple[str, float] | None) -> float | None:
-    """The ratio a sparsity stage right before resolved ``target`` to, if one did.
+def _aimed(rows: Sequence[Row], target: tuple[str, float] | None) -> dict[str, Any] | None:
+    """What a sparsity stage right before resolved ``target`` to (its ``ratio`` and
+    ``importance``), if one did.
 
-    Its channels are already zero, so pruning tries that ratio first: a measured target's
-    timing noise must not move the two stages apart.
+    Its channels are already zero, so pruning tries that ratio first, ranked the same way:
+    a measured target's timing noise must not move the two stages apart.
     """
     if target is None:
         return None
@@ -331,7 +387,7 @@ def _aimed_ratio(rows: Sequence[Row], target: tuple[str, float] | None) -> float
         aimed = ((row.details.get("sparsity") or {}).get("target")) or {}
         wanted = aimed.get("pruning_target") or {}
         if wanted.get("option") == target[0] and wanted.get("value") == target[1]:
-            return aimed.get("ratio")
+            return aimed
     return None
 
 

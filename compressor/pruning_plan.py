@@ -210,6 +210,12 @@ class BatchNormScaleImportance:
         return total / count.clamp(min=1)
 
 
+def auto_importances(model: nn.Module) -> tuple[str, ...]:
+    """The importances ``auto`` compares when pruning to a target: the quantity
+    `SparsityTraining` drives to zero (``bn_scale`` with BatchNorm, else ``l2``) and LAMP."""
+    return ("bn_scale" if has_batchnorm(model) else "l2", "lamp")
+
+
 def resolve_importance(name: str, model: nn.Module) -> tuple[str, Any]:
     """The torch-pruning importance object for ``name`` (``auto`` resolved for ``model``)."""
     import torch_pruning as tp

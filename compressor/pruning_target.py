@@ -89,6 +89,7 @@ class TargetSearch:
     runtime: str | None = None
     trace: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    importance: dict[str, Any] | None = None  # what ``importance: auto`` tried, and chose
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for report.json."""
@@ -103,6 +104,7 @@ class TargetSearch:
             **({"runtime": self.runtime} if self.runtime else {}),
             "trace": self.trace,
             "seconds": round(self.seconds, 2),
+            **({"importance": self.importance} if self.importance else {}),
         }
 
     def note(self) -> str | None:

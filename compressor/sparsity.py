@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +156,7 @@ class GrowingPenalty:
         self.ramp = ramp
         self.plan = plan
         self.aimed_at: dict[str, Any] | None = None  # the pruning target it was resolved for
+        self.importance_choice: dict[str, Any] | None = None  # what `auto` tried there
         self.start = self.norms()
 
     def norms(self) -> torch.Tensor:
@@ -191,7 +193,9 @@ class GrowingPenalty:
             "ramp": self.ramp,
             "target": {
                 "ratio": self.plan.allocation.ratio,
+                "importance": self.plan.importance,
                 **({"pruning_target": self.aimed_at} if self.aimed_at else {}),
+                **({"importance_choice": self.importance_choice} if self.importance_choice else {}),
                 **self.plan.summary(),
             },
             "scheduled_channels": self.channels,
@@ -217,10 +221,16 @@ def _growing_penalty(
     if aimed_at:
         ctx.log(f"{ctx.step}: searching the ratio that meets {aimed_at[0]}")
         if distributed.active():  # rank 0 alone searches (timings undisturbed), all take it
-            ratio = target.resolve(model, example, ctx)[0].ratio if distributed.rank() == 0 else 0
-            target = target.at_ratio(distributed.share(ratio))
+            found, search = (
+                target.resolve(model, example, ctx) if distributed.rank() == 0 else (None, None)
+            )
+            ratio, importance, choice = distributed.share(
+                found and (found.ratio, found.importance, search and search.importance)
+            )
+            target = dataclasses.replace(target.at_ratio(ratio), importance=importance)
         else:
-            target, _ = target.resolve(model, example, ctx)
+            target, search = target.resolve(model, example, ctx)
+            choice = search and search.importance
     if target.latency_aware and distributed.active():  # every rank plans from rank 0's table
         if distributed.rank() == 0:
             layer_slopes(model, example, target.target_runtime, ctx.threads)
@@ -246,6 +256,7 @@ def _growing_penalty(
     penalty = GrowingPenalty(entries, offset, ramp, plan)
     if aimed_at:  # the pruning stage tries this ratio first (`StructuredPruning.apply`)
         penalty.aimed_at = {"option": aimed_at[0], "value": aimed_at[1]}
+        penalty.importance_choice = choice
     return penalty, ""
 
 

@@ -54,6 +54,10 @@ def test_params_target_in_a_pipeline_with_sparsity_training(trained_resnet, data
     assert [c["ratio"] for c in target["trace"]] == [round(aimed["ratio"], 4)]
     assert target["ratio"] == round(aimed["ratio"], 4)
     assert row.details["pruning"]["removed_at_zero_fraction"] == 1.0
+    # importance auto: sparsity chose it at the target, pruning ranks the same way
+    choice = aimed["importance_choice"]
+    assert aimed["importance"] == choice["chosen"] == row.details["pruning"]["importance"]
+    assert "importance" not in target  # nothing tried again
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
     assert next(r for r in rows if r["name"] == "structured_pruning")["details"]["pruning"][
         "target"
@@ -61,6 +65,52 @@ def test_params_target_in_a_pipeline_with_sparsity_training(trained_resnet, data
     line = result.report.target_line()
     assert line.startswith("Pruning target target_params") and "met at ratio" in line
     assert line in (tmp_path / "report.md").read_text()
+
+
+def _auto_choice(model, data, example, tmp_path, **options):
+    macs = count_params_macs(model, example)[1]
+    stage = cz.StructuredPruning(target_macs=macs * 0.5, **options)
+    result = cz.Pipeline([stage]).run(
+        model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
+    )
+    return result.report.row("structured_pruning"), macs
+
+
+def test_auto_importance_at_a_target_keeps_the_more_accurate_ranking(
+    trained_resnet, data, example, tmp_path
+):
+    """Each candidate pruned to the same MACs and scored; the best one prunes the model.
+    Moving the most useful channels' scale from their BatchNorm into the head (the same
+    function) makes BatchNorm scales rank them last: the choice follows the scores."""
+    hidden = copy.deepcopy(trained_resnet)
+    with torch.no_grad():
+        bn = hidden.down[1]
+        top = (hidden.fc.weight.norm(dim=0) * bn.weight.abs()).argsort(descending=True)[:32]
+        bn.weight[top] *= 0.01
+        bn.bias[top] *= 0.01
+        hidden.fc.weight[:, top] *= 100
+    for model in (trained_resnet, hidden):
+        row, macs = _auto_choice(model, data, example, tmp_path)
+        pruning = row.details["pruning"]
+        choice = pruning["target"]["importance"]
+        trials = {t["importance"]: t for t in choice["trials"]}
+        assert list(trials) == ["bn_scale", "lamp"]
+        best = max(trials.values(), key=lambda t: t["score"])  # the first on a tie
+        assert choice["chosen"] == pruning["importance"] == best["importance"]
+        assert pruning["target"]["ratio"] == best["ratio"] and row.macs <= macs * 0.5
+        for t in trials.values():
+            assert 0 <= t["score"] <= 1 and 0 < t["ratio"] <= MAX_RATIO
+
+
+def test_auto_importance_is_only_chosen_for_a_target(trained_resnet, data, example, tmp_path):
+    stage = cz.StructuredPruning(ratio=0.3)  # a ratio: auto is bn_scale, nothing is tried
+    result = cz.Pipeline([stage]).run(
+        trained_resnet, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
+    )
+    assert result.report.row("structured_pruning").details["pruning"]["importance"] == "bn_scale"
+    row, _ = _auto_choice(trained_resnet, data, example, tmp_path / "l2", importance="l2")
+    assert row.details["pruning"]["importance"] == "l2"  # a named importance is kept
+    assert "importance" not in row.details["pruning"]["target"]
 
 
 @pytest.fixture(scope="module")
