@@ -228,6 +228,21 @@ def test_budget_search_script(tmp_path):
     assert "| plain | search | 1 |" in table
 
 
+def test_importance_choice_script(tmp_path):
+    """``auto`` at half the demo model's MACs: both rankings tried, the more accurate kept."""
+    out = tmp_path / "importance.json"
+    args = ["--models", "demo", "--importances", "auto", "--demo-epochs", "1"]
+    args += ["--demo-images", "1024", "--cache", str(tmp_path / "cache")]
+    table = run("importance_choice.py", *args, "--out", str(out), cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["rows"]
+    trials = {t["importance"]: t for t in row["trials"]}
+    assert list(trials) == ["bn_scale", "lamp"]
+    best = max(trials.values(), key=lambda t: t["score"])
+    assert row["chosen"] == best["importance"] and row["ratio"] == best["ratio"]
+    assert row["macs_x"] >= 1.99 and 0 < row["pruned"] <= 1
+    assert f"| demo | top1 | auto | {row['chosen']} |" in table
+
+
 def test_latency_allocation_script(tmp_path):
     """Latency-aware against uniform allocation on ResNet-18, one seed at 64x64."""
     out = tmp_path / "latency_allocation.json"
