@@ -212,7 +212,7 @@ def test_budget_search_script(tmp_path):
     """The budgeted ratio search on real Fashion-MNIST images, one model and seed, shortened."""
     need_fashion_mnist()
     out = tmp_path / "budget_search.json"
-    args = ["--models", "plain", "--seeds", "0", "--train-images", "512", "--minutes", "1"]
+    args = ["--models", "plain", "--seeds", "0", "--train-images", "512", "--minutes", "0.5"]
     args += ["--baseline-epochs", "1", "--budget", "0.02", "--test-images", "1000"]
     args += ["--data", str(tmp_path / "data"), "--cache", str(tmp_path / "cache")]
     table = run("budget_search.py", *args, "--out", str(out), cwd=tmp_path)
