@@ -15,7 +15,6 @@ plan is made again by sparsity training, pruning and every ratio a target search
 
 from __future__ import annotations
 
-import functools
 import statistics
 import tempfile
 import time
@@ -177,10 +176,11 @@ def _variant(
                 return None
         key = ("conv", cin, cout, layer.kernel_size, layer.stride, layer.padding,
                layer.dilation, groups, tuple(shape[2:]), runtime, threads)  # fmt: skip
-        conv = functools.partial(
-            nn.Conv2d, cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        conv = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        return key, lambda: (
+            nn.Conv2d(cin, cout, *conv, groups=groups).eval(),
+            torch.randn(1, cin, *shape[2:]),
         )
-        return key, lambda: (conv(groups=groups).eval(), torch.randn(1, cin, *shape[2:]))
     key = ("linear", cin, cout, tuple(shape[1:-1]), runtime, threads)
     return key, lambda: (nn.Linear(cin, cout).eval(), torch.randn(1, *shape[1:-1], cin))
 
