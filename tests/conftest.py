@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on two cores: torch's default of one thread per core in each worker
+    # oversubscribes them, and its spinning OpenMP threads then wait on each other (the
+    # same zoo tests took 108 s with it, 42 s with one thread each). Measurements still
+    # use the threads they are given. Child processes (the CLI, torchrun) inherit this.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
