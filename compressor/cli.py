@@ -132,7 +132,8 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         "--task",
         choices=TASK_CHOICES,
         help="what the model does (default: inferred from --data; demo-seg and "
-        "fashion-mnist-seg are segmentation, the others classification)",
+        "fashion-mnist-seg are segmentation, demo-det and fashion-mnist-det detection, the "
+        "others classification)",
     )
     model.add_argument(
         "--weights",
@@ -160,7 +161,8 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
         default="demo",
         metavar="SPEC",
         help="imagefolder:DIR, fashion-mnist:DIR, mnist:DIR, cifar10:DIR, "
-        "demo-seg, fashion-mnist-seg:DIR (segmentation), text-demo, text:DIR (DIR/train.tsv "
+        "demo-seg, fashion-mnist-seg:DIR (segmentation), demo-det, fashion-mnist-det:DIR "
+        "(detection), text-demo, text:DIR (DIR/train.tsv "
         "and DIR/val.tsv of label<TAB>text lines), or demo (default)",
     )
     data.add_argument(
