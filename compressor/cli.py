@@ -168,6 +168,13 @@ def _add_compress(commands: Any, common: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--seq-len", type=int, metavar="N", help="text: tokens per sample (default: 128)"
     )
+    data.add_argument(
+        "--tokenizer",
+        metavar="NAME",
+        help="text: a Hugging Face tokenizer (a folder or a Hub name) that makes the token "
+        "ids (default: an --model hf:DIR or hf:org/name model's own; else a word vocabulary "
+        "of the training text)",
+    )
     data.add_argument("--download", action="store_true", help="fetch a torchvision data set")
     data.add_argument("--input-size", type=int, metavar="PX", help="resize images to PX x PX")
     data.add_argument(
@@ -565,10 +572,24 @@ def _hf_from_config(spec: str) -> bool:
     """Whether ``spec`` is an hf: model built from a config (random weights)."""
     if not spec.startswith("hf:"):
         return False
-    from .hf_models import PRESETS
+    from .hf_models import is_pretrained
 
-    name = spec.removeprefix("hf:")
-    return name in PRESETS or Path(name).expanduser().is_file()
+    return not is_pretrained(spec.removeprefix("hf:"))
+
+
+def _tokenizer(args: argparse.Namespace) -> str | None:
+    """The tokenizer text data is encoded with: ``--tokenizer``, else a pretrained hf:
+    model's own (its ids mean nothing in a word vocabulary's numbering)."""
+    from .hf_models import is_pretrained
+    from .sources import TEXT_KINDS
+
+    text = args.data.partition(":")[0] in TEXT_KINDS
+    if args.tokenizer or not text or not args.model.startswith("hf:"):
+        return args.tokenizer
+    name = args.model.removeprefix("hf:")
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        return None  # loading the model names the missing folder
+    return name if is_pretrained(name) else None
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -607,6 +628,7 @@ def _compress(args: argparse.Namespace) -> int:
         val_split=args.val_split,
         seed=args.seed,
         seq_len=args.seq_len,
+        tokenizer=_tokenizer(args),
     )
     train_loader, val_loader, info = load_data(args.data, options)
     io = ModelIO(task=_check_task(args.task, info))

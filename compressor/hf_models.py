@@ -7,7 +7,8 @@ only here and only when such a model is asked for.
   models built from a config, with random weights (no download);
 - ``hf:path/to/config.json``: a model built from that config, random weights;
 - ``hf:DIR`` or ``hf:org/name``: ``from_pretrained`` (a folder with a config and weights,
-  or a Hub name, which needs the internet the first time).
+  or a Hub name, which needs the internet the first time); on text, its own tokenizer
+  (`hf_tokenizer`) makes the token ids.
 
 Text models become ``AutoModelForSequenceClassification``, image models (ViT, DeiT, ...)
 ``AutoModelForImageClassification``, with ``num_classes`` labels. A model built from a
@@ -98,6 +99,43 @@ def hf_config(name: str) -> Any:
         raise UserError(msg) from exc
 
 
+def is_pretrained(name: str) -> bool:
+    """Whether ``hf:NAME`` loads pretrained weights (a folder or a Hub name), not a config."""
+    return name not in PRESETS and not Path(name).expanduser().is_file()
+
+
+def hf_tokenizer(name: str) -> Any:
+    """The Hugging Face tokenizer in folder ``name`` or of Hub model ``name``
+    (``AutoTokenizer``); it must pad, since batches are padded to one length."""
+    transformers = _transformers()
+    path = Path(name).expanduser()
+    allowed = (
+        "give --tokenizer a folder with the tokenizer's files (tokenizer.json, vocab.txt, "
+        "...) or a Hub name (which needs the internet)"
+    )
+    if name.startswith((".", "/", "~")) and not path.exists():
+        msg = f"no such tokenizer folder: {str(path)!r}; {allowed}"
+        raise UserError(msg)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
+    except Exception as exc:
+        msg = f"cannot load a tokenizer from {name!r}: {first_line(exc)}; {allowed}"
+        raise UserError(msg) from exc
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 makes one
+        msg = (  # from a model folder without tokenizer files: every word [UNK]
+            f"cannot load a tokenizer from {name!r}: it holds no vocabulary beyond its "
+            f"{len(tokenizer)} special tokens (no tokenizer files there?); {allowed}"
+        )
+        raise UserError(msg)
+    if tokenizer.pad_token is None:
+        msg = (
+            f"the tokenizer {name!r} has no padding token, and text batches are padded to "
+            "--seq-len; give one that pads"
+        )
+        raise UserError(msg)
+    return tokenizer
+
+
 def load_hf_model(
     name: str,
     *,
@@ -116,7 +154,7 @@ def load_hf_model(
         else transformers.AutoModelForSequenceClassification
     )
     path = Path(name).expanduser()
-    pretrained = name not in PRESETS and not path.is_file()
+    pretrained = is_pretrained(name)
     if num_classes is not None:
         config.num_labels = num_classes
     if not pretrained:  # built from a config: it fits the data

@@ -279,6 +279,8 @@ class DataOptions:
     seed: int = 0
     seq_len: int | None = None
     vocab_size: int = 8000
+    tokenizer: str | None = None
+    """Text: a Hugging Face tokenizer (folder or Hub name) instead of a word vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,8 @@ def load_data(
     Text (`compressor.text_data`; batches of ``input_ids`` and ``attention_mask``,
     ``seq_len`` tokens, default 128): ``text-demo`` (documentation of 8 standard-library
     packages, labelled by package) and ``text:DIR`` (DIR/train.tsv and DIR/val.tsv of
-    ``label<TAB>text`` lines).
+    ``label<TAB>text`` lines), encoded by a word vocabulary of the training text or by
+    the Hugging Face ``tokenizer`` given.
     """
     options = options or DataOptions()
     kind, _, root = spec.partition(":")
@@ -361,6 +364,9 @@ def load_data(
     _check_options(options)
     if kind in TEXT_KINDS:
         return _text_loaders(spec, kind, Path(root).expanduser(), options)
+    if options.seq_len or options.tokenizer:
+        msg = f"--seq-len and --tokenizer are for text data (got: --data {spec})"
+        raise UserError(msg)
     defaults = _DEFAULTS[kind]
     channels = options.channels or defaults.channels
     size = options.input_size or defaults.input_size
@@ -631,7 +637,7 @@ def _canvas_sets(kind, root, options, size, channels, mean, std):
 def _text_loaders(
     spec: str, kind: str, root: Path, options: DataOptions
 ) -> tuple[DataLoader, DataLoader, DataInfo]:
-    from .text_data import TextDataset, WordVocab, read_tsv, split, stdlib_docs
+    from .text_data import TextDataset, TokenizerVocab, WordVocab, read_tsv, split, stdlib_docs
 
     if options.channels or options.input_size or options.mean or options.std:
         msg = "--channels, --input-size, --mean and --std are for images; text takes --seq-len"
@@ -654,7 +660,12 @@ def _text_loaders(
         index = {label: i for i, label in enumerate(classes)}
         train = [(text, index[label]) for text, label in train_rows]
         val = [(text, index[label]) for text, label in val_rows]
-    vocab = WordVocab([text for text, _ in train], size=options.vocab_size)
+    if options.tokenizer:
+        from .hf_models import hf_tokenizer
+
+        vocab: WordVocab | TokenizerVocab = TokenizerVocab(hf_tokenizer(options.tokenizer))
+    else:
+        vocab = WordVocab([text for text, _ in train], size=options.vocab_size)
     length = options.seq_len or _DEFAULTS[kind].input_size
     sets = [TextDataset(train, vocab, length), TextDataset(val, vocab, length)]
     batch = options.batch_size or _DEFAULTS[kind].batch_size

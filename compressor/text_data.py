@@ -26,6 +26,7 @@ import re
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -140,10 +141,31 @@ class WordVocab:
         return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-class TextDataset(Dataset):
-    """``({"input_ids": (length,), "attention_mask": (length,)}, label)`` per sample."""
+class TokenizerVocab:
+    """A Hugging Face tokenizer in `WordVocab`'s place: the ids the model was trained on,
+    with the tokenizer's own special tokens, cut or padded to ``length``."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], vocab: WordVocab, length: int) -> None:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of ``text``, ``length`` tokens."""
+        found = self.tokenizer(
+            text, max_length=length, truncation=True, padding="max_length", return_tensors="pt"
+        )
+        return found["input_ids"][0].long(), found["attention_mask"][0].long()
+
+
+class TextDataset(Dataset):
+    """``({"input_ids": (length,), "attention_mask": (length,)}, label)`` per sample,
+    encoded by ``vocab`` (a `WordVocab` or a `TokenizerVocab`)."""
+
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], vocab: WordVocab | TokenizerVocab, length: int
+    ) -> None:
         if length < 2:
             msg = f"the sequence length must be at least 2 (got: {length})"
             raise DataError(msg)

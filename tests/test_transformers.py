@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader
 
 import compressor as cz
 from compressor.cli import main
-from compressor.errors import DataError
+from compressor.errors import DataError, UserError
 from compressor.inputs import cat, check_inputs, feeds, repeat_to, rows, take
 from compressor.measure import onnx_predictor, torch_predictor
+from compressor.sources import DataOptions, load_data
 from compressor.text_data import PACKAGES, TextDataset, WordVocab, read_tsv, split, stdlib_docs
 from compressor.training import fit_baseline
 
@@ -247,10 +248,77 @@ def test_cli_compresses_an_hf_config_on_tsv_text(tmp_path, capsys):
     assert [r["precision"] for r in rows] == ["fp32", "int8"]
 
 
+def pretrained_bert(folder, tokenizer=True):
+    """A folder as ``from_pretrained`` reads it: a BERT's config and weights and, with
+    ``tokenizer``, its WordPiece tokenizer (built offline). The tokenizer knows the cue
+    words only (the noise words are [UNK]): 8 ids, fewer than a word vocabulary of the
+    same text has (12), so the model's embedding holds the tokenizer's ids only."""
+    folder.mkdir()
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS[:3]]))
+    v5 = int(transformers.__version__.split(".")[0]) >= 5  # the file's argument was renamed
+    tok = transformers.BertTokenizerFast(**{"vocab" if v5 else "vocab_file": str(vocab)})
+    config = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    if tokenizer:
+        tok.save_pretrained(folder)
+    else:
+        vocab.unlink()
+    return tok
+
+
+def test_text_is_encoded_by_the_tokenizer_given(tmp_path):
+    write_tsv(tmp_path / "text", sentences(480, 0))
+    tok = pretrained_bert(tmp_path / "model")
+    options = DataOptions(seq_len=10, tokenizer=str(tmp_path / "model"))
+    train, _, info = load_data(f"text:{tmp_path / 'text'}", options)
+    assert info.vocab_size == len(tok) == 8
+    for index in (0, 7):
+        inputs, _ = train.dataset[index]
+        text = train.dataset.samples[index][0]
+        want = tok(text, max_length=10, truncation=True, padding="max_length")
+        assert inputs["input_ids"].tolist() == want["input_ids"]
+        assert inputs["attention_mask"].tolist() == want["attention_mask"]
+    assert inputs["input_ids"][0] == tok.cls_token_id and 1 in inputs["input_ids"].tolist()
+    words = load_data(f"text:{tmp_path / 'text'}", DataOptions(seq_len=10))[2]
+    assert words.vocab_size == 12  # a word vocabulary numbers the same text otherwise
+    with pytest.raises(UserError, match="no such tokenizer folder"):
+        load_data("text-demo", DataOptions(tokenizer=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match=r"--seq-len and --tokenizer are for text data"):
+        load_data("demo", DataOptions(tokenizer=str(tmp_path / "model")))
+
+
+def test_cli_encodes_text_with_a_pretrained_models_own_tokenizer(tmp_path, capsys):
+    write_tsv(tmp_path / "text", sentences(480, 0))
+    pretrained_bert(tmp_path / "model")
+    pretrained_bert(tmp_path / "bare", tokenizer=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - int8_quantization: {calibration_samples: 16}\n")
+    common = [
+        "compress", "--data", f"text:{tmp_path / 'text'}", "--seq-len", "16",
+        "--recipe", str(recipe), "--threads", "1", "--throughput-batch", "2",
+        "--runtime", "onnxruntime", "--quiet",
+    ]  # fmt: skip
+    # a word vocabulary would need 12 ids: only the model's own tokenizer fits its embedding
+    run = tmp_path / "run"
+    assert main([*common, "--model", f"hf:{tmp_path / 'model'}", "--output", str(run)]) == 0
+    assert json.loads((run / "report.json").read_text())["rows"]
+    capsys.readouterr()
+    bare = ["--model", f"hf:{tmp_path / 'bare'}", "--output", str(tmp_path / "o")]
+    assert main([*common, *bare]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load a tokenizer from" in err and "give --tokenizer" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--model", "torchvision:resnet18", "--data", "text-demo"], "needs a text model"),
+        (["--data", "demo", "--tokenizer", "bert-base-uncased"], "are for text data"),
         (
             ["--model", "hf:bert-tiny", "--data", "text-demo", "--channels", "3"],
             "text takes --seq-len",
