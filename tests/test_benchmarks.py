@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import compressor as cz
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -86,6 +89,11 @@ def test_pipeline_cost_script(tmp_path):
 def test_op_profile_script(tmp_path):
     text = run("op_profile.py", "resnet18", "--runs", "5", cwd=tmp_path)
     assert "resnet18 FP32:" in text and "QLinearConv" in text
+    # a file of its own, exported at 16x16 and profiled at 40x40
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    cz.export_onnx(net.eval(), torch.rand(1, 3, 16, 16), tmp_path / "net.onnx")
+    text = run("op_profile.py", "--files", "net.onnx", "--size", "40", "--runs", "5", cwd=tmp_path)
+    assert "net.onnx at 40x40" in text and "Conv" in text and "p50" in text
 
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
