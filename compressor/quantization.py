@@ -662,8 +662,65 @@ def _pre_process(fp32: Path, out: Path, external: bool) -> tuple[Path, str, str 
             continue
         if not external:
             name_nodes(out)
+            split_hard_sigmoid(out)
         return out, how, None
     return fp32, "failed", error
+
+
+def split_hard_sigmoid(path: Path) -> int:
+    """Write every HardSigmoid of the ONNX file ``path`` as ``Clip(x * alpha + beta, 0, 1)``
+    (Mul, Add, Clip), in place; returns how many.
+
+    ONNX Runtime has no INT8 HardSigmoid: in a QDQ file each one (MobileNetV3's HardSwish
+    is ``x * HardSigmoid(x)`` after pre-processing, its squeeze-excite gates are
+    HardSigmoid) runs in float between a Dequantize and a Quantize. Mul and Add have INT8
+    kernels and the Clip folds into the Quantize after it, so the whole activation stays
+    INT8 (the same values in FP32).
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if not any(n.op_type == "HardSigmoid" and n.domain in ("", "ai.onnx") for n in graph.node):
+        return 0
+    taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
+
+    def constant(value: float, stem: str) -> str:
+        name = stem
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        return name
+
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        found = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        alpha, beta = float(found.get("alpha", 0.2)), float(found.get("beta", 0.5))
+        stem = node.name or f"hard_sigmoid_{count}"
+        scaled, shifted = f"{stem}/scaled", f"{stem}/shifted"
+        nodes += [
+            helper.make_node(
+                "Mul", [node.input[0], constant(alpha, f"{stem}/alpha")], [scaled], f"{stem}/Mul"
+            ),
+            helper.make_node(
+                "Add", [scaled, constant(beta, f"{stem}/beta")], [shifted], f"{stem}/Add"
+            ),
+            helper.make_node(
+                "Clip",
+                [shifted, constant(0.0, f"{stem}/min"), constant(1.0, f"{stem}/max")],
+                [node.output[0]],
+                f"{stem}/Clip",
+            ),
+        ]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return count
 
 
 def name_nodes(path: Path) -> None:

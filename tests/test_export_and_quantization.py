@@ -177,3 +177,32 @@ def test_models_over_2gb_take_the_external_data_path(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
     fp32 = top1(lambda x: trained_resnet.eval()(x), ctx.eval_data)
     assert top1(ort_predictor(ort_session(out.onnx_path, 1)), ctx.eval_data) >= fp32 - 0.05
+
+
+def test_hard_sigmoid_is_split_into_ops_with_int8_kernels(tmp_path):
+    # MobileNetV3's activations: HardSwish (x * HardSigmoid(x) after pre-processing) and a
+    # HardSigmoid gate. ONNX Runtime has no INT8 HardSigmoid; Mul, Add and Clip quantize.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.Hardsigmoid()
+    ).eval()
+    x = torch.randn(16, 3, 12, 12)
+    export_onnx(net, x[:1], tmp_path / "fp32.onnx")
+    pre = quantization.pre_process(tmp_path / "fp32.onnx", tmp_path / "pre.onnx")
+    ops = [n.op_type for n in onnx.load(str(pre)).graph.node]
+    assert "HardSigmoid" not in ops and ops.count("Clip") == 2
+    assert len({n.name for n in onnx.load(str(pre)).graph.node}) == len(ops)
+    with torch.no_grad():
+        want = net(x)
+    same = ort_predictor(ort_session(pre, 1))(x)
+    torch.testing.assert_close(same, want, rtol=0, atol=1e-5)  # the same function
+    data = cz.DataSpec([(x, torch.zeros(16))])
+    cz.Int8Quantization().quantize_file(pre, tmp_path / "int8.onnx", data, samples=16)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    arithmetic = [n for n in graph.node if n.op_type in ("Mul", "Add")]
+    assert len(arithmetic) == 5 and "HardSigmoid" not in made_by.values()
+    for node in arithmetic:  # every activation they read is an INT8 tensor
+        assert all(made_by.get(i, "DequantizeLinear") == "DequantizeLinear" for i in node.input)
+    int8 = ort_predictor(ort_session(tmp_path / "int8.onnx", 1))(x)
+    assert float((int8 - want).abs().mean()) < 0.5 / 255  # under half a step of [0, 1]
