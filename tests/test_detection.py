@@ -171,6 +171,27 @@ def test_scope_names_map_back_to_modules(tmp_path):
     assert len(found) == 12 and all(n.endswith("/Conv") for n in found)
 
 
+@pytest.mark.parametrize("build", [tiny_ssdlite, tiny_ssd])
+def test_the_dense_ssd_scores_as_torchvision_with_one_reshape_per_head(tmp_path, build):
+    torch.manual_seed(0)
+    detector = build().eval()
+    dense, _ = resolve_io(None, detector, torch.rand(2, 3, SIZE, SIZE), None)
+    dense.eval()
+    assert dense.state_dict().keys() == {  # the same names as torchvision's
+        k for k in detector.state_dict() if k.startswith(("backbone.", "head."))
+    } | {"mean", "std"}
+    x = torch.rand(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        features = list(detector.backbone((x - dense.mean) / dense.std).values())
+        out = detector.head(features)  # torchvision's own view per feature map
+        expected = torch.cat([out["bbox_regression"], out["cls_logits"]], dim=-1)
+        assert torch.equal(dense(x), expected)
+    export_onnx(dense, x[:1], tmp_path / "m.onnx", check_inputs=x)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    # the batch size read once per head, not each map's sizes per map
+    assert ops.count("Shape") == 2 and ops.count("Reshape") == 2
+
+
 def test_a_detector_through_all_four_stages(tmp_path, val, monkeypatch):
     torch.manual_seed(0)
     detector = tiny_ssd()
