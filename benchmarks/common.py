@@ -18,7 +18,12 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 import compressor as cz
 from compressor._io import write_text
 from compressor.data import DataSpec
-from compressor.measure import environment, interleaved_runs, ort_predictor, ort_session, top1
+from compressor.measure import (
+    environment,
+    interleaved_runs,
+    onnx_predictor,
+    top1,
+)
 from compressor.stage import RunContext, State
 
 TABLE_RUN: dict[str, Any] = {"threads": 2, "progress": False, "throughput_batch": 1}
@@ -45,9 +50,11 @@ def side_by_side(runs: dict[Any, Callable[[], Any]], rounds: int = 3) -> dict[An
     return result
 
 
-def files_p50(files: dict[str, Path], example: Any, threads: int = 2) -> dict[str, float]:
-    """Batch-1 p50 milliseconds of each ONNX file in ONNX Runtime, in interleaved rounds."""
-    predict = {name: ort_predictor(ort_session(path, threads)) for name, path in files.items()}
+def files_p50(
+    files: dict[str, Path], example: Any, threads: int = 2, runtime: str = "onnxruntime"
+) -> dict[str, float]:
+    """Batch-1 p50 milliseconds of each ONNX file in ``runtime``, in interleaved rounds."""
+    predict = {name: onnx_predictor(path, threads, runtime) for name, path in files.items()}
     timings = side_by_side({n: (lambda p=p: p(example)) for n, p in predict.items()})
     return {name: timings[name]["p50"] for name in files}
 

@@ -106,13 +106,18 @@ def run_one(
         seed=seed,
         **TABLE_RUN,
         limit_train_batches=args.train_batches or None,
-        runtimes=["onnxruntime"],
+        runtimes=args.runtimes,
     )
     seconds = time.perf_counter() - start
     report = result.report
     rows = {(r.name, r.runtime): r for r in report.rows}
     base = rows[("baseline", "onnxruntime")]
-    final = report.rows[-1]
+    final = rows[(report.rows[-1].name, "onnxruntime")]
+    others = {
+        f"final_{metric}_{runtime}": rows[(final.name, runtime)].accuracy
+        for runtime in args.runtimes
+        if runtime != "onnxruntime"
+    }
     return {
         "model_io": report.model_io,
         f"baseline_{metric}": base.accuracy,
@@ -125,6 +130,7 @@ def run_one(
         "ratio": rows[("structured_pruning", "torch")].details.get("pruning", {}).get("ratio"),
         "size_x": report.summary.get("size_ratio"),
         "agreement": (report.parity or {}).get("top1_agreement"),
+        **others,
         "seconds": round(seconds, 1),
     }
 
@@ -176,6 +182,32 @@ def aggregate(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
                 "p50_ms": mean_spread([r["p50_ms"]["compressor"] for r in group]),
             }
         )
+        for runtime in [k.removeprefix("p50_ms_") for k in group[0] if k.startswith("p50_ms_")]:
+            times = [r[f"p50_ms_{runtime}"] for r in group]
+            finals = [r[f"final_{metric}_{runtime}"] for r in group]
+            bases = [r[f"baseline_{metric}"] for r in group]
+            drops = [100 * (b - f) for b, f in zip(bases, finals, strict=True)]
+            rows.append(
+                {
+                    "model": model,
+                    "artifact": f"FP32 baseline (model.onnx) in {runtime}",
+                    "seeds": len(group),
+                    "p50_ms": mean_spread([t["fp32"] for t in times]),
+                    "speedup_bs1": "1.00",
+                }
+            )
+            rows.append(
+                {
+                    "model": model,
+                    "artifact": f"compressor: pruned + INT8 in {runtime}",
+                    "seeds": len(group),
+                    metric: round(statistics.fmean(finals), 4),
+                    "drop_points": mean_spread(drops),
+                    "macs_x": mean_spread([r["macs_x"] for r in group]),
+                    "speedup_bs1": mean_spread([t["fp32"] / t["compressor"] for t in times]),
+                    "p50_ms": mean_spread([t["compressor"] for t in times]),
+                }
+            )
         for peer in group[0]["peers"]:
             values = [r["peers"][peer][metric] for r in group]
             rows.append(
@@ -248,12 +280,20 @@ def main(
         help="training batches (of 32) per epoch of the pipeline's stages (0: whole epochs)",
     )
     parser.add_argument("--distill-epochs", type=int, default=2)
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=("onnxruntime", "openvino"),
+        default=["onnxruntime"],
+        help="where the files are scored and timed (ONNX Runtime always; OpenVINO besides)",
+    )
     parser.add_argument("--test-canvases", type=int, default=None, help="default: all 2,000")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--out", type=Path, default=HERE / "results" / f"{task}.json")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 
+    args.runtimes = list(dict.fromkeys(["onnxruntime", *args.runtimes]))
     prepare_debian(args.data)
     options = DataOptions(input_size=args.input_size, channels=3, batch_size=32)
     train, test, info = load_data(f"{source}:{args.data}", options)
@@ -274,7 +314,9 @@ def main(
             others = peers(out, calibration, test_spec, io)
             files = {"fp32": out / "model.onnx", "compressor": out / "model.int8.onnx"}
             files.update({peer: found["file"] for peer, found in others.items()})
-            found["p50_ms"] = files_p50(files, example)
+            for runtime in args.runtimes:
+                key = "p50_ms" if runtime == "onnxruntime" else f"p50_ms_{runtime}"
+                found[key] = files_p50(files, example, runtime=runtime)
             found["peers"] = {peer: {metric: v["score"]} for peer, v in others.items()}
             runs.append({"model": name, "seed": seed, **found})
             print(json.dumps(runs[-1], default=str), file=sys.stderr, flush=True)
