@@ -112,6 +112,7 @@ def revert_to_budget(
     samples: int,
     exclude: Collection[str] = (),
     fp32_accuracy: float | None = None,
+    in_prefix: Collection[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
     """Revert the most INT8-sensitive nodes to FP32 until accuracy >= ``min_accuracy``.
 
@@ -123,6 +124,9 @@ def revert_to_budget(
     most accurate file is kept. When the FP32 model is itself under ``min_accuracy``, no
     node is reverted: the accuracy was lost before INT8, and reverting could not win it
     back. ``fp32_accuracy``: ``fp32``'s, when the caller has measured it already.
+    ``exclude``: nodes already in FP32, not ranked; those also in ``in_prefix`` (FP32
+    placement's, which still read quantized inputs) are reverted again with the prefixes
+    they fall in, so that they read float inputs too.
 
     Returns:
         The file to ship and what was done: ``min_accuracy``, ``fp32_accuracy``,
@@ -154,7 +158,7 @@ def revert_to_budget(
     ranking = [n["node"] for n in sensitivity["nodes"]]
     info["sensitivity"] = {**sensitivity, "nodes": sensitivity["nodes"][:SHOWN]}
     model, source = onnx.load(str(quantized)), onnx.load(str(fp32))
-    prefixes = graph_prefixes(model, source, exclude)
+    prefixes = graph_prefixes(model, source, set(exclude) - set(in_prefix))
     # (order, count) -> (accuracy, file); order "ranking" or "prefix"
     results: dict[tuple[str, int], tuple[float, Path]] = {
         ("ranking", 0): (info["int8_accuracy"], quantized)

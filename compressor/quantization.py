@@ -392,13 +392,18 @@ class Int8Quantization(Stage):
                     samples=self.sensitivity_samples,
                     exclude=kept,
                     fp32_accuracy=fp32_accuracy,
+                    in_prefix=placement["fp32_nodes"] if placement else (),
                 )
-                kept = [
-                    *kept,
-                    *budget["fp32_nodes"],
-                    *budget.get("fp32_producers", []),
-                    *budget.get("fp32_other_nodes", []),
-                ]
+                kept = list(  # a placed node a prefix reverted again is named once
+                    dict.fromkeys(
+                        [
+                            *kept,
+                            *budget["fp32_nodes"],
+                            *budget.get("fp32_producers", []),
+                            *budget.get("fp32_other_nodes", []),
+                        ]
+                    )
+                )
                 notes += _budget_notes(budget)
                 clock.lap("accuracy_budget")
             with atomic_path(final) as out:

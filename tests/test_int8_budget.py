@@ -6,16 +6,18 @@ import json
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TinyResNet, fit, loaders
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from torch import nn
 
 import compressor as cz
 from compressor.export import export_onnx
-from compressor.int8_budget import _fewest, graph_prefixes, quantized_nodes
+from compressor.int8_budget import _fewest, graph_prefixes, quantized_nodes, revert_to_budget
 from compressor.int8_placement import keep_fp32
-from compressor.measure import onnx_predictor, sample_batch
+from compressor.measure import onnx_predictor, sample_batch, top1
 from compressor.quantization import _CalibrationReader
+from compressor.stage import RunContext
 
 OUTLIER = 300.0
 
@@ -232,6 +234,35 @@ def test_graph_prefixes_count_compute_nodes_and_skip_excluded(outlier_model, dat
     assert (onnx_predictor(int8, 1)(x) - reference).abs().max() > 2 * step
     with pytest.raises(ValueError, match="no compute node"):  # an activation needs float inputs
         keep_fp32(quantized, source, [next(n for n in prefixes[-1] if n not in computes[-1])])
+
+
+@pytest.mark.parametrize("again", [True, False])
+def test_a_prefix_gives_a_node_fp32_placement_kept_float_inputs(
+    outlier_model, data, tmp_path, again
+):
+    """FP32 placement keeps a conv in FP32 that still reads its quantized input; unless the
+    budget's prefixes revert it again, no count of nodes brings the FP32 accuracy back."""
+    fp32, int8 = _files(outlier_model, data, tmp_path)
+    quantized, source = onnx.load(int8), onnx.load(fp32)
+    conv1 = next(n.name for n in source.graph.node if "conv1" in n.name)
+    placed = tmp_path / "placed.onnx"
+    onnx.save(keep_fp32(quantized, source, [conv1]), placed)  # as FP32 placement does
+    ctx = RunContext(
+        train_data=cz.DataSpec(data[0]), eval_data=cz.DataSpec(data[1]), output_dir=tmp_path,
+        loss_fn=F.cross_entropy, eval_fn=top1, device=torch.device("cpu"), progress=False,
+        step="int8_quantization", threads=1,
+    )  # fmt: skip
+    accuracy = top1(onnx_predictor(fp32, 1), ctx.eval_data)
+    broken = top1(onnx_predictor(placed, 1), ctx.eval_data)
+    assert broken < accuracy - 0.1  # conv1 in FP32 still reads the rounded outlier
+    # halfway: all reverted (the output's rounding stays) is above it, the rest under
+    _, info = revert_to_budget(
+        placed, fp32, ctx, (accuracy + broken) / 2, samples=32, exclude=[conv1],
+        in_prefix=[conv1] if again else (),
+    )  # fmt: skip
+    assert info["met"] is again, info["trials"]
+    if again:
+        assert info["order"] == "prefix" and conv1 in info["fp32_nodes"]
 
 
 def _output_scale(model: onnx.ModelProto) -> float:
