@@ -97,7 +97,8 @@ def run_one(
     """One pipeline run; the table's numbers from its report."""
     start = time.perf_counter()
     result = cz.Pipeline(
-        stages(args.ratio, args.distill_epochs, args.target_macs, args.importance)
+        stages(args.ratio, args.distill_epochs, args.target_macs, args.importance),
+        max_accuracy_drop=args.max_accuracy_drop,
     ).run(
         model,
         *data,
@@ -131,6 +132,8 @@ def run_one(
         "size_x": report.summary.get("size_ratio"),
         "agreement": (report.parity or {}).get("top1_agreement"),
         **others,
+        "budget_met": result.budget_met,
+        "file": result.onnx_path,
         "seconds": round(seconds, 1),
     }
 
@@ -239,6 +242,7 @@ def save(args: argparse.Namespace, runs: list[dict[str, Any]], metric: str) -> N
         "test_canvases": args.test_canvases,
         "train_batches": args.train_batches,
         "distill_epochs": args.distill_epochs,
+        "max_accuracy_drop": args.max_accuracy_drop,
         "threads": 2,
     }
     write_results(args.out, settings, aggregate(runs, metric))
@@ -281,6 +285,12 @@ def main(
     )
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        help="the pipeline's accuracy budget against the baseline (0.015: 1.5 points)",
+    )
+    parser.add_argument(
         "--runtimes",
         nargs="+",
         choices=("onnxruntime", "openvino"),
@@ -312,7 +322,7 @@ def main(
             out = args.cache / task / f"{name}_{seed}"
             found = run_one(model, io, args, (train, test), seed, out, metric)
             others = peers(out, calibration, test_spec, io)
-            files = {"fp32": out / "model.onnx", "compressor": out / "model.int8.onnx"}
+            files = {"fp32": out / "model.onnx", "compressor": found.pop("file")}
             files.update({peer: found["file"] for peer, found in others.items()})
             for runtime in args.runtimes:
                 key = "p50_ms" if runtime == "onnxruntime" else f"p50_ms_{runtime}"

@@ -273,9 +273,10 @@ def test_segmentation_script(tmp_path):
     out = tmp_path / "segmentation.json"
     args = ["--seeds", "0", "--baseline-epochs", "0", "--train-batches", "4"]
     args += ["--test-canvases", "64", "--cache", str(tmp_path / "cache"), "--out", str(out)]
-    args += ["--data", str(tmp_path / "data")]
+    args += ["--data", str(tmp_path / "data"), "--max-accuracy-drop", "0.9"]
     table = run("segmentation.py", *args, cwd=tmp_path)
     (found,) = json.loads(out.read_text())["runs"]
+    assert found["budget_met"] is True  # the pipeline's budget, against the baseline
     assert found["model_io"] == {
         "task": "segmentation", "output": "out", "metric": "miou", "ignore_index": 255,
         "inputs": [{"name": "input", "dtype": "float32", "shape": [3, 64, 64]}],
@@ -292,15 +293,20 @@ def test_detection_script(tmp_path):
     out = tmp_path / "detection.json"
     args = ["--seeds", "0", "--baseline-epochs", "0", "--train-batches", "2", "--input-size", "64"]
     args += ["--test-canvases", "32", "--cache", str(tmp_path / "cache"), "--out", str(out)]
-    args += ["--data", str(tmp_path / "data")]
+    args += ["--data", str(tmp_path / "data"), "--runtimes", "openvino"]
     table = run("detection.py", *args, cwd=tmp_path)
     (found,) = json.loads(out.read_text())["runs"]
     assert found["model_io"]["task"] == "detection" and found["model_io"]["metric"] == "map"
     assert len(found["model_io"]["detection"]["fp32_layers"]) == 12
     assert found["macs_x"] > 1.5 and 0 <= found["final_map"] <= 1
     assert 0 <= found["agreement"] <= 1 and "ort_default" in found["peers"]
-    assert all(ms > 0 for ms in found["p50_ms"].values())
+    # ONNX Runtime always, OpenVINO besides: each scores and times the same files
+    assert 0 <= found["final_map_openvino"] <= 1
+    for runtime in ("p50_ms", "p50_ms_openvino"):
+        assert set(found[runtime]) >= {"fp32", "compressor", "ort_default"}
+        assert all(ms > 0 for ms in found[runtime].values())
     assert "| ssdlite320_mobilenet_v3_large | compressor: pruned + INT8 | 1 |" in table
+    assert "| compressor: pruned + INT8 in openvino | 1 |" in table
 
 
 def test_text_classification_script(tmp_path):
