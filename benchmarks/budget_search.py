@@ -45,7 +45,7 @@ from fashion_mnist import prepare_debian
 
 import compressor as cz
 from compressor._io import atomic_path
-from compressor.training import fit_baseline
+from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent
 

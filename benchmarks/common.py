@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 import compressor as cz
 from compressor._io import write_text
 from compressor.data import DataSpec
-from compressor.measure import (
+from compressor.runtime.measure import (
     environment,
     interleaved_runs,
     onnx_predictor,

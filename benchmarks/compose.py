@@ -42,8 +42,8 @@ from fashion_mnist import prepare_debian
 
 import compressor as cz
 from compressor._io import atomic_path, write_text
-from compressor.measure import ort_predictor, ort_session
-from compressor.training import fit_baseline
+from compressor.runtime.measure import ort_predictor, ort_session
+from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent
 MEAN, STD = 0.2860, 0.3530

@@ -35,10 +35,10 @@ from fashion_mnist import prepare_debian
 import compressor as cz
 from compressor._io import atomic_path, write_text
 from compressor.data import DataSpec
-from compressor.measure import ort_predictor, ort_session
-from compressor.pruning_plan import IMPORTANCES
-from compressor.sources import DataOptions, load_data
-from compressor.training import fit_baseline
+from compressor.pruning.plan import IMPORTANCES
+from compressor.runtime.measure import ort_predictor, ort_session
+from compressor.sources.specs import DataOptions, load_data
+from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent
 # (model name, a training batch, classes) -> (untrained model, its ModelIO)

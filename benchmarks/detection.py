@@ -1,6 +1,6 @@
 """Object detection end to end: torchvision's SSDlite on Fashion-MNIST canvases.
 
-The task is `compressor.detection_data.FashionDetection` built from Debian's
+The task is `compressor.sources.detection_data.FashionDetection` built from Debian's
 dataset-fashion-mnist (the CLI's ``--data fashion-mnist-det:DIR``): one to four items, each
 scaled to 28-56 pixels, on a black canvas (160x160 by default), one box per item, 10 classes
 plus the background; 12,000 training canvases from the training split and 2,000 test
@@ -12,7 +12,7 @@ INT8 (the heads' last layers in FP32) at a short budget, three seeds. Every numb
 from the pipeline's own report (COCO mAP by pycocotools over the test canvases, boxes
 decoded in FP32 after the ONNX file; files run in ONNX Runtime), except the peers' INT8
 (ONNX Runtime's ``quantize_static`` with its defaults, every layer INT8, and NNCF where
-installed) of the same baseline file, scored with the same `compressor.detection.mean_ap`
+installed) of the same baseline file, scored with the same `compressor.models.detection.mean_ap`
 and the same side-by-side batch-1 timing. Prints a table of means and spreads and writes
 benchmarks/results/detection.json after every run.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dense_tasks
 
 import compressor as cz
-from compressor.model_io import resolve_io
+from compressor.models.model_io import resolve_io
 
 MODELS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")
 

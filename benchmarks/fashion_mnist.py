@@ -1,6 +1,6 @@
 """Accuracy on real data: Fashion-MNIST, the FP32 baseline against the pipeline's INT8 file.
 
-Trains a small residual network (compressor.demo.DemoResNet) on the 60,000 training images
+Trains a small residual network (compressor.sources.demo.DemoResNet) on the 60,000 training images
 (cached after the first run), runs a pipeline preset (default: ``balanced``, the default
 pipeline) and measures on the 10,000 test images: top-1, MACs, params, file size, and ONNX
 Runtime latency at batch 1 and 32, side by side. For comparison, the same baseline ONNX file
@@ -42,10 +42,16 @@ from common import (
 import compressor as cz
 from compressor._io import atomic_path
 from compressor.data import DataSpec, as_data_spec
-from compressor.demo import DemoResNet
-from compressor.measure import count_params_macs, ort_predictor, ort_session, sample_batch, top1
-from compressor.sources import DataOptions, load_data
-from compressor.training import fit_baseline
+from compressor.runtime.measure import (
+    count_params_macs,
+    ort_predictor,
+    ort_session,
+    sample_batch,
+    top1,
+)
+from compressor.sources.demo import DemoResNet
+from compressor.sources.specs import DataOptions, load_data
+from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")

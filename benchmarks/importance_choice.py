@@ -36,11 +36,11 @@ from fashion_mnist import prepare_debian
 import compressor as cz
 from compressor._io import atomic_path
 from compressor.data import DataSpec
-from compressor.demo import DemoResNet, demo_data
-from compressor.measure import count_params_macs, torch_predictor
-from compressor.sources import DataOptions, load_data
+from compressor.runtime.measure import count_params_macs, torch_predictor
+from compressor.sources.demo import DemoResNet, demo_data
+from compressor.sources.specs import DataOptions, load_data
 from compressor.stage import RunContext, State
-from compressor.training import fit_baseline
+from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent
 IMPORTANCES = ("bn_scale", "lamp", "auto")

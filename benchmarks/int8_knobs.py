@@ -46,10 +46,10 @@ from common import (
 )
 
 import compressor as cz
-from compressor.export import export_onnx
-from compressor.measure import count_params_macs, onnx_predictor
-from compressor.pruning import prune
-from compressor.runtimes import ONNX_RUNTIMES
+from compressor.pruning.structured import prune
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import count_params_macs, onnx_predictor
+from compressor.runtime.runtimes import ONNX_RUNTIMES
 
 
 def session(path: Path, threads: int, level: str = "ALL") -> Callable[[np.ndarray], Any]:

@@ -12,7 +12,7 @@ fixed threads, these rows are measured side by side at each batch size:
 - ``nncf``: nncf.quantize on the same FP32 ONNX file (when nncf is installed)
 - ``openvino fp32``, ``openvino int8 (compressor)``, ``openvino pruned ...``: the same three
   compressor files run in OpenVINO (when ``compressor[openvino]`` is installed, or as
-  ``--runtimes`` says), with the settings the report uses (compressor.runtimes)
+  ``--runtimes`` says), with the settings the report uses (compressor.runtime.runtimes)
 
 Each cell is the median (and p90) of compressor's own timing loop (measure.timed_runs:
 warm-up, then until the median settles), run for every row in turn, three interleaved
@@ -52,16 +52,16 @@ from common import (
 )
 
 import compressor as cz
-from compressor.export import export_onnx
-from compressor.measure import (
+from compressor.pruning.structured import prune
+from compressor.quantization.int8 import inspect_int8_graph
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import (
     count_params_macs,
     onnx_predictor,
     torch_predictor,
     torch_threads,
 )
-from compressor.pruning import prune
-from compressor.quantization import inspect_int8_graph
-from compressor.runtimes import check_runtimes
+from compressor.runtime.runtimes import check_runtimes
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 BASELINE = "ort fp32"

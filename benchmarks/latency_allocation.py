@@ -38,8 +38,8 @@ from common import calibration_data, compressor_int8, print_table, side_by_side,
 from pruning_target import model_for
 
 import compressor as cz
-from compressor.measure import count_params_macs, onnx_predictor
-from compressor.pruning import prune
+from compressor.pruning.structured import prune
+from compressor.runtime.measure import count_params_macs, onnx_predictor
 
 HERE = Path(__file__).parent
 VARIANTS = ("uniform", "global", "latency")

@@ -1,8 +1,8 @@
 """Under load: ResNet-18 at 224x224 (random weights), the FP32 baseline file against the
 pipeline's artifact (pruned + INT8), under concurrent closed-loop clients.
 
-For each file, `compressor.load.load_file` runs every setting of
-`compressor.load.default_settings` (one session with every core and one session per core,
+For each file, `compressor.runtime.load.load_file` runs every setting of
+`compressor.runtime.load.default_settings` (one session with every core and one session per core,
 each without batching and with the dynamic batcher) at each concurrency level. The whole
 measurement is repeated ``--runs`` times; the headline (the artifact's best throughput
 within the p99 bound over the baseline's best) is the median of the runs.
@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import calibration_data, compressor_int8, print_table, write_results
 
 import compressor as cz
-from compressor.batching import BatchSettings, DynamicBatcher
-from compressor.export import export_onnx
-from compressor.load import default_settings, load_file
-from compressor.measure import default_threads, ort_session, timed_runs
-from compressor.pruning import prune
+from compressor.pruning.structured import prune
+from compressor.runtime.batching import BatchSettings, DynamicBatcher
+from compressor.runtime.export import export_onnx
+from compressor.runtime.load import default_settings, load_file
+from compressor.runtime.measure import default_threads, ort_session, timed_runs
 
 
 def build(size: int, ratio: float, threads: int, out: Path) -> dict[str, Path]:

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import calibration_data, compressor_int8
 
 import compressor as cz
-from compressor.export import export_onnx
-from compressor.pruning import prune
+from compressor.pruning.structured import prune
+from compressor.runtime.export import export_onnx
 
 
 def _session(path: Path, threads: int, profile_prefix: Path | None = None):

@@ -35,9 +35,9 @@ from common import calibration_data, cpu_context, print_table, write_results
 from zoo import build
 
 import compressor as cz
-from compressor.measure import count_params_macs
-from compressor.pruning import prune
-from compressor.pruning_target import artifact_measure
+from compressor.pruning.structured import prune
+from compressor.pruning.target import artifact_measure
+from compressor.runtime.measure import count_params_macs
 
 HERE = Path(__file__).parent
 

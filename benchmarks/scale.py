@@ -96,7 +96,7 @@ def one(model_name: str, samples: int, threads: int) -> dict[str, Any]:
     import torchvision
 
     import compressor as cz
-    from compressor.measure import count_params_macs
+    from compressor.runtime.measure import count_params_macs
     from compressor.stage import State
 
     torch.set_num_threads(threads)
@@ -136,8 +136,8 @@ def one_distillation(samples: int, threads: int) -> dict[str, Any] | None:
     import torchvision
 
     import compressor as cz
-    from compressor import distributed
     from compressor.stage import State
+    from compressor.training import distributed
 
     parallel = distributed.setup()
     torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """Semantic segmentation end to end: a torchvision segmenter on Fashion-MNIST canvases.
 
-The task is `compressor.segmentation_data.FashionCanvas` built from Debian's
+The task is `compressor.sources.segmentation_data.FashionCanvas` built from Debian's
 dataset-fashion-mnist (the CLI's ``--data fashion-mnist-seg:DIR``): one to three items pasted
 on a 64x64 canvas, 11 classes per pixel (background + the 10 item classes), 12,000 training
 canvases from the training split and 2,000 test canvases from the test split.

@@ -1,6 +1,6 @@
 """Text classification end to end: a BERT-style encoder on the standard-library task.
 
-The task is `compressor.text_data.stdlib_docs` (the CLI's ``--data text-demo``): docstrings
+The task is `compressor.sources.text_data.stdlib_docs` (the CLI's ``--data text-demo``): docstrings
 and comment blocks of 8 Python standard-library packages, labelled by package, about 2,900
 training and 710 validation samples, encoded as ``[CLS] words [SEP]`` in 128 tokens
 (``input_ids`` and ``attention_mask``).
@@ -40,10 +40,10 @@ import compressor as cz
 from compressor._io import atomic_path, write_text
 from compressor.data import DataSpec
 from compressor.inputs import feeds, take
-from compressor.measure import ort_predictor, ort_session
-from compressor.model_io import top1
-from compressor.sources import DataOptions, load_data, load_model
-from compressor.training import fit_baseline
+from compressor.models.model_io import top1
+from compressor.runtime.measure import ort_predictor, ort_session
+from compressor.sources.specs import DataOptions, load_data, load_model
+from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent
 

@@ -49,8 +49,8 @@ from zoo import build, give_signal, signal_data
 import compressor as cz
 from compressor import adapters
 from compressor._io import atomic_path
-from compressor.measure import count_params_macs
-from compressor.pruning import prune
+from compressor.pruning.structured import prune
+from compressor.runtime.measure import count_params_macs
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "vit_heads.json"
@@ -167,7 +167,7 @@ def trained_vit(root: Path, seed: int, epochs: int) -> tuple[torch.nn.Module, An
     from fashion_mnist import prepare_debian
     from torch.utils.data import DataLoader
 
-    from compressor.training import fit_baseline
+    from compressor.training.loop import fit_baseline
 
     prepare_debian(root)
     train, test = tensors(root)

@@ -72,13 +72,13 @@ def give_signal(model: Any, size: int, steps: int = 8, seed: int = 0) -> Any:
     from torch import nn
 
     from compressor.data import DataSpec
-    from compressor.training import recalibrate_batchnorm
+    from compressor.training.loop import recalibrate_batchnorm
 
     torch.manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.Linear) and not bool(m.weight.detach().abs().sum()):
             nn.init.normal_(m.weight, std=0.02)
-    from compressor.measure import count_params_macs
+    from compressor.runtime.measure import count_params_macs
 
     _, macs = count_params_macs(model, torch.zeros(1, 3, size, size))
     images, labels = signal_data(size, 32 if macs < 2e9 else 8, seed)  # big models: fewer
@@ -119,7 +119,7 @@ def int8_agreement(fp32: Path, int8: Path, inputs: Any, threads: int) -> dict[st
     """Top-1 agreement and mean cosine similarity of the INT8 file's outputs with the FP32 one's."""
     import torch
 
-    from compressor.measure import ort_predictor, ort_session
+    from compressor.runtime.measure import ort_predictor, ort_session
 
     ref = ort_predictor(ort_session(fp32, threads))(inputs).float().flatten(1)
     out = ort_predictor(ort_session(int8, threads))(inputs).float().flatten(1)
@@ -160,12 +160,12 @@ def check_model(
     from common import compressor_int8
 
     import compressor as cz
-    from compressor.bench import bench
     from compressor.data import DataSpec
     from compressor.errors import first_line
-    from compressor.export import export_onnx
-    from compressor.measure import count_params_macs
-    from compressor.pruning import prune
+    from compressor.pruning.structured import prune
+    from compressor.report.bench import bench
+    from compressor.runtime.export import export_onnx
+    from compressor.runtime.measure import count_params_macs
 
     row: dict[str, Any] = {"model": name, "input_size": size, "status": "fail"}
     seconds: dict[str, float] = {}

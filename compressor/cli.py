@@ -20,8 +20,8 @@ from typing import Any
 
 from ._io import NO_SPACE
 from .errors import UserError
-from .output_folder import LOCK_NAME, STAGING_NAME, run_folder
-from .runtimes import ONNX_RUNTIMES
+from .pipeline.output_folder import LOCK_NAME, STAGING_NAME, run_folder
+from .runtime.runtimes import ONNX_RUNTIMES
 
 OVER_BUDGET_STATUS = 3
 
@@ -562,7 +562,7 @@ def _check_task(task: str | None, info: Any) -> str:
 
 def _dense_detector(model: Any, io: Any, loader: Any) -> tuple[Any, Any]:
     """A detector's dense part and its `ModelIO` (with the decoding head), from a batch."""
-    from .model_io import resolve_io
+    from .models.model_io import resolve_io
 
     images, targets = next(iter(loader))
     return resolve_io(io, model, images, targets)
@@ -572,7 +572,7 @@ def _hf_from_config(spec: str) -> bool:
     """Whether ``spec`` is an hf: model built from a config (random weights)."""
     if not spec.startswith("hf:"):
         return False
-    from .hf_models import is_pretrained
+    from .sources.hf_models import is_pretrained
 
     return not is_pretrained(spec.removeprefix("hf:"))
 
@@ -580,8 +580,8 @@ def _hf_from_config(spec: str) -> bool:
 def _tokenizer(args: argparse.Namespace) -> str | None:
     """The tokenizer text data is encoded with: ``--tokenizer``, else a pretrained hf:
     model's own (its ids mean nothing in a word vocabulary's numbering)."""
-    from .hf_models import is_pretrained
-    from .sources import TEXT_KINDS
+    from .sources.hf_models import is_pretrained
+    from .sources.specs import TEXT_KINDS
 
     text = args.data.partition(":")[0] in TEXT_KINDS
     if args.tokenizer or not text or not args.model.startswith("hf:"):
@@ -595,13 +595,13 @@ def _tokenizer(args: argparse.Namespace) -> str | None:
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
-    from . import distributed
-    from .checkpoints import load_checkpoint, save_checkpoint
-    from .model_io import ModelIO
-    from .pipeline import Pipeline
-    from .recipe import recipe_to_yaml
-    from .sources import DataOptions, check_model_fits_data, load_data, load_model
-    from .training import fit_baseline
+    from .models.checkpoints import load_checkpoint, save_checkpoint
+    from .models.model_io import ModelIO
+    from .pipeline.pipeline import Pipeline
+    from .pipeline.recipe import recipe_to_yaml
+    from .sources.specs import DataOptions, check_model_fits_data, load_data, load_model
+    from .training import distributed
+    from .training.loop import fit_baseline
 
     _check_positive(
         args, "threads", "limit_train_batches", "num_classes", "accumulate_grad_batches"
@@ -746,9 +746,9 @@ def _resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe named by --recipe (or the default), with the override flags applied."""
     import yaml
 
-    from .demo import DEMO_RECIPE
     from .errors import RecipeError
-    from .recipe import override_recipe, read_recipe
+    from .pipeline.recipe import override_recipe, read_recipe
+    from .sources.demo import DEMO_RECIPE
 
     if args.recipe:
         recipe = read_recipe(args.recipe)
@@ -816,7 +816,7 @@ def _check_output(path: Path, overwrite: bool, resume: bool = False) -> Path:
 
 def _report(args: argparse.Namespace) -> int:
     from ._io import write_text
-    from .report import Report
+    from .report.report import Report
 
     path = args.path / "report.json" if args.path.is_dir() else args.path
     report = Report.load(path)
@@ -833,7 +833,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench, bench_summary
+    from .report.bench import bench, bench_summary
 
     _check_positive(args, "threads")
     report = bench(
@@ -856,7 +856,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from .load import default_settings, load_file, load_url, to_markdown
+    from .runtime.load import default_settings, load_file, load_url, to_markdown
 
     _check_positive(args, "threads", "max_batch", "requests")
     if args.seconds <= 0 or args.p99_ms <= 0:
@@ -890,9 +890,9 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .batching import BatchSettings
-    from .measure import default_threads
-    from .serve import serve
+    from .runtime.batching import BatchSettings
+    from .runtime.measure import default_threads
+    from .runtime.serve import serve
 
     _check_positive(args, "sessions", "threads", "max_batch", "max_queue", "max_rows")
     threads = args.threads or max(1, default_threads() // args.sessions)

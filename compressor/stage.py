@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 
 from .errors import RecipeError
-from .model_io import ModelIO
+from .models.model_io import ModelIO
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .data import DataSpec
-    from .measure import EvalFn
     from .row import Row
+    from .runtime.measure import EvalFn
 
 
 class Stage:
@@ -38,7 +38,7 @@ class Stage:
     pipeline measures the stage's result: ``"torch"`` (``state.model``) or
     ``"onnxruntime"`` (``state.onnx_path``); ``precision`` is the report row's precision;
     ``replaces`` maps an option to those a recipe override of it unsets; ``trains`` is True
-    for stages that train with `compressor.training.train`: under torchrun every rank runs
+    for stages that train with `compressor.training.loop.train`: under torchrun every rank runs
     them together (data-parallel), while rank 0 alone runs the rest.
     """
 

@@ -23,9 +23,9 @@ import torch
 from torch.nn import functional as F
 
 import compressor as cz
-from compressor.demo import DemoResNet, demo_data
+from compressor.sources.demo import DemoResNet, demo_data
 from compressor.stage import check_float, check_int
-from compressor.training import fit_baseline, logits_of, train
+from compressor.training.loop import fit_baseline, logits_of, train
 
 HERE = Path(__file__).parent
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import compressor as cz
-from compressor.demo import demo_data
+from compressor.sources.demo import demo_data
 
 
 def build_model(num_classes: int = 10) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Rebuild compressor/data/fashion_mnist_demo.npz from Fashion-MNIST's IDX files.
+"""Rebuild compressor/sources/data/fashion_mnist_demo.npz from Fashion-MNIST's IDX files.
 
 Usage: python scripts/make_demo_data.py [DIR]   (DIR holds the *-idx?-ubyte.gz files;
 default: /usr/share/datasets/fashion-mnist, from Debian's dataset-fashion-mnist package)
@@ -31,7 +31,13 @@ def main() -> None:
     y_te = read_idx(src / "t10k-labels-idx1-ubyte.gz", 8)
     rng = np.random.default_rng(SEED)
     i, j = balanced(y_tr, TRAIN, rng), balanced(y_te, VAL, rng)
-    out = Path(__file__).resolve().parents[1] / "compressor" / "data" / "fashion_mnist_demo.npz"
+    out = (
+        Path(__file__).resolve().parents[1]
+        / "compressor"
+        / "sources"
+        / "data"
+        / "fashion_mnist_demo.npz"
+    )
     np.savez_compressed(
         out, train_images=x_tr[i], train_labels=y_tr[i], val_images=x_te[j], val_labels=y_te[j]
     )

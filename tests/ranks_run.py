@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyResNet, fit, loaders
 
 import compressor as cz
-from compressor.checkpoints import model_fingerprint
 from compressor.data import DataSpec
 from compressor.errors import UserError
-from compressor.latency_table import timings
-from compressor.measure import top1
+from compressor.models.checkpoints import model_fingerprint
+from compressor.pruning.latency_table import timings
+from compressor.runtime.measure import top1
 from compressor.stage import RunContext, Stage, State
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from compressor.cli import main
-from compressor.report import Report, Row
+from compressor.report.report import Report, Row
 
 TINY_RECIPE = """stages:
   - structured_pruning: {ratio: 0.5}

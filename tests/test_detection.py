@@ -20,13 +20,13 @@ from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extract
 import compressor as cz
 from compressor.cli import main
 from compressor.data import DataSpec
-from compressor.demo import demo_images
-from compressor.detection import DetectionHead, collate, mean_ap, pad_targets
-from compressor.detection_data import CLASSES, FashionDetection
-from compressor.export import export_onnx, nodes_of_modules, scope_module
-from compressor.measure import ort_predictor, ort_session
-from compressor.model_io import resolve_io
-from compressor.training import fit_baseline
+from compressor.models.detection import DetectionHead, collate, mean_ap, pad_targets
+from compressor.models.model_io import resolve_io
+from compressor.runtime.export import export_onnx, nodes_of_modules, scope_module
+from compressor.runtime.measure import ort_predictor, ort_session
+from compressor.sources.demo import demo_images
+from compressor.sources.detection_data import CLASSES, FashionDetection
+from compressor.training.loop import fit_baseline
 
 SIZE = 96
 
@@ -129,7 +129,7 @@ def test_pad_targets_and_its_errors():
 
 def _oracle(head: DetectionHead, targets: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
     """The dense output that encodes ``targets`` exactly (boxes moved by ``shift`` px)."""
-    from compressor.detection import _box_coder, _match, _objects
+    from compressor.models.detection import _box_coder, _match, _objects
 
     out = torch.zeros(len(targets), len(head.anchors), 4 + CLASSES)
     out[..., 4] = 8.0  # background everywhere

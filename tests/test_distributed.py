@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader
 
 import compressor as cz
 from compressor.data import DataSpec
-from compressor.distributed import _DealtOut
 from compressor.errors import UserError
-from compressor.measure import top1
+from compressor.runtime.measure import top1
 from compressor.stage import RunContext
-from compressor.training import train
+from compressor.training.distributed import _DealtOut
+from compressor.training.loop import train
 
 HERE = Path(__file__).parent
 RUN = HERE / "ranks_run.py"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from compressor.demo import DemoResNet, demo_datasets
-from compressor.training import fit_baseline
+from compressor.sources.demo import DemoResNet, demo_datasets
+from compressor.training.loop import fit_baseline
 
 ROOT = Path(__file__).parent.parent
 # README first: later snippets (docs/faq.md) read the run folder its snippet writes.

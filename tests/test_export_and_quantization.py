@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import compressor as cz
-from compressor import quantization
-from compressor.export import check_parity, export_onnx
-from compressor.measure import ort_predictor, ort_session, top1
-from compressor.quantization import activation_bytes, choose_types
+from compressor.quantization import int8 as quantization
+from compressor.quantization.int8 import activation_bytes, choose_types
+from compressor.runtime.export import check_parity, export_onnx
+from compressor.runtime.measure import ort_predictor, ort_session, top1
 from compressor.stage import RunContext, State
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import compressor as cz
-from compressor.checkpoints import load_checkpoint, save_checkpoint
+from compressor.models.checkpoints import load_checkpoint, save_checkpoint
 
 HERE = Path(__file__).parent
 RUN = {"progress": False, "threads": 1, "throughput_batch": 8}
@@ -46,7 +46,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_dead_runs_lock_is_not(
 ):
     holder = _python(
         "-c",
-        "import sys, time; from compressor.output_folder import run_folder\n"
+        "import sys, time; from compressor.pipeline.output_folder import run_folder\n"
         "with run_folder(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)",
         str(tmp_path),
         stdout=subprocess.PIPE,
@@ -101,7 +101,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_clear_error(tmp_path):
     script = (
         "import resource, signal, sys, torch\n"
         "from torch import nn\n"
-        "from compressor.checkpoints import save_checkpoint\n"
+        "from compressor.models.checkpoints import save_checkpoint\n"
         "from compressor.errors import UserError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
@@ -222,14 +222,14 @@ def test_corrupt_images_are_named_before_training(tmp_path):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / label / f"{i}.jpg")
     bad = tmp_path / "b" / "2.jpg"
     bad.write_bytes(bad.read_bytes()[:-40])
-    from compressor.sources import DataOptions, load_data
+    from compressor.sources.specs import DataOptions, load_data
 
     with pytest.raises(cz.DataError, match=re.escape(f"image '{bad}' cannot be read")):
         load_data(f"imagefolder:{tmp_path}", DataOptions(input_size=8, val_split=0.25))
 
 
 def test_a_weights_file_that_is_not_a_checkpoint_says_so(tmp_path):
-    from compressor.sources import load_model
+    from compressor.sources.specs import load_model
 
     text = tmp_path / "w.pt"
     text.write_text("not a checkpoint\n")

@@ -11,12 +11,12 @@ from graph_patterns import PATTERNS, Attention, Tokens, TransformerNet
 from torch import nn
 
 import compressor as cz
-from compressor.checkpoints import load_checkpoint, save_checkpoint
-from compressor.export import export_onnx
-from compressor.measure import count_params_macs
-from compressor.pruning import make_plan, prune
-from compressor.pruning_plan import group_slices, planned_group
-from compressor.self_attention import SelfAttention
+from compressor.models.checkpoints import load_checkpoint, save_checkpoint
+from compressor.models.self_attention import SelfAttention
+from compressor.pruning.plan import group_slices, planned_group
+from compressor.pruning.structured import make_plan, prune
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import count_params_macs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from zoo import AGREEMENT, check_model
@@ -333,7 +333,7 @@ def test_a_pruned_maxvit_loads_back_from_its_checkpoint(tmp_path):
 def test_sparsity_training_spares_the_groups_pruning_would_keep(name, root):
     """The groups the check leaves whole are found up front, so no channel of theirs is
     driven to zero only to be kept."""
-    from compressor.pruning import failing_groups
+    from compressor.pruning.structured import failing_groups
 
     x = torch.randn(1, 3, 32, 32)
     with warnings.catch_warnings():

@@ -12,11 +12,16 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from torch import nn
 
 import compressor as cz
-from compressor.export import export_onnx
-from compressor.int8_budget import _fewest, graph_prefixes, quantized_nodes, revert_to_budget
-from compressor.int8_placement import keep_fp32
-from compressor.measure import onnx_predictor, sample_batch, top1
-from compressor.quantization import _CalibrationReader
+from compressor.quantization.budget import (
+    _fewest,
+    graph_prefixes,
+    quantized_nodes,
+    revert_to_budget,
+)
+from compressor.quantization.int8 import _CalibrationReader
+from compressor.quantization.placement import keep_fp32
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import onnx_predictor, sample_batch, top1
 from compressor.stage import RunContext
 
 OUTLIER = 300.0

@@ -10,11 +10,11 @@ from conftest import TinyConcatNet
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 import compressor as cz
-from compressor.export import export_onnx
-from compressor.int8_placement import MARGIN, candidates, keep_fp32
-from compressor.measure import onnx_predictor, sample_batch
-from compressor.quantization import _CalibrationReader
-from compressor.runtimes import installed_runtimes
+from compressor.quantization.int8 import _CalibrationReader
+from compressor.quantization.placement import MARGIN, candidates, keep_fp32
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import onnx_predictor, sample_batch
+from compressor.runtime.runtimes import installed_runtimes
 
 
 def _quantize(model, data, tmp_path, exclude=()):

@@ -1,4 +1,4 @@
-"""The IO spec (`compressor.model_io`) and segmentation through the whole pipeline."""
+"""The IO spec (`compressor.models.model_io`) and segmentation through the whole pipeline."""
 
 import json
 from collections import OrderedDict
@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader
 import compressor as cz
 from compressor.cli import main
 from compressor.data import DataSpec
-from compressor.distillation import kd_loss
-from compressor.model_io import infer_output, infer_task, pick_output, resolve_io
-from compressor.segmentation_data import CLASSES, FashionCanvas
-from compressor.sources import DataOptions, load_data
-from compressor.training import fit_baseline
+from compressor.models.model_io import infer_output, infer_task, pick_output, resolve_io
+from compressor.sources.segmentation_data import CLASSES, FashionCanvas
+from compressor.sources.specs import DataOptions, load_data
+from compressor.training.distillation import kd_loss
+from compressor.training.loop import fit_baseline
 
 
 class TinySegNet(nn.Module):
@@ -48,7 +48,7 @@ class TinySegNet(nn.Module):
 
 
 def canvases(samples, seed, size=32):
-    from compressor.demo import demo_images
+    from compressor.sources.demo import demo_images
 
     images, labels = demo_images("train" if seed == 0 else "val")
     return FashionCanvas(images, labels, samples=samples, size=size, seed=seed)
@@ -122,7 +122,7 @@ def test_pixel_distillation_averages_over_pixels_as_batchmean_over_samples():
 
 
 def test_ignored_layers_are_named_as_in_the_wrapped_model():
-    from compressor.pruning import prune
+    from compressor.pruning.structured import prune
 
     model = cz.SelectOutput(TinySegNet(), "out").eval()
     example = torch.randn(1, 1, 32, 32)

@@ -9,11 +9,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compressor.data import DataSpec
-from compressor.diagnosis import diagnose
-from compressor.measure import measure_onnx
-from compressor.onnx_files import external_files, onnx_size
-from compressor.output_folder import LOCK_NAME, run_folder
-from compressor.report import Report, Row
+from compressor.pipeline.output_folder import LOCK_NAME, run_folder
+from compressor.report.diagnosis import diagnose
+from compressor.report.report import Report, Row
+from compressor.runtime.measure import measure_onnx
+from compressor.runtime.onnx_files import external_files, onnx_size
 
 
 def _row(name, runtime, precision, p50, stable=True):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import compressor as cz
-from compressor.checkpoints import load_checkpoint
+from compressor.models.checkpoints import load_checkpoint
 from compressor.stage import Stage
 
 ROW_KEYS = {

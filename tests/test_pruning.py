@@ -6,8 +6,8 @@ from conftest import TinyConcatNet, TinyNoBNNet, TinyResNet
 from torch import nn
 
 import compressor as cz
-from compressor.pruning import prune
-from compressor.training import recalibrate_batchnorm
+from compressor.pruning.structured import prune
+from compressor.training.loop import recalibrate_batchnorm
 
 MODELS = [TinyResNet, TinyConcatNet, TinyNoBNNet]
 

@@ -7,7 +7,7 @@ import torch
 from conftest import TinyResNet, fit
 
 import compressor as cz
-from compressor.pruning_search import MAX_CANDIDATES, RESOLUTION, search_ratio
+from compressor.pruning.search import MAX_CANDIDATES, RESOLUTION, search_ratio
 
 
 def _run_with(drop_at):
@@ -79,7 +79,7 @@ def test_search_stops_at_the_time_box_and_at_max_candidates(monkeypatch):
     run2, ran = _run_with(lambda r: 0.0 if r < 0.9 else 1.0)
     outcome = search_ratio(run2, first=0.05, max_drop=0.01, minutes=60)
     assert outcome.record["stopped"] == "converged" and len(ran) <= MAX_CANDIDATES
-    monkeypatch.setattr("compressor.pruning_search.MAX_CANDIDATES", 3)
+    monkeypatch.setattr("compressor.pruning.search.MAX_CANDIDATES", 3)
     run3, ran = _run_with(lambda r: 0.0 if r < 0.9 else 1.0)
     outcome = search_ratio(run3, first=0.05, max_drop=0.01, minutes=60)
     assert outcome.record["stopped"] == "max candidates" and len(ran) == 3

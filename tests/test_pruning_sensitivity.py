@@ -12,8 +12,8 @@ from torchvision.models.shufflenetv2 import InvertedResidual
 
 import compressor as cz
 from compressor.data import data_subset
-from compressor.measure import count_params_macs, top1, torch_predictor
-from compressor.pruning import prune
+from compressor.pruning.structured import prune
+from compressor.runtime.measure import count_params_macs, top1, torch_predictor
 
 
 def test_each_group_pruned_alone_matches_pruning_only_that_group(trained_resnet, example, data):

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 
 import compressor as cz
 from compressor.cli import main
-from compressor.measure import count_params_macs
-from compressor.pruning import prune
-from compressor.pruning_target import MAX_RATIO, parse_amount
-from compressor.recipe import override_recipe, read_recipe, stages_from_recipe
+from compressor.pipeline.recipe import override_recipe, read_recipe, stages_from_recipe
+from compressor.pruning.structured import prune
+from compressor.pruning.target import MAX_RATIO, parse_amount
+from compressor.runtime.measure import count_params_macs
 
 
 def test_macs_target_is_met_with_the_least_pruning(trained_resnet, example):
@@ -263,7 +263,7 @@ def test_cli_target_flags(tmp_path, capsys):
 @pytest.mark.parametrize(("first", "kept"), [(0.7, True), (0.2, False)])
 def test_search_tries_the_sparsity_ratio_first(first, kept):
     """The search logic alone, on a quantity that falls as (1 - ratio)^2."""
-    from compressor.pruning_target import find_ratio
+    from compressor.pruning.target import find_ratio
 
     def measure(ratio: float) -> float:
         return 100 * (1 - ratio) ** 2

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compressor as cz
-from compressor.recipe import STAGES, _load_builtin_stages, recipe_to_yaml, stage_from_dict
+from compressor.pipeline.recipe import STAGES, _load_builtin_stages, recipe_to_yaml, stage_from_dict
 
 _load_builtin_stages()
 NAMES = sorted(STAGES)

@@ -9,13 +9,13 @@ from browser import assert_report_renders
 from conftest import TinyResNet, fit
 
 import compressor as cz
-from compressor.bench import bench
 from compressor.cli import main
-from compressor.diagnosis import diagnose
-from compressor.export import export_onnx
-from compressor.measure import PeakMemory, environment, interleaved_runs, timed_runs
-from compressor.quantization import inspect_int8_graph
-from compressor.report import Report, Row
+from compressor.quantization.int8 import inspect_int8_graph
+from compressor.report.bench import bench
+from compressor.report.diagnosis import diagnose
+from compressor.report.report import Report, Row
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import PeakMemory, environment, interleaved_runs, timed_runs
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torch
 import compressor as cz
 from compressor.cli import main
 from compressor.errors import UserError
-from compressor.measure import onnx_predictor, top1
-from compressor.runtimes import check_runtimes, deployment_snippet, installed_runtimes
+from compressor.runtime.measure import onnx_predictor, top1
+from compressor.runtime.runtimes import check_runtimes, deployment_snippet, installed_runtimes
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,

@@ -18,10 +18,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.batching import BadRequest, BatchSettings, Busy, DynamicBatcher
 from compressor.cli import main
 from compressor.errors import UserError
-from compressor.load import encode_request, load_file, load_url, to_markdown
+from compressor.runtime.batching import BadRequest, BatchSettings, Busy, DynamicBatcher
+from compressor.runtime.load import encode_request, load_file, load_url, to_markdown
 
 pytest.importorskip("aiohttp", reason="the serve extra: pip install 'compressor[serve]'")
 
@@ -496,7 +496,7 @@ def test_a_pipeline_run_reports_its_files_under_load(trained_resnet, data, tmp_p
 
 
 def test_a_server_that_does_not_say_where_the_time_went_still_gets_numbers():
-    from compressor.load import _summarize, level_line
+    from compressor.runtime.load import _summarize, level_line
 
     records = [(2.0 + i / 10, {}) for i in range(20)]  # latency ms, no timing from the server
     level = _summarize(4, records, [], seconds=1.0, sessions=1)

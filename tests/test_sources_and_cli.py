@@ -13,11 +13,11 @@ import torch
 from conftest import write_image_folder
 
 import compressor as cz
-from compressor.checkpoints import save_checkpoint
 from compressor.cli import main
 from compressor.errors import UserError
-from compressor.recipe import PRESETS, override_recipe, read_recipe, stages_from_recipe
-from compressor.sources import DataOptions, load_data, load_model
+from compressor.models.checkpoints import save_checkpoint
+from compressor.pipeline.recipe import PRESETS, override_recipe, read_recipe, stages_from_recipe
+from compressor.sources.specs import DataOptions, load_data, load_model
 
 TESTS = Path(__file__).parent
 USER_MODELS = str(TESTS / "user_models.py")
@@ -74,7 +74,7 @@ def test_weights_state_dict_checkpoint_and_pickle(tmp_path):
     assert torch.allclose(loaded(x), source(x))
 
     # a compressor checkpoint of a pruned model rebuilds the pruned widths
-    from compressor.pruning import StructuredPruning, prune
+    from compressor.pruning.structured import StructuredPruning, prune
 
     pruned, _ = prune(copy.deepcopy(source), x[:1], StructuredPruning(ratio=0.5, round_to=4))
     save_checkpoint(tmp_path / "ckpt.pt", pruned, step="structured_pruning", stage={}, extra={})

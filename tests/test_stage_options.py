@@ -1,7 +1,7 @@
 import pytest
 
 import compressor as cz
-from compressor.recipe import (
+from compressor.pipeline.recipe import (
     STAGES,
     load_recipe,
     recipe_to_yaml,

@@ -7,10 +7,10 @@ from conftest import TinyNoBNNet, TinyResNet
 from torch.nn import functional as F
 
 import compressor as cz
-from compressor.distillation import kd_loss
-from compressor.measure import top1
+from compressor.runtime.measure import top1
 from compressor.stage import RunContext, State
-from compressor.training import optimizer_for
+from compressor.training.distillation import kd_loss
+from compressor.training.loop import optimizer_for
 
 
 def context(data, tmp_path: Path, **kw) -> RunContext:

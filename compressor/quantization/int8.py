@@ -1,0 +1,834 @@
+"""Int8Quantization: static post-training INT8 quantization in ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from .._io import atomic_path
+from ..data import DataSpec, data_subset
+from ..errors import ModelError, first_line
+from ..inputs import Inputs, feeds, rows, take, to_device
+from ..runtime.export import DEFAULT_OPSET, export_onnx, tail_nodes
+from ..runtime.measure import (
+    cpu_info,
+    onnx_predictor,
+    ort_predictor,
+    ort_session,
+    sample_batch,
+    timed_runs,
+)
+from ..stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
+from .budget import revert_to_budget
+from .mode import (
+    MODES,
+    activation_matmuls,
+    choose_mode,
+    has_convolutions,
+    quantize_dynamic_file,
+)
+from .placement import place_fp32
+
+if TYPE_CHECKING:
+    from ..stage import RunContext, State
+
+METHODS = ("minmax", "entropy", "percentile")
+TYPES = ("auto", "uint8", "int8")
+_INT8_COMPUTE = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "QGemm",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+}
+_ONE_FILE_LIMIT = 2**31 - 1  # protobuf's limit on one serialised message
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+_FLOAT_COMPUTE = {
+    "Conv",
+    "ConvTranspose",
+    "MatMul",
+    "Gemm",
+    "FusedConv",
+    "FusedGemm",
+    "FusedMatMul",
+}
+
+
+@dataclass(frozen=True)
+class QuantTypes:
+    """The INT8 types chosen for the CPU, and why."""
+
+    activation_type: str
+    weight_type: str
+    reduce_range: bool
+    reason: str
+
+
+def choose_types(
+    activation_type: str = "auto",
+    weight_type: str = "int8",
+    reduce_range: bool | None = None,
+    *,
+    machine: str | None = None,
+    features: list[str] | None = None,
+) -> QuantTypes:
+    """Pick the INT8 types that are fast, and exact, on this CPU (or the one described).
+
+    x86: ONNX Runtime's fast INT8 kernels take uint8 activations with int8 weights
+    (int8 activations run at about FP32 speed). Without VNNI they multiply with
+    VPMADDUBSW, whose 16-bit sums can saturate, so weights use 7 bits (``reduce_range``).
+    ARM64: the dot-product kernels take int8 activations and weights.
+    """
+    machine = (machine or platform.machine()).lower()
+    if features is None:
+        features = cpu_info()[1]
+    x86 = machine in ("x86_64", "amd64", "i386", "i686", "x86")
+    vnni = any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    if x86:
+        act = "uint8"
+        reason = (
+            "x86 CPU: ONNX Runtime's fast INT8 kernels take uint8 activations with int8 weights"
+        )
+        rr = not vnni
+        reason += (
+            "; VNNI present, full 8-bit weights"
+            if vnni
+            else "; no VNNI, so 7-bit weights (reduce_range) avoid VPMADDUBSW saturation"
+        )
+    else:
+        act, rr = "int8", False
+        reason = f"{machine} CPU: int8 activations and weights suit its dot-product kernels"
+    if activation_type != "auto":
+        act = activation_type
+        reason = f"activation_type {activation_type} set by the user"
+    if reduce_range is not None:
+        rr = reduce_range
+        reason += f"; reduce_range {reduce_range} set by the user"
+    return QuantTypes(act, weight_type, rr, reason)
+
+
+# An ONNX Runtime calibration run needs memory for about all of the model's activations at
+# once (measured on ViT-H/14: 1.9 GB a sample, 1.6x the sum of `activation_bytes`; batches
+# of 8 ran a 24 GB machine out of memory), so batches are cut to fit this budget. Min/max
+# and histograms over the same samples do not depend on how they are batched.
+CALIBRATION_MEMORY = 1 << 30
+
+
+def activation_bytes(path: str | Path) -> int:
+    """Sum of the sizes of every float tensor the ONNX graph at ``path`` computes, per sample.
+
+    From ONNX shape inference with symbolic (batch) dimensions taken as 1; tensors whose
+    shape inference cannot tell are left out, so this is a lower bound.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:  # only their shapes matter, and serialising is slow
+        if init.data_type in _FLOAT_TYPES and len(init.raw_data) > 4096:
+            init.ClearField("raw_data")
+    with contextlib.suppress(Exception):  # no shapes: no estimate, not a failed quantization
+        model = onnx.shape_inference.infer_shapes(model)
+    total = 0
+    for info in [*model.graph.value_info, *model.graph.output]:
+        tensor = info.type.tensor_type
+        if tensor.elem_type not in _FLOAT_TYPES or not tensor.HasField("shape"):
+            continue
+        dims = tensor.shape.dim
+        if any(not d.HasField("dim_value") and not d.HasField("dim_param") for d in dims):
+            continue
+        size = 2 if tensor.elem_type == onnx.TensorProto.FLOAT16 else 4
+        total += math.prod(d.dim_value for d in dims if d.HasField("dim_value")) * size
+    return total
+
+
+def graph_inputs(path: Path) -> list[str]:
+    """The names of an ONNX file's inputs (initializers listed as inputs left out)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
+
+
+class _CalibrationReader:
+    """Feeds up to ``samples`` training inputs to ONNX Runtime's calibrator.
+
+    Batches larger than ``max_batch`` are fed in pieces of at most ``max_batch`` samples.
+    """
+
+    def __init__(
+        self, data: DataSpec, names: list[str], samples: int, progress: bool, max_batch: int
+    ) -> None:
+        self._batches = iter(data)
+        self._data = data
+        self._names = names
+        self._left = samples
+        self._max_batch = max_batch
+        self._pending: Inputs | None = None
+        self.seen = 0
+        self._bar = tqdm(
+            total=samples,
+            desc="calibration",
+            disable=None if progress else True,
+            leave=False,
+            unit="sample",
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        while self._pending is None or not rows(self._pending):
+            batch = next(self._batches, None) if self._left > 0 else None
+            if batch is None:
+                self._bar.close()
+                return None
+            self._pending = take(to_device(self._data.input_fn(batch), "cpu"), 0, self._left)
+            self._left -= rows(self._pending)
+        inputs = take(self._pending, 0, self._max_batch)
+        self._pending = take(self._pending, self._max_batch)
+        self.seen += rows(inputs)
+        self._bar.update(rows(inputs))
+        return feeds(inputs, self._names)
+
+    def rewind(self) -> None:  # pragma: no cover - ORT calls it only for some calibrators
+        self._batches = iter(self._data)
+
+
+@register_stage("int8_quantization")
+@dataclass(frozen=True)
+class Int8Quantization(Stage):
+    """Export to ONNX and quantize to INT8 with ONNX Runtime: static (QDQ, calibrated) or
+    dynamic (MatMul/Gemm inputs quantized at run time), per model.
+
+    Writes ``OUTPUT/model.int8.onnx``. Calibration inputs are drawn from the training data.
+
+    Args:
+        mode: ``auto`` (static for a model with convolutions; otherwise both are made and
+            timed; the one clearly closer to FP32 is kept, else the faster, see
+            `compressor.quantization.mode`), ``static`` or ``dynamic``. The choice and both timings
+            are in the row's ``details.quantization.mode_choice``.
+        calibration_samples: how many training samples calibrate the activation ranges.
+        method: calibration method: ``minmax``, ``entropy`` or ``percentile``.
+        per_channel: one scale per output channel of each weight (recommended for convs).
+        activation_type: ``auto`` (fastest for this CPU; see `choose_types`), ``uint8``, ``int8``.
+        weight_type: ``int8`` or ``uint8``.
+        reduce_range: 7-bit weights; ``null`` chooses by CPU (on for x86 without VNNI).
+        opset: ONNX opset of the export (>= 17).
+        fp32_placement: keep in FP32 the compute nodes INT8 makes slower: each suspect
+            (a conv with few input channels per group, such as an image stem) is reverted
+            to FP32 on trial and kept so when the whole file measures faster in the fastest
+            of the run's runtimes and accuracy on the eval data does not fall.
+        placement_candidates: how many suspect nodes to try at most (each costs a few
+            seconds of timing).
+        max_accuracy_drop: the most accuracy (a fraction, on the eval data in ONNX Runtime)
+            INT8 may lose against the FP32 model it quantizes; when it loses more, the nodes
+            INT8 hurts most are reverted to FP32, fewest first, until it does not (see
+            `compressor.quantization.budget`). ``null``: no budget of its own (a pipeline's
+            ``max_accuracy_drop`` still applies).
+        sensitivity_samples: eval inputs on which each node's INT8 error is measured when
+            nodes must be reverted.
+        head_fp32: for a detector, the heads' last layers (per-anchor class scores and box
+            offsets, `compressor.models.detection.DetectionHead.keep_fp32`) stay in FP32; box
+            decoding and NMS are never in the file.
+        detector_max_accuracy_drop: for a detector, the budget (mAP, a fraction) applied
+            when ``max_accuracy_drop`` is null: INT8 detectors often lose most of their mAP
+            in their first layers (a flat background's rounding error, amplified layer by
+            layer), and the budget reverts those layers to FP32. ``null``: none.
+    """
+
+    mode: str = "auto"
+    calibration_samples: int = 512
+    method: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "auto"
+    weight_type: str = "int8"
+    reduce_range: bool | None = None
+    opset: int = DEFAULT_OPSET
+    fp32_placement: bool = True
+    placement_candidates: int = 3
+    max_accuracy_drop: float | None = None
+    sensitivity_samples: int = 256
+    head_fp32: bool = True
+    detector_max_accuracy_drop: float | None = 0.015
+
+    name = "int8_quantization"
+    runtime = "onnxruntime"
+    precision = "int8"
+
+    def __post_init__(self) -> None:
+        check_choice(self.name, "mode", self.mode, MODES)
+        check_int(self.name, "calibration_samples", self.calibration_samples, minimum=1)
+        check_choice(self.name, "method", self.method, METHODS)
+        check_bool(self.name, "per_channel", self.per_channel)
+        check_choice(self.name, "activation_type", self.activation_type, TYPES)
+        check_choice(self.name, "weight_type", self.weight_type, ("int8", "uint8"))
+        if self.reduce_range is not None:
+            check_bool(self.name, "reduce_range", self.reduce_range)
+        check_int(self.name, "opset", self.opset, minimum=17)
+        check_bool(self.name, "fp32_placement", self.fp32_placement)
+        check_int(self.name, "placement_candidates", self.placement_candidates, minimum=0)
+        if self.max_accuracy_drop is not None:
+            check_float(self.name, "max_accuracy_drop", self.max_accuracy_drop, low=0, high=1)
+        check_int(self.name, "sensitivity_samples", self.sensitivity_samples, minimum=1)
+        check_bool(self.name, "head_fp32", self.head_fp32)
+        if self.detector_max_accuracy_drop is not None:
+            drop = self.detector_max_accuracy_drop
+            check_float(self.name, "detector_max_accuracy_drop", drop, low=0, high=1)
+
+    def apply(self, state: State, ctx: RunContext) -> State:
+        """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
+        types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
+        final = ctx.output_dir / "model.int8.onnx"
+        notes: list[str] = []
+        clock = _Clock()
+        with tempfile.TemporaryDirectory(prefix="compressor-") as tmp:
+            fp32 = Path(tmp) / "model.fp32.onnx"
+            ctx.log(f"{ctx.step}: exporting the current model to ONNX")
+            parity = export_onnx(
+                state.model,
+                state.example_input,
+                fp32,
+                check_inputs=sample_batch(ctx.eval_data, 64),
+                opset=self.opset,
+                threads=ctx.threads,
+                labels=ctx.io.labels,
+            )
+            clock.lap("export")
+            external = needs_external_data(fp32)  # over 2 GB: weights beside every file
+            source, pre_process, error = _pre_process(fp32, Path(tmp) / "model.pre.onnx", external)
+            if error:  # pre-processing is an optimisation, not a requirement
+                notes.append(
+                    f"ONNX Runtime's quant_pre_process failed ({error}); quantized without it"
+                )
+            clock.lap("pre_process")
+            per_sample = activation_bytes(source)
+            max_batch = max(1, CALIBRATION_MEMORY // max(per_sample, 1))
+            try_dynamic = self.mode == "dynamic" or (
+                self.mode == "auto" and not has_convolutions(source)
+            )
+            dynamic = Path(tmp) / "dynamic" / "model.int8.onnx"
+            if try_dynamic:
+                ctx.log(f"{ctx.step}: quantizing dynamically (MatMul, Gemm)")
+                dynamic.parent.mkdir()
+                quantize_dynamic_file(
+                    source,
+                    dynamic,
+                    per_channel=self.per_channel,
+                    reduce_range=types.reduce_range,
+                    external=external,
+                )
+                clock.lap("dynamic")
+            seen, placement, mode_choice = 0, None, None
+            quantized = dynamic
+            head = self._head(source, ctx)
+            if self.mode != "dynamic":
+                ctx.log(f"{ctx.step}: calibrating ({self.method}) and quantizing")
+                quantized = Path(tmp) / "int8" / "model.int8.onnx"
+                quantized.parent.mkdir()
+                seen = self.quantize_file(
+                    source,
+                    quantized,
+                    ctx.train_data,
+                    samples=self.calibration_samples,
+                    max_batch=max_batch,
+                    external=external,
+                    progress=ctx.progress,
+                    exclude=head,
+                )
+                clock.lap("calibrate_quantize")
+                if self.fp32_placement and self.placement_candidates and not external:
+                    ctx.log(f"{ctx.step}: timing INT8 against FP32 for the suspect nodes")
+                    quantized, placement = place_fp32(
+                        quantized, source, ctx, self.placement_candidates
+                    )
+                    notes += placement.pop("notes")
+                    clock.lap("placement")
+            floor, fp32_accuracy = self._min_accuracy(ctx, source)
+            dynamic_accuracy = None  # measured once, when a budget needs it
+            if try_dynamic and self.mode == "auto":
+                ctx.log(f"{ctx.step}: timing static against dynamic INT8")
+                mode_choice = choose_mode(fp32, quantized, dynamic, ctx)
+                if mode_choice["chosen"] == "dynamic" and floor is not None:
+                    dynamic_accuracy = self._accuracy(dynamic, ctx)
+                    if dynamic_accuracy < floor:
+                        mode_choice.update(chosen="static", reason="dynamic misses the budget")
+                if mode_choice["chosen"] == "dynamic":
+                    quantized, placement = dynamic, None
+                clock.lap("mode_choice")
+            chosen = "dynamic" if quantized == dynamic else "static"
+            kept = [*head, *(placement["fp32_nodes"] if placement else [])]
+            if chosen == "dynamic":
+                kept = activation_matmuls(source)
+            budget = None
+            if floor is not None and chosen == "dynamic":
+                accuracy = dynamic_accuracy
+                if accuracy is None:
+                    accuracy = self._accuracy(dynamic, ctx)
+                budget = {"min_accuracy": round(floor, 6), "int8_accuracy": round(accuracy, 6)}
+                budget.update(met=accuracy >= floor, fp32_nodes=[], trials=[])
+                if not budget["met"]:
+                    notes.append(
+                        f"dynamic INT8 reaches {accuracy:.4f}, under the budget's {floor:.4f}; "
+                        "mode: auto or static can revert nodes to FP32"
+                    )
+            elif floor is not None:
+                quantized, budget = revert_to_budget(
+                    quantized,
+                    source,
+                    ctx,
+                    floor,
+                    samples=self.sensitivity_samples,
+                    exclude=kept,
+                    fp32_accuracy=fp32_accuracy,
+                    in_prefix=placement["fp32_nodes"] if placement else (),
+                )
+                kept = list(  # a placed node a prefix reverted again is named once
+                    dict.fromkeys(
+                        [
+                            *kept,
+                            *budget["fp32_nodes"],
+                            *budget.get("fp32_producers", []),
+                            *budget.get("fp32_other_nodes", []),
+                        ]
+                    )
+                )
+                notes += _budget_notes(budget)
+                clock.lap("accuracy_budget")
+            with atomic_path(final) as out:
+                save_single_file(quantized, out, external)
+                graph = inspect_int8_graph(
+                    out, ctx.threads, Path(tmp) / "optimized.onnx", kept_fp32=kept
+                )
+            speedup = _int8_speedup(fp32, final, ctx)
+            clock.lap("check")
+        if graph["float_compute_ops"]:
+            names = ", ".join(graph["float_compute_ops"][:5])
+            notes.append(
+                f"{len(graph['float_compute_ops'])} compute op(s) still run in FP32 in the graph "
+                f"ONNX Runtime executes: {names}"
+            )
+        if speedup < 1.0:
+            notes.append(
+                f"the INT8 model is not faster than its FP32 export at batch 1 on this CPU "
+                f"({speedup:.2f}x)"
+            )
+        details = {
+            "quantization": {
+                "format": "QDQ" if chosen == "static" else "dynamic",
+                "mode": self.mode,
+                "mode_choice": mode_choice,
+                "activation_type": types.activation_type if chosen == "static" else "uint8",
+                "weight_type": types.weight_type,
+                "reduce_range": types.reduce_range,
+                "per_channel": self.per_channel,
+                "method": self.method if chosen == "static" else None,
+                "calibration_samples": seen,
+                "calibration_batch_limit": max_batch,
+                "pre_process": pre_process,
+                "types_reason": types.reason,
+                "speedup_vs_fp32_onnx": round(speedup, 3),
+                "placement": placement,
+                **({"accuracy_budget": budget} if budget else {}),
+                **graph,
+                "seconds": clock.laps,
+            },
+            "parity_fp32": parity.to_dict(),
+            "notes": notes,
+        }
+        for note in notes:
+            warnings.warn(f"int8_quantization: {note}", stacklevel=2)
+        return state.replace(onnx_path=final, details=details)
+
+    def quantize_file(
+        self,
+        source: Path,
+        out: Path,
+        data: DataSpec,
+        *,
+        samples: int,
+        max_batch: int | None = None,
+        external: bool = False,
+        progress: bool = False,
+        exclude: Sequence[str] = (),
+    ) -> int:
+        """Quantize the FP32 ONNX file ``source`` into ``out`` with this stage's settings
+        (static QDQ), calibrated on ``samples`` inputs of ``data``, the nodes ``exclude``
+        names left in FP32; returns how many inputs it read."""
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
+        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.method]
+        if max_batch is None:
+            max_batch = max(1, CALIBRATION_MEMORY // max(activation_bytes(source), 1))
+        reader = _CalibrationReader(data, graph_inputs(source), samples, progress, max_batch)
+        # ONNX Runtime's histogram calibrators print progress on stdout, which belongs
+        # to the caller (compressor compress --json writes its JSON there).
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(source),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=self.per_channel,
+                reduce_range=types.reduce_range,
+                activation_type=qtype[types.activation_type],
+                weight_type=qtype[types.weight_type],
+                calibrate_method=method,
+                use_external_data_format=external,
+                nodes_to_exclude=list(exclude),
+            )
+        return reader.seen
+
+    def quantize_sample(
+        self,
+        fp32: Path,
+        out: Path,
+        ctx: RunContext,
+        *,
+        samples: int = 8,
+        placement: bool = True,
+        budget: bool = False,
+    ) -> tuple[Path, dict[str, Any] | None]:
+        """Quantize ``fp32`` as `apply` would, calibrated on ``samples`` training inputs only,
+        for a candidate's size, speed and accuracy: a detector's head in FP32, with the
+        stage's FP32 placement (decided on at most 256 eval inputs) when ``placement``, and
+        when ``budget`` the accuracy budget's reverted nodes (`revert_to_budget`, against
+        ``ctx.min_accuracy`` and the stage's own budget). Returns the file (``out``, or the
+        choice beside it) and the budget's record (None when no budget applied)."""
+        source, _, _ = _pre_process(fp32, out.with_name(out.stem + ".pre.onnx"), False)
+        if self.mode == "dynamic" or (self.mode == "auto" and not has_convolutions(source)):
+            types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
+            quantize_dynamic_file(
+                source,
+                out,
+                per_channel=self.per_channel,
+                reduce_range=types.reduce_range,
+                external=False,
+            )
+            return out, None  # a model without convolutions: dynamic, as `apply` most often keeps
+        head = self._head(source, ctx)
+        self.quantize_file(source, out, ctx.train_data, samples=samples, exclude=head)
+        chosen = out
+        if placement and self.fp32_placement and self.placement_candidates:
+            small = dataclasses.replace(ctx, eval_data=data_subset(ctx.eval_data, 256))
+            chosen, _ = place_fp32(out, source, small, self.placement_candidates)
+        floor, fp32_accuracy = self._min_accuracy(ctx, source) if budget else (None, None)
+        if floor is None:
+            return chosen, None
+        return revert_to_budget(
+            chosen,
+            source,
+            ctx,
+            floor,
+            samples=self.sensitivity_samples,
+            exclude=head,
+            fp32_accuracy=fp32_accuracy,
+        )
+
+    def _head(self, source: Path, ctx: RunContext) -> list[str]:
+        """The detector head's nodes in ``source`` that stay FP32 (``head_fp32``), or none."""
+        detector = ctx.io.detection
+        if not (self.head_fp32 and detector is not None and detector.keep_fp32):
+            return []
+        return tail_nodes(onnx.load(str(source)), detector.keep_fp32)
+
+    @staticmethod
+    def _accuracy(path: Path, ctx: RunContext) -> float:
+        """``ctx.eval_fn`` of the ONNX file ``path`` over the eval data, in ONNX Runtime."""
+        return float(ctx.eval_fn(onnx_predictor(path, ctx.threads), ctx.eval_data))
+
+    def _min_accuracy(self, ctx: RunContext, fp32: Path) -> tuple[float | None, float | None]:
+        """The lowest accuracy the INT8 file may have: this stage's budget (a detector's
+        when it has none) against the model it quantizes and the pipeline's against the
+        baseline, the stricter one; and ``fp32``'s accuracy when it was measured for it
+        (None otherwise), so that nothing measures it twice."""
+        floors = [] if ctx.min_accuracy is None else [ctx.min_accuracy]
+        drop = self.max_accuracy_drop
+        if drop is None and ctx.io.detection is not None:
+            drop = self.detector_max_accuracy_drop
+        measured = None
+        if drop is not None:
+            measured = self._accuracy(fp32, ctx)
+            floors.append(measured - drop)
+        return (max(floors) if floors else None), measured
+
+
+def _budget_notes(budget: dict[str, Any]) -> list[str]:
+    """The report notes of an accuracy budget's outcome."""
+    count = len(budget["fp32_nodes"])
+    if budget["met"] and not budget["trials"]:
+        return []
+    if not budget["trials"]:
+        return [
+            f"the model before INT8 is already under the accuracy budget (FP32 "
+            f"{budget['fp32_accuracy']:.4f}, at least {budget['min_accuracy']:.4f} needed): "
+            "the stages before INT8 lost it, so no node was kept in FP32 for it"
+        ]
+    reached = budget["accuracy"]
+    if budget["met"]:
+        what = f"{count} node(s)"
+        if budget.get("order") == "prefix":
+            other = len(budget.get("fp32_other_nodes", []))
+            what = (
+                f"the first {count} compute node(s) and the {other} op(s) before and between them"
+            )
+        return [
+            f"{what} kept in FP32 to stay within the accuracy budget "
+            f"(INT8 {budget['int8_accuracy']:.4f} -> {reached:.4f}, at least "
+            f"{budget['min_accuracy']:.4f} needed): {', '.join(budget['fp32_nodes'][:5])}"
+        ]
+    return [
+        f"the accuracy budget is not met even with {count} node(s) in FP32: accuracy "
+        f"{reached:.4f}, at least {budget['min_accuracy']:.4f} needed (the FP32 model "
+        f"before INT8 has {budget['fp32_accuracy']:.4f})"
+    ]
+
+
+def needs_external_data(path: str | Path) -> bool:
+    """True when the ONNX model at ``path`` is too big for one file (over 2 GB).
+
+    Such a model keeps its weights in files beside it, and every tool that writes a
+    version of it (pre-processing, calibration, quantization) has to do the same.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def save_single_file(source: Path, out: Path, external: bool) -> None:
+    """Write the ONNX model at ``source`` (its weights beside it if ``external``) as one file.
+
+    Raises:
+        ModelError: the model is over ONNX's 2 GB single-file limit even in INT8.
+    """
+    if not external:
+        shutil.copyfile(source, out)
+        return
+    model = onnx.load(str(source))  # with the weights kept beside it
+    if model.ByteSize() >= _ONE_FILE_LIMIT:
+        msg = (
+            f"the INT8 model is {model.ByteSize() / 1e9:.1f} GB, over ONNX's 2 GB limit for "
+            "one file; prune it first (structured_pruning) to make it smaller"
+        )
+        raise ModelError(msg)
+    onnx.save(model, str(out))
+
+
+def pre_process(fp32: Path, out: Path) -> Path:
+    """``fp32`` through ONNX Runtime's quant_pre_process as the stage runs it (into ``out``,
+    or ``fp32`` itself when it cannot run): the file to quantize."""
+    return _pre_process(fp32, out, False)[0]
+
+
+def _pre_process(fp32: Path, out: Path, external: bool) -> tuple[Path, str, str | None]:
+    """Run ONNX Runtime's quant_pre_process: (the file to quantize, how, the error if none ran).
+
+    Its symbolic shape inference fails on some graphs (every torchvision ViT: a Reshape
+    whose shape it cannot follow), so that is retried without it: the graph optimisation
+    still runs (on ViT-B/16: 198 instead of 294 unfused Q/DQ, about the same speed).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    error = None
+    for how, skip_symbolic in (("full", False), ("without symbolic shape inference", True)):
+        try:
+            with warnings.catch_warnings(), _scratch_cwd(str(out.parent)):
+                warnings.simplefilter("ignore")
+                quant_pre_process(
+                    str(fp32),
+                    str(out),
+                    skip_symbolic_shape=skip_symbolic,
+                    save_as_external_data=external,
+                )
+        except Exception as exc:
+            error = error or first_line(exc)
+            continue
+        if not external:
+            name_nodes(out)
+            split_hard_sigmoid(out)
+        return out, how, None
+    return fp32, "failed", error
+
+
+def split_hard_sigmoid(path: Path) -> int:
+    """Write every HardSigmoid of the ONNX file ``path`` as ``Clip(x * alpha + beta, 0, 1)``
+    (Mul, Add, Clip), in place; returns how many.
+
+    ONNX Runtime has no INT8 HardSigmoid: in a QDQ file each one (MobileNetV3's HardSwish
+    is ``x * HardSigmoid(x)`` after pre-processing, its squeeze-excite gates are
+    HardSigmoid) runs in float between a Dequantize and a Quantize. Mul and Add have INT8
+    kernels and the Clip folds into the Quantize after it, so the whole activation stays
+    INT8 (the same values in FP32).
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if not any(n.op_type == "HardSigmoid" and n.domain in ("", "ai.onnx") for n in graph.node):
+        return 0
+    taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
+
+    def constant(value: float, stem: str) -> str:
+        name = stem
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        return name
+
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        found = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        alpha, beta = float(found.get("alpha", 0.2)), float(found.get("beta", 0.5))
+        stem = node.name or f"hard_sigmoid_{count}"
+        scaled, shifted = f"{stem}/scaled", f"{stem}/shifted"
+        nodes += [
+            helper.make_node(
+                "Mul", [node.input[0], constant(alpha, f"{stem}/alpha")], [scaled], f"{stem}/Mul"
+            ),
+            helper.make_node(
+                "Add", [scaled, constant(beta, f"{stem}/beta")], [shifted], f"{stem}/Add"
+            ),
+            helper.make_node(
+                "Clip",
+                [shifted, constant(0.0, f"{stem}/min"), constant(1.0, f"{stem}/max")],
+                [node.output[0]],
+                f"{stem}/Clip",
+            ),
+        ]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return count
+
+
+def name_nodes(path: Path) -> None:
+    """Give every unnamed node of the ONNX file ``path`` a name of its own, in place.
+
+    quant_pre_process inlines ONNX functions (the exporter writes HardSwish as one) into
+    unnamed nodes, and nodes are kept in FP32 or reverted by name.
+    """
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node}
+    if "" not in taken:
+        return
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"/unnamed/{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(model, str(path))
+
+
+class _Clock:
+    """Wall time of each step of a stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.laps[step] = round(now - self._last, 2)
+        self._last = now
+
+
+@contextlib.contextmanager
+def _scratch_cwd(path: str) -> Iterator[None]:
+    """Run the block in ``path``.
+
+    When its symbolic shape inference gives up, ONNX Runtime's quant_pre_process saves a
+    debug model (sym_shape_infer_temp.onnx and UUID-named .data files) into the working
+    directory, which is the user's. Only for blocks that get absolute paths and read no
+    user data (a data set given by a relative path would no longer be found).
+    """
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def inspect_int8_graph(
+    path: str | Path,
+    threads: int,
+    optimized_path: str | Path,
+    kept_fp32: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Count INT8 and FP32 compute ops in the graph ONNX Runtime actually runs (after fusion).
+
+    ``unfused_qdq`` counts the QuantizeLinear/DequantizeLinear nodes left inside the graph:
+    a fully fused graph keeps only the one that quantizes the input and the one that
+    dequantizes the output. Ops of the nodes in ``kept_fp32`` (kept in FP32 on purpose)
+    are listed as ``fp32_by_choice``, not among ``float_compute_ops``.
+    """
+    ort_session(path, threads, optimized_path=optimized_path)
+    # ONNX Runtime renames some nodes it rewrites after their output (``..._nchwc``)
+    written = onnx.load(str(path), load_external_data=False).graph
+    keys = {k for k in kept_fp32 if k}
+    keys |= {o for n in written.node if n.name in keys for o in n.output if o}
+    graph = onnx.load(str(optimized_path)).graph
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    int8 = [n for n in graph.node if n.op_type in _INT8_COMPUTE]
+    floating = [
+        n
+        for n in graph.node
+        if n.op_type in _FLOAT_COMPUTE
+        or (n.op_type.startswith("Nchwc") and not n.op_type.startswith("NchwcReorder"))
+    ]
+    chosen = [
+        n for n in floating if any(k in n.name for k in keys) or any(o in keys for o in n.output)
+    ]
+    floating = [n for n in floating if n not in chosen]
+    unfused = [
+        n
+        for n in graph.node
+        if (n.op_type == "QuantizeLinear" and n.input[0] not in inputs)
+        or (n.op_type == "DequantizeLinear" and n.output[0] not in outputs)
+    ]
+    return {
+        "int8_compute_ops": len(int8),
+        "float_compute_ops": [f"{n.name or '?'} ({n.op_type})" for n in floating],
+        "fp32_by_choice": [f"{n.name or '?'} ({n.op_type})" for n in chosen],
+        "unfused_qdq": len(unfused),
+    }
+
+
+def _int8_speedup(fp32: Path, int8: Path, ctx: RunContext) -> float:
+    """Batch-1 p50 latency of the FP32 export over the INT8 file, measured side by side."""
+    x = sample_batch(ctx.eval_data, 1)
+    medians = []
+    for path in (fp32, int8):
+        predict = ort_predictor(ort_session(path, ctx.threads))
+        medians.append(timed_runs(lambda p=predict: p(x)).median)
+    return medians[0] / medians[1]
