@@ -3,7 +3,10 @@ state record stages hand each other, the run context, and the option validators.
 
 A stage is a frozen dataclass whose fields are its options; it validates them in
 `__post_init__` (so a bad option fails before any training) and does its work in
-`apply(state, ctx) -> State`. Stage modules import this module only, never the pipeline.
+`apply(state, ctx) -> State`. Stage modules import this module only, never the pipeline
+and never each other: a stage that needs another's service asks for it here, through a
+protocol (`Quantizer`, `RatioPruner`) and the run context (`RunContext.quantizer`,
+`default_quantizer`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -39,13 +42,16 @@ class Stage:
     ``"onnxruntime"`` (``state.onnx_path``); ``precision`` is the report row's precision;
     ``replaces`` maps an option to those a recipe override of it unsets; ``trains`` is True
     for stages that train with `compressor.training.loop.train`: under torchrun every rank runs
-    them together (data-parallel), while rank 0 alone runs the rest.
+    them together (data-parallel), while rank 0 alone runs the rest. ``prepares`` is True
+    for a stage whose work aims at the stages after it (sparsity training aims at the
+    pruning that follows): a search that changes those stages runs it again per candidate.
     """
 
     name: ClassVar[str] = ""
     runtime: ClassVar[str] = "torch"
     precision: ClassVar[str] = "fp32"
     trains: ClassVar[bool] = False
+    prepares: ClassVar[bool] = False
     replaces: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def apply(self, state: State, ctx: RunContext) -> State:
@@ -145,6 +151,56 @@ def register_stage(name: str) -> Callable[[S], S]:
     return register
 
 
+@runtime_checkable
+class Quantizer(Protocol):
+    """A stage that writes INT8 ONNX files; other stages time or size their candidates
+    through it (`RunContext.quantizer`, `default_quantizer`) without importing it."""
+
+    def quantize_sample(
+        self,
+        fp32: Path,
+        out: Path,
+        ctx: RunContext,
+        *,
+        samples: int = 8,
+        placement: bool = True,
+        budget: bool = False,
+    ) -> tuple[Path, dict[str, Any] | None]:
+        """``fp32`` quantized into ``out`` as the stage would, calibrated on ``samples``
+        training inputs; with ``budget``, also what its accuracy budget would revert."""
+        ...
+
+    def quantize_layer(self, fp32: Path, out: Path, data: DataSpec, *, samples: int) -> Path:
+        """A small ONNX file (one layer) quantized with the stage's settings into ``out``."""
+        ...
+
+
+@runtime_checkable
+class RatioPruner(Protocol):
+    """A stage that prunes by a ratio a search can change (`Pipeline`'s budget search)."""
+
+    ratio: float
+    target: tuple[str, float] | None
+
+    def at_ratio(self, ratio: float) -> Stage:
+        """The same stage pruning ``ratio`` of the channels."""
+        ...
+
+    def pruned_size(self, model: nn.Module, example: torch.Tensor, threads: int) -> Any:
+        """What ``model`` keeps, pruned by this stage: (params, MACs)."""
+        ...
+
+
+def default_quantizer() -> Quantizer:
+    """The registered quantizing stage with its default options (for a stage that must time
+    INT8 layers with no run or no quantizing stage after it)."""
+    for cls in STAGES.values():
+        if issubclass(cls, Quantizer):
+            return cls()
+    msg = "no quantizing stage is registered (import compressor registers the INT8 stage)"
+    raise RecipeError(msg)
+
+
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
@@ -203,6 +259,10 @@ class RunContext:
     custom_metric: bool = False
     step: str = ""
     upcoming: tuple[Stage, ...] = ()
+
+    def quantizer(self) -> Quantizer | None:
+        """The first stage after the running one that writes INT8 files, if any."""
+        return next((s for s in self.upcoming if isinstance(s, Quantizer)), None)
 
     def measure_settings(self) -> dict[str, Any]:
         """The keyword arguments every row's measurement shares (same data, threads, batch)."""

@@ -31,6 +31,7 @@ from ..data import DataSpec
 from ..inputs import call
 from ..runtime.export import export_onnx
 from ..runtime.measure import interleaved_runs, onnx_predictor
+from ..stage import default_quantizer
 
 FLOOR = 0.05
 """A group's cost is at least this share of the mean group's: timing noise can make a
@@ -189,8 +190,7 @@ def _time_int8(
     layers: Mapping[tuple[Any, ...], tuple[nn.Module, torch.Tensor]], runtime: str, threads: int
 ) -> dict[tuple[Any, ...], float]:
     """Each layer quantized as the INT8 stage does it, its median ms timed interleaved."""
-    from ..quantization.int8 import Int8Quantization, pre_process
-
+    quantizer = default_quantizer()
     runs = {}
     with (
         tempfile.TemporaryDirectory(prefix="compressor-latency-") as tmp,
@@ -200,9 +200,8 @@ def _time_int8(
         for i, (key, (layer, inputs)) in enumerate(layers.items()):
             fp32, int8 = Path(tmp) / f"layer{i}.onnx", Path(tmp) / f"layer{i}.int8.onnx"
             export_onnx(layer, inputs, fp32, threads=threads, atol=1e-2, rtol=1e-2)
-            source = pre_process(fp32, Path(tmp) / f"layer{i}.pre.onnx")
             calibration = DataSpec([(torch.randn(8, *inputs.shape[1:]), torch.zeros(8))])
-            Int8Quantization().quantize_file(source, int8, calibration, samples=8)
+            quantizer.quantize_layer(fp32, int8, calibration, samples=8)
             predict = onnx_predictor(int8, threads, runtime)
             runs[key] = lambda p=predict, x=inputs: p(x)
         timings = interleaved_runs(runs, rounds=ROUNDS, min_time_s=0.05, max_time_s=0.25)

@@ -17,9 +17,10 @@ from ..models.model_io import logits_of
 from ..stage import Stage, check_choice, check_float, check_int, register_stage
 from ..training import distributed
 from ..training.loop import OPTIMIZERS, LossAndLogits, recalibrate_batchnorm, train
+from .engine import failing_groups, make_plan
 from .latency_table import adopt_timings, layer_slopes, timings
 from .plan import Slice, group_slices, planned_group
-from .structured import StructuredPruning, failing_groups, make_plan
+from .structured import StructuredPruning
 
 if TYPE_CHECKING:
     from ..stage import RunContext, State
@@ -72,6 +73,7 @@ class SparsityTraining(Stage):
 
     name = "sparsity_training"
     trains = True
+    prepares = True
 
     def __post_init__(self) -> None:
         check_int(self.name, "epochs", self.epochs, minimum=1)

@@ -32,8 +32,7 @@ from ..row import amount
 from ..runtime.measure import count_params_macs, onnx_predictor, sample_batch, timed_runs
 
 if TYPE_CHECKING:
-    from ..quantization.int8 import Int8Quantization
-    from ..stage import RunContext
+    from ..stage import Quantizer, RunContext
 
 TARGETS = {
     "target_macs": "MACs",
@@ -204,12 +203,12 @@ def artifact_measure(
     option: str,
     example: torch.Tensor,
     ctx: RunContext,
-    quantizer: Int8Quantization | None,
+    quantizer: Quantizer | None,
     runtime: str,
 ) -> Callable[[nn.Module], float]:
     """The measure of a measured target: the artifact's size in MB or batch-1 p50 in ms.
 
-    The model is exported and, when ``quantizer`` (the `Int8Quantization` that follows) is
+    The model is exported and, when ``quantizer`` (the quantizing stage that follows) is
     given, quantized as it would be, calibrated on a few training samples (the scales change
     neither size nor speed), for latency with the stage's FP32 placement. Latency is the
     median of three timings.
@@ -264,10 +263,7 @@ def search_target(
         if ctx is None:
             msg = f"structured_pruning.{option} is measured on the artifact: run it in a Pipeline"
             raise RecipeError(msg)
-        from ..quantization.int8 import Int8Quantization
-
-        quantizer = next((s for s in ctx.upcoming if isinstance(s, Int8Quantization)), None)
-        measure = artifact_measure(option, example, ctx, quantizer, runtime)
+        measure = artifact_measure(option, example, ctx, ctx.quantizer(), runtime)
         rel_tol, steps = 0.05, 7
 
         def describe(m: nn.Module) -> dict[str, Any]:
