@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -16,32 +15,20 @@ import torch
 from torch import nn
 
 from ..data import DataSpec, as_data_spec
-from ..errors import DataError, ModelError, RecipeError, UserError
-from ..inputs import call, describe, shape_text
+from ..errors import ModelError, RecipeError, UserError
+from ..inputs import describe, shape_text
 from ..models.checkpoints import (
-    load_checkpoint,
     model_fingerprint,
-    read_checkpoint,
     save_checkpoint,
 )
 from ..models.layers import call_naming_layer
-from ..models.model_io import ModelIO, check_targets, resolve_io
-from ..pruning.search import search_ratio
-from ..report.report import Report, Row
-from ..runtime.export import export_onnx
+from ..models.model_io import ModelIO, resolve_io
+from ..report.report import Report
 from ..runtime.load import LoadTest
 from ..runtime.measure import (
     EvalFn,
-    compare_outputs,
-    count_params_macs,
     default_threads,
     environment,
-    measure_onnx,
-    measure_torch,
-    onnx_predictor,
-    sample_batch,
-    torch_predictor,
-    torch_threads,
 )
 from ..runtime.runtimes import check_runtimes
 from ..stage import LossFn, RunContext, Stage, State
@@ -49,6 +36,7 @@ from ..training import distributed
 from ..training.loop import check_training_options, resolve_device
 from .output_folder import HEAD_FILE, REPORT_FILES, run_folder
 from .ranks import follow, in_sync, send_result, send_state
+from .ratio_search import search_pruning_ratio, search_span
 from .recipe import (
     check_budget,
     check_search_minutes,
@@ -57,6 +45,8 @@ from .recipe import (
     recipe_to_dict,
     stages_from_recipe,
 )
+from .resume import checkpoint_path, finished_stages, resume_settings
+from .rows import final_parity, in_other_runtimes, measure_step, start_state
 
 
 @dataclass(frozen=True)
@@ -107,7 +97,7 @@ class Pipeline:
         self.stages = stages
         self.max_accuracy_drop = check_budget(max_accuracy_drop)
         self.max_search_minutes = check_search_minutes(max_search_minutes)
-        self._search_span = _search_span(stages, self.options())
+        self._search_span = search_span(stages, self.options())
         self._training = False  # rank 0 is in a stage every rank trains
 
     @classmethod
@@ -302,7 +292,7 @@ class Pipeline:
             report = Report(
                 rows=list(state.rows),
                 environment=environment(ctx.threads),
-                parity=_final_parity(state, ctx),
+                parity=final_parity(state, ctx),
                 load_test=load,
                 budget=budget,
                 model_io={
@@ -312,7 +302,7 @@ class Pipeline:
             )
             report.save(ctx.output_dir)
             checkpoints = [
-                _checkpoint_path(ctx, i, step).relative_to(ctx.output_dir).as_posix()
+                checkpoint_path(ctx, i, step).relative_to(ctx.output_dir).as_posix()
                 for i, step in enumerate(self.step_names())
             ]
             files = ["model.onnx", *REPORT_FILES, *checkpoints]
@@ -353,11 +343,15 @@ class Pipeline:
         """Run the stages (after those a resumed run finished), checkpointing each."""
         _check_weights(model)
         fingerprint = model_fingerprint(model)
-        settings = _resume_settings(ctx)
+        settings = resume_settings(ctx)
         settings.update(self.options())  # the budget changes what the INT8 stage writes
-        done, state = self._resume(model, ctx, fingerprint, settings) if resume else (0, None)
+        done, state = (
+            finished_stages(self.stages, self.step_names(), model, ctx, fingerprint, settings)
+            if resume
+            else (0, None)
+        )
         if state is None:
-            state = self._start(model, ctx)
+            state = start_state(model, ctx)
         if self.max_accuracy_drop is not None and state.rows[0].accuracy is not None:
             ctx = dataclasses.replace(
                 ctx, min_accuracy=state.rows[0].accuracy - self.max_accuracy_drop
@@ -367,22 +361,31 @@ class Pipeline:
             if index < done:
                 continue
             if self._search_span and index == self._search_span[0]:
-                searched = self._search(state, ctx)
+                assert self.max_accuracy_drop is not None and self.max_search_minutes is not None
+                searched = search_pruning_ratio(
+                    self.stages,
+                    self._search_span,
+                    state,
+                    ctx,
+                    self._apply,
+                    self.max_accuracy_drop,
+                    self.max_search_minutes,
+                )
             ctx.log(f"stage {index + 1}/{len(self.stages)}: {step}")
             if index in searched:  # the chosen candidate's run of this stage
                 found, stage_s = searched.pop(index)
                 state = found.replace(rows=state.rows)
             else:
                 state, stage_s = self._apply(index, state, ctx)
-            row = self._measure(stage, step, state, ctx)
+            row = measure_step(stage, step, state, ctx)
             row = dataclasses.replace(row, seconds={"stage": round(stage_s, 2), **row.seconds})
             others = []
             if index == len(self.stages) - 1 and row.runtime == "onnxruntime" and state.onnx_path:
                 # the final file in the other runtimes, just before its own (last) row
-                others = _in_other_runtimes(state.onnx_path, row, ctx)
+                others = in_other_runtimes(state.onnx_path, row, ctx)
             state = state.replace(rows=(*state.rows, *others, row))
             save_checkpoint(
-                _checkpoint_path(ctx, index, step),
+                checkpoint_path(ctx, index, step),
                 state.model,
                 step=step,
                 stage={stage.name: stage.to_dict()},
@@ -417,267 +420,6 @@ class Pipeline:
         self._training = False
         return state, time.perf_counter() - start
 
-    def _search(self, state: State, ctx: RunContext) -> dict[int, tuple[State, float]]:
-        """Search the pruning ratio under the budget (`compressor.pruning.search`): run the
-        span's stages per candidate; the chosen one's states and seconds, by stage index."""
-        first, pruning, end = self._search_span
-        stages = self.stages
-        baseline = state.rows[0].accuracy
-        if baseline is None or self.max_accuracy_drop is None or self.max_search_minutes is None:
-            msg = "the pruning-ratio search needs the baseline's accuracy (an eval_fn result)"
-            raise UserError(msg)
-        quantizer = next((s for s in stages[end:] if hasattr(s, "quantize_sample")), None)
-
-        def shape(ratio: float) -> Any:  # what the ratio prunes: (params, MACs) left
-            options = stages[pruning].at_ratio(ratio)  # type: ignore[attr-defined]
-            return options.pruned_size(state.model, state.example_input, ctx.threads)
-
-        def run(ratio: float) -> tuple[float | None, dict[str, Any], Any]:
-            chosen = list(stages)
-            chosen[pruning] = stages[pruning].at_ratio(ratio)  # type: ignore[attr-defined]
-            current = state.replace(model=copy.deepcopy(state.model))
-            done: dict[int, tuple[State, float]] = {}
-            for index in range(first, end):
-                current, seconds = self._apply(index, current, ctx, chosen)
-                done[index] = (current, seconds)
-            numbers = _candidate_numbers(current, ctx, quantizer)
-            # within the budget before INT8 and after: the INT8 stage cannot win back what
-            # the stages before it lost
-            accuracy = min(numbers["accuracy"], numbers.get("int8_accuracy", 1.0))
-            return baseline - accuracy, numbers, done
-
-        ctx.log(
-            f"searching the pruning ratio under the accuracy budget "
-            f"({self.max_accuracy_drop * 100:.2f} points, at most {self.max_search_minutes:g} min)"
-        )
-        outcome = search_ratio(
-            run,
-            first=stages[pruning].ratio,  # type: ignore[attr-defined]
-            max_drop=self.max_accuracy_drop,
-            minutes=self.max_search_minutes,
-            log=ctx.log,
-            shape=shape,
-        )
-        ctx.log(
-            f"search: chose ratio {outcome.chosen.ratio:.3f} "
-            f"({'within' if outcome.chosen.met else 'NOT within'} the budget)"
-        )
-        found: dict[int, tuple[State, float]] = outcome.chosen.result
-        pruned = found[pruning][0]
-        pruned.details.setdefault("pruning", {})["search"] = outcome.record
-        return found
-
-    def _resume(
-        self, model: nn.Module, ctx: RunContext, fingerprint: str, settings: dict[str, Any]
-    ) -> tuple[int, State | None]:
-        """How many stages an earlier run finished here, and the state after the last one.
-
-        Stages count as finished while their checkpoints exist, name the same step with the
-        same options, and the files they refer to are still there.
-        """
-        done, payload, path = 0, None, None
-        for index, (stage, step) in enumerate(zip(self.stages, self.step_names(), strict=True)):
-            candidate = _checkpoint_path(ctx, index, step)
-            if not candidate.is_file():
-                break
-            try:
-                found = read_checkpoint(candidate)
-            except UserError as exc:  # truncated or not a checkpoint: that stage runs again
-                ctx.log(f"resume: {exc}; that stage runs again")
-                break
-            extra = found.get("extra", {})
-            onnx = extra.get("onnx_path")
-            if found.get("stage") != {stage.name: stage.to_dict()} or (
-                onnx and not (ctx.output_dir / onnx).is_file()
-            ):
-                break
-            if extra.get("settings") != settings:
-                msg = (
-                    f"cannot resume from {candidate}: it was made with other settings "
-                    f"({_differences(extra.get('settings') or {}, settings)}); run without "
-                    "resume, or with those settings"
-                )
-                raise UserError(msg)
-            if extra.get("model_fingerprint") != fingerprint:
-                msg = (
-                    f"cannot resume from {candidate}: it was made from another model (or other "
-                    "weights); run without resume, or with another output folder"
-                )
-                raise UserError(msg)
-            done, payload, path = index + 1, found, candidate
-        if payload is None or path is None or not (ctx.output_dir / "model.onnx").is_file():
-            ctx.log("resume: no finished stage of this pipeline found; starting from the start")
-            return 0, None
-        ctx.log(f"resume: {done} of {len(self.stages)} stage(s) finished; loading {path.name}")
-        student, _ = load_checkpoint(path, copy.deepcopy(model).cpu().eval())
-        teacher = copy.deepcopy(model).cpu().eval().requires_grad_(False)
-        onnx = payload["extra"]["onnx_path"]
-        return done, State(
-            model=student.eval(),
-            teacher=teacher,
-            example_input=ctx.train_data.example_input(),
-            onnx_path=ctx.output_dir / onnx if onnx else None,
-            rows=tuple(Row.from_dict(r) for r in payload["extra"]["rows"]),
-        )
-
-    def _start(self, model: nn.Module, ctx: RunContext) -> State:
-        example = ctx.train_data.example_input()
-        student = copy.deepcopy(model).cpu().eval()
-        try:
-            with torch.no_grad():
-                out = call_naming_layer(
-                    student, lambda: call(student, example), "a forward pass on the data"
-                )
-        except ModelError:
-            raise
-        except Exception as exc:
-            msg = f"the model cannot run on the data (input shape {shape_text(example)}): {exc}"
-            raise ModelError(msg) from exc
-        _check_outputs(out, ctx)
-        teacher = copy.deepcopy(student).requires_grad_(False)
-        ctx.log("baseline: exporting model.onnx and measuring it in torch and ONNX Runtime")
-        start = time.perf_counter()
-        parity = export_onnx(
-            teacher,
-            example,
-            ctx.output_dir / "model.onnx",
-            check_inputs=sample_batch(ctx.eval_data, 64),
-            threads=ctx.threads,
-            labels=ctx.io.labels,
-        )
-        export_s = time.perf_counter() - start
-        common = ctx.measure_settings()
-        torch_row = measure_torch(teacher, name="baseline", example_input=example, **common)
-        onnx_row = measure_onnx(
-            ctx.output_dir / "model.onnx",
-            name="baseline",
-            precision="fp32",
-            params=torch_row.params,
-            macs=torch_row.macs,
-            details={"file": "model.onnx", "parity": parity.to_dict()},
-            **common,
-        )
-        onnx_row = dataclasses.replace(
-            onnx_row, seconds={"stage": round(export_s, 2), **onnx_row.seconds}
-        )
-        others = _in_other_runtimes(ctx.output_dir / "model.onnx", onnx_row, ctx)
-        return State(
-            model=student,
-            teacher=teacher,
-            example_input=example,
-            rows=(torch_row, onnx_row, *others),
-        )
-
-    @staticmethod
-    def _measure(stage: Stage, step: str, state: State, ctx: RunContext) -> Row:
-        ctx.log(f"{step}: measuring")
-        common = ctx.measure_settings()
-        if stage.runtime == "onnxruntime":
-            if state.onnx_path is None:
-                msg = f"stage {step!r} runs in onnxruntime but produced no ONNX file"
-                raise RuntimeError(msg)
-            params, macs = count_params_macs(state.model, state.example_input)
-            return measure_onnx(
-                state.onnx_path,
-                name=step,
-                precision=stage.precision,
-                params=params,
-                macs=macs,
-                details={"file": state.onnx_path.name, **state.details},
-                **common,
-            )
-        return measure_torch(
-            state.model,
-            name=step,
-            example_input=state.example_input,
-            details=state.details,
-            **common,
-        )
-
-
-def _search_span(stages: list[Stage], options: dict[str, Any]) -> tuple[int, int, int] | None:
-    """With ``max_search_minutes``: the stages a candidate ratio runs, as (first, the
-    pruning stage, end): sparsity training before the pruning, the pruning, and the torch
-    stages after it. Refuses a pipeline the search cannot work on."""
-    if "max_search_minutes" not in options:
-        return None
-    if "max_accuracy_drop" not in options:
-        msg = "max_search_minutes searches under an accuracy budget: give max_accuracy_drop too"
-        raise RecipeError(msg)
-    pruning = [i for i, s in enumerate(stages) if s.name == "structured_pruning"]
-    if len(pruning) != 1:
-        msg = (
-            "max_search_minutes searches the ratio of one structured_pruning stage "
-            f"(the pipeline has {len(pruning)})"
-        )
-        raise RecipeError(msg)
-    at = pruning[0]
-    target = getattr(stages[at], "target", None)
-    if target is not None:
-        msg = (
-            f"max_search_minutes searches the pruning ratio, but structured_pruning has "
-            f"{target[0]}: give a ratio (the search's first candidate) instead"
-        )
-        raise RecipeError(msg)
-    first = min([i for i in range(at) if stages[i].name == "sparsity_training"] + [at])
-    end = next((i for i in range(at + 1, len(stages)) if stages[i].runtime != "torch"), None)
-    return first, at, len(stages) if end is None else end
-
-
-def _candidate_numbers(state: State, ctx: RunContext, quantizer: Any) -> dict[str, Any]:
-    """A search candidate's accuracy, size in parameters and MACs, and, when an INT8 stage
-    follows, the accuracy of its INT8 file (calibrated on a sample; the nodes the accuracy
-    budget reverts in FP32 as the stage would, their count as ``int8_fp32_nodes``)."""
-    params, macs = count_params_macs(state.model, state.example_input)
-    with torch_threads(ctx.threads):
-        accuracy = float(ctx.eval_fn(torch_predictor(state.model.cpu()), ctx.eval_data))
-    numbers: dict[str, Any] = {"accuracy": accuracy, "params": params, "macs": macs}
-    if quantizer is not None:
-        with tempfile.TemporaryDirectory(prefix="compressor-search-") as tmp:
-            fp32 = Path(tmp) / "candidate.onnx"
-            export_onnx(
-                state.model, state.example_input, fp32, threads=ctx.threads, labels=ctx.io.labels
-            )
-            out = Path(tmp) / "candidate.int8.onnx"
-            int8, budget = quantizer.quantize_sample(fp32, out, ctx, placement=False, budget=True)
-            if budget is None:
-                predict = onnx_predictor(int8, ctx.threads)
-                numbers["int8_accuracy"] = float(ctx.eval_fn(predict, ctx.eval_data))
-            else:  # what the INT8 stage's budget will revert, as it will
-                numbers["int8_accuracy"] = budget.get("accuracy", budget["int8_accuracy"])
-                numbers["int8_fp32_nodes"] = len(budget["fp32_nodes"])
-    return numbers
-
-
-def _in_other_runtimes(path: Path, row: Row, ctx: RunContext) -> list[Row]:
-    """The ONNX file ``row`` measured in every runtime of the run besides ONNX Runtime.
-
-    Accuracy comes from running the file in that runtime; ``details.parity`` compares its
-    outputs with model.onnx's in ONNX Runtime over the eval data.
-    """
-    others = [r for r in ctx.runtimes if r != "onnxruntime"]
-    if not others:
-        return []
-    reference = onnx_predictor(ctx.output_dir / "model.onnx", ctx.threads)
-    rows = []
-    for runtime in others:
-        ctx.log(f"measuring {path.name} in {runtime}")
-        candidate = onnx_predictor(path, ctx.threads, runtime)
-        parity = compare_outputs(reference, candidate, ctx.eval_data, labels=ctx.io.labels)
-        rows.append(
-            measure_onnx(
-                path,
-                name=row.name,
-                precision=row.precision,
-                params=row.params,
-                macs=row.macs,
-                details={"file": path.name, "parity": parity},
-                runtime=runtime,
-                **ctx.measure_settings(),
-            )
-        )
-    return rows
-
 
 def _with_ranks(state: State, synced: bool) -> State:
     """The stage's details with the data-parallel run's size and whether ranks agree."""
@@ -691,22 +433,6 @@ def _with_ranks(state: State, synced: bool) -> State:
         warnings.warn(note, stacklevel=2)
         details["notes"] = [*details.get("notes", []), note]
     return state.replace(details=details)
-
-
-def _final_parity(state: State, ctx: RunContext) -> dict[str, Any] | None:
-    """The final ONNX file's outputs against the FP32 baseline file's over the eval data."""
-    baseline = ctx.output_dir / "model.onnx"
-    if state.onnx_path is None or state.onnx_path == baseline:
-        return None
-    ctx.log(f"comparing {state.onnx_path.name} with model.onnx over the eval data")
-    reference = onnx_predictor(baseline, ctx.threads)
-    candidate = onnx_predictor(state.onnx_path, ctx.threads)
-    try:
-        parity = compare_outputs(reference, candidate, ctx.eval_data, labels=ctx.io.labels)
-    except ValueError as exc:  # a stage changed the output shape; nothing to compare
-        ctx.log(f"parity not measured: {exc}")
-        return None
-    return {"reference": baseline.name, "artifact": state.onnx_path.name, **parity}
 
 
 OVER_BUDGET = "model.int8.over-budget.onnx"
@@ -747,37 +473,6 @@ def _check_order(stages: list[Stage]) -> None:
             f"put {torch_stage.name!r} before {onnx_stage.name!r}"
         )
         raise RecipeError(msg)
-
-
-def _checkpoint_path(ctx: RunContext, index: int, step: str) -> Path:
-    return ctx.output_dir / "checkpoints" / f"{index + 1:02d}_{step}.pt"
-
-
-def _resume_settings(ctx: RunContext) -> dict[str, Any]:
-    """The run settings a resumed run must share with the one it continues."""
-    return {
-        "seed": ctx.seed,
-        "threads": ctx.threads,
-        "limit_train_batches": ctx.limit_train_batches,
-        "throughput_batches": list(ctx.throughput_batches),
-        "runtimes": list(ctx.runtimes),
-        # only when set, so that checkpoints from before these options still resume
-        **({"mixed_precision": ctx.mixed_precision} if ctx.mixed_precision else {}),
-        **(
-            {"accumulate_grad_batches": ctx.accumulate_grad_batches}
-            if ctx.accumulate_grad_batches != 1
-            else {}
-        ),
-    }
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any]) -> str:
-    keys = sorted(set(before) | set(now))
-    return ", ".join(
-        f"{k} was {before.get(k)!r}, now {now.get(k)!r}"
-        for k in keys
-        if before.get(k) != now.get(k)
-    )
 
 
 def _batch_sizes(value: int | Sequence[int]) -> tuple[int, ...]:
@@ -829,20 +524,3 @@ def _check_seed(seed: Any) -> int:
         msg = f"seed must be an int >= 0 (got: {seed!r})"
         raise UserError(msg)
     return seed
-
-
-def _check_outputs(out: Any, ctx: RunContext) -> None:
-    """The model gives one tensor; both data sets have batches whose class targets fit it."""
-    if not isinstance(out, torch.Tensor):
-        msg = (
-            f"the model's forward returns a {type(out).__name__}; compressor compares, "
-            "distils and exports one output tensor: name it with cz.ModelIO(output=...)"
-        )
-        raise ModelError(msg)
-    for what, data in (("train_data", ctx.train_data), ("eval_data", ctx.eval_data)):
-        batch = next(data.iter_batches(1), None)
-        if batch is None:
-            raise DataError(f"{what} is empty: its first pass yielded no batch")
-        problem = check_targets(out, data.target_fn(batch), ctx.io, what)
-        if problem:
-            raise DataError(problem)

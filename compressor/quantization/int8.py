@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import os
-import platform
-import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
-from tqdm.auto import tqdm
 
 from .._io import atomic_path
 from ..data import DataSpec, data_subset
-from ..errors import ModelError, first_line
-from ..inputs import Inputs, feeds, rows, take, to_device
 from ..runtime.export import DEFAULT_OPSET, export_onnx, tail_nodes
 from ..runtime.measure import (
-    cpu_info,
     onnx_predictor,
     ort_predictor,
     ort_session,
@@ -36,6 +27,7 @@ from ..runtime.measure import (
 )
 from ..stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
 from .budget import revert_to_budget
+from .calibration import CALIBRATION_MEMORY, _CalibrationReader, activation_bytes, graph_inputs
 from .mode import (
     MODES,
     activation_matmuls,
@@ -43,167 +35,19 @@ from .mode import (
     has_convolutions,
     quantize_dynamic_file,
 )
+from .onnx_edits import (
+    _pre_process,
+    inspect_int8_graph,
+    needs_external_data,
+    save_single_file,
+)
 from .placement import place_fp32
+from .types import TYPES, choose_types
 
 if TYPE_CHECKING:
     from ..stage import RunContext, State
 
 METHODS = ("minmax", "entropy", "percentile")
-TYPES = ("auto", "uint8", "int8")
-_INT8_COMPUTE = {
-    "QLinearConv",
-    "QLinearMatMul",
-    "ConvInteger",
-    "MatMulInteger",
-    "QGemm",
-    "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat",
-}
-_ONE_FILE_LIMIT = 2**31 - 1  # protobuf's limit on one serialised message
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-_FLOAT_COMPUTE = {
-    "Conv",
-    "ConvTranspose",
-    "MatMul",
-    "Gemm",
-    "FusedConv",
-    "FusedGemm",
-    "FusedMatMul",
-}
-
-
-@dataclass(frozen=True)
-class QuantTypes:
-    """The INT8 types chosen for the CPU, and why."""
-
-    activation_type: str
-    weight_type: str
-    reduce_range: bool
-    reason: str
-
-
-def choose_types(
-    activation_type: str = "auto",
-    weight_type: str = "int8",
-    reduce_range: bool | None = None,
-    *,
-    machine: str | None = None,
-    features: list[str] | None = None,
-) -> QuantTypes:
-    """Pick the INT8 types that are fast, and exact, on this CPU (or the one described).
-
-    x86: ONNX Runtime's fast INT8 kernels take uint8 activations with int8 weights
-    (int8 activations run at about FP32 speed). Without VNNI they multiply with
-    VPMADDUBSW, whose 16-bit sums can saturate, so weights use 7 bits (``reduce_range``).
-    ARM64: the dot-product kernels take int8 activations and weights.
-    """
-    machine = (machine or platform.machine()).lower()
-    if features is None:
-        features = cpu_info()[1]
-    x86 = machine in ("x86_64", "amd64", "i386", "i686", "x86")
-    vnni = any(f in features for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    if x86:
-        act = "uint8"
-        reason = (
-            "x86 CPU: ONNX Runtime's fast INT8 kernels take uint8 activations with int8 weights"
-        )
-        rr = not vnni
-        reason += (
-            "; VNNI present, full 8-bit weights"
-            if vnni
-            else "; no VNNI, so 7-bit weights (reduce_range) avoid VPMADDUBSW saturation"
-        )
-    else:
-        act, rr = "int8", False
-        reason = f"{machine} CPU: int8 activations and weights suit its dot-product kernels"
-    if activation_type != "auto":
-        act = activation_type
-        reason = f"activation_type {activation_type} set by the user"
-    if reduce_range is not None:
-        rr = reduce_range
-        reason += f"; reduce_range {reduce_range} set by the user"
-    return QuantTypes(act, weight_type, rr, reason)
-
-
-# An ONNX Runtime calibration run needs memory for about all of the model's activations at
-# once (measured on ViT-H/14: 1.9 GB a sample, 1.6x the sum of `activation_bytes`; batches
-# of 8 ran a 24 GB machine out of memory), so batches are cut to fit this budget. Min/max
-# and histograms over the same samples do not depend on how they are batched.
-CALIBRATION_MEMORY = 1 << 30
-
-
-def activation_bytes(path: str | Path) -> int:
-    """Sum of the sizes of every float tensor the ONNX graph at ``path`` computes, per sample.
-
-    From ONNX shape inference with symbolic (batch) dimensions taken as 1; tensors whose
-    shape inference cannot tell are left out, so this is a lower bound.
-    """
-    model = onnx.load(str(path), load_external_data=False)
-    for init in model.graph.initializer:  # only their shapes matter, and serialising is slow
-        if init.data_type in _FLOAT_TYPES and len(init.raw_data) > 4096:
-            init.ClearField("raw_data")
-    with contextlib.suppress(Exception):  # no shapes: no estimate, not a failed quantization
-        model = onnx.shape_inference.infer_shapes(model)
-    total = 0
-    for info in [*model.graph.value_info, *model.graph.output]:
-        tensor = info.type.tensor_type
-        if tensor.elem_type not in _FLOAT_TYPES or not tensor.HasField("shape"):
-            continue
-        dims = tensor.shape.dim
-        if any(not d.HasField("dim_value") and not d.HasField("dim_param") for d in dims):
-            continue
-        size = 2 if tensor.elem_type == onnx.TensorProto.FLOAT16 else 4
-        total += math.prod(d.dim_value for d in dims if d.HasField("dim_value")) * size
-    return total
-
-
-def graph_inputs(path: Path) -> list[str]:
-    """The names of an ONNX file's inputs (initializers listed as inputs left out)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in weights]
-
-
-class _CalibrationReader:
-    """Feeds up to ``samples`` training inputs to ONNX Runtime's calibrator.
-
-    Batches larger than ``max_batch`` are fed in pieces of at most ``max_batch`` samples.
-    """
-
-    def __init__(
-        self, data: DataSpec, names: list[str], samples: int, progress: bool, max_batch: int
-    ) -> None:
-        self._batches = iter(data)
-        self._data = data
-        self._names = names
-        self._left = samples
-        self._max_batch = max_batch
-        self._pending: Inputs | None = None
-        self.seen = 0
-        self._bar = tqdm(
-            total=samples,
-            desc="calibration",
-            disable=None if progress else True,
-            leave=False,
-            unit="sample",
-        )
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        while self._pending is None or not rows(self._pending):
-            batch = next(self._batches, None) if self._left > 0 else None
-            if batch is None:
-                self._bar.close()
-                return None
-            self._pending = take(to_device(self._data.input_fn(batch), "cpu"), 0, self._left)
-            self._left -= rows(self._pending)
-        inputs = take(self._pending, 0, self._max_batch)
-        self._pending = take(self._pending, self._max_batch)
-        self.seen += rows(inputs)
-        self._bar.update(rows(inputs))
-        return feeds(inputs, self._names)
-
-    def rewind(self) -> None:  # pragma: no cover - ORT calls it only for some calibrators
-        self._batches = iter(self._data)
 
 
 @register_stage("int8_quantization")
@@ -502,6 +346,13 @@ class Int8Quantization(Stage):
             )
         return reader.seen
 
+    def quantize_layer(self, fp32: Path, out: Path, data: DataSpec, *, samples: int) -> Path:
+        """A small FP32 ONNX file (a layer, for timing) pre-processed and quantized with this
+        stage's settings into ``out``, calibrated on ``samples`` inputs of ``data``."""
+        source, _, _ = _pre_process(fp32, out.with_name(out.stem + ".pre.onnx"), False)
+        self.quantize_file(source, out, data, samples=samples)
+        return out
+
     def quantize_sample(
         self,
         fp32: Path,
@@ -607,147 +458,6 @@ def _budget_notes(budget: dict[str, Any]) -> list[str]:
     ]
 
 
-def needs_external_data(path: str | Path) -> bool:
-    """True when the ONNX model at ``path`` is too big for one file (over 2 GB).
-
-    Such a model keeps its weights in files beside it, and every tool that writes a
-    version of it (pre-processing, calibration, quantization) has to do the same.
-    """
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def save_single_file(source: Path, out: Path, external: bool) -> None:
-    """Write the ONNX model at ``source`` (its weights beside it if ``external``) as one file.
-
-    Raises:
-        ModelError: the model is over ONNX's 2 GB single-file limit even in INT8.
-    """
-    if not external:
-        shutil.copyfile(source, out)
-        return
-    model = onnx.load(str(source))  # with the weights kept beside it
-    if model.ByteSize() >= _ONE_FILE_LIMIT:
-        msg = (
-            f"the INT8 model is {model.ByteSize() / 1e9:.1f} GB, over ONNX's 2 GB limit for "
-            "one file; prune it first (structured_pruning) to make it smaller"
-        )
-        raise ModelError(msg)
-    onnx.save(model, str(out))
-
-
-def pre_process(fp32: Path, out: Path) -> Path:
-    """``fp32`` through ONNX Runtime's quant_pre_process as the stage runs it (into ``out``,
-    or ``fp32`` itself when it cannot run): the file to quantize."""
-    return _pre_process(fp32, out, False)[0]
-
-
-def _pre_process(fp32: Path, out: Path, external: bool) -> tuple[Path, str, str | None]:
-    """Run ONNX Runtime's quant_pre_process: (the file to quantize, how, the error if none ran).
-
-    Its symbolic shape inference fails on some graphs (every torchvision ViT: a Reshape
-    whose shape it cannot follow), so that is retried without it: the graph optimisation
-    still runs (on ViT-B/16: 198 instead of 294 unfused Q/DQ, about the same speed).
-    """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    error = None
-    for how, skip_symbolic in (("full", False), ("without symbolic shape inference", True)):
-        try:
-            with warnings.catch_warnings(), _scratch_cwd(str(out.parent)):
-                warnings.simplefilter("ignore")
-                quant_pre_process(
-                    str(fp32),
-                    str(out),
-                    skip_symbolic_shape=skip_symbolic,
-                    save_as_external_data=external,
-                )
-        except Exception as exc:
-            error = error or first_line(exc)
-            continue
-        if not external:
-            name_nodes(out)
-            split_hard_sigmoid(out)
-        return out, how, None
-    return fp32, "failed", error
-
-
-def split_hard_sigmoid(path: Path) -> int:
-    """Write every HardSigmoid of the ONNX file ``path`` as ``Clip(x * alpha + beta, 0, 1)``
-    (Mul, Add, Clip), in place; returns how many.
-
-    ONNX Runtime has no INT8 HardSigmoid: in a QDQ file each one (MobileNetV3's HardSwish
-    is ``x * HardSigmoid(x)`` after pre-processing, its squeeze-excite gates are
-    HardSigmoid) runs in float between a Dequantize and a Quantize. Mul and Add have INT8
-    kernels and the Clip folds into the Quantize after it, so the whole activation stays
-    INT8 (the same values in FP32).
-    """
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    if not any(n.op_type == "HardSigmoid" and n.domain in ("", "ai.onnx") for n in graph.node):
-        return 0
-    taken = {i.name for i in graph.initializer} | {n for node in graph.node for n in node.output}
-
-    def constant(value: float, stem: str) -> str:
-        name = stem
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
-        return name
-
-    nodes, count = [], 0
-    for node in graph.node:
-        if node.op_type != "HardSigmoid" or node.domain not in ("", "ai.onnx"):
-            nodes.append(node)
-            continue
-        found = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        alpha, beta = float(found.get("alpha", 0.2)), float(found.get("beta", 0.5))
-        stem = node.name or f"hard_sigmoid_{count}"
-        scaled, shifted = f"{stem}/scaled", f"{stem}/shifted"
-        nodes += [
-            helper.make_node(
-                "Mul", [node.input[0], constant(alpha, f"{stem}/alpha")], [scaled], f"{stem}/Mul"
-            ),
-            helper.make_node(
-                "Add", [scaled, constant(beta, f"{stem}/beta")], [shifted], f"{stem}/Add"
-            ),
-            helper.make_node(
-                "Clip",
-                [shifted, constant(0.0, f"{stem}/min"), constant(1.0, f"{stem}/max")],
-                [node.output[0]],
-                f"{stem}/Clip",
-            ),
-        ]
-        count += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.save(model, str(path))
-    return count
-
-
-def name_nodes(path: Path) -> None:
-    """Give every unnamed node of the ONNX file ``path`` a name of its own, in place.
-
-    quant_pre_process inlines ONNX functions (the exporter writes HardSwish as one) into
-    unnamed nodes, and nodes are kept in FP32 or reverted by name.
-    """
-    model = onnx.load(str(path))
-    taken = {n.name for n in model.graph.node}
-    if "" not in taken:
-        return
-    for index, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"/unnamed/{node.op_type}_{index}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-    onnx.save(model, str(path))
-
-
 class _Clock:
     """Wall time of each step of a stage, in seconds."""
 
@@ -759,69 +469,6 @@ class _Clock:
         now = time.perf_counter()
         self.laps[step] = round(now - self._last, 2)
         self._last = now
-
-
-@contextlib.contextmanager
-def _scratch_cwd(path: str) -> Iterator[None]:
-    """Run the block in ``path``.
-
-    When its symbolic shape inference gives up, ONNX Runtime's quant_pre_process saves a
-    debug model (sym_shape_infer_temp.onnx and UUID-named .data files) into the working
-    directory, which is the user's. Only for blocks that get absolute paths and read no
-    user data (a data set given by a relative path would no longer be found).
-    """
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
-def inspect_int8_graph(
-    path: str | Path,
-    threads: int,
-    optimized_path: str | Path,
-    kept_fp32: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Count INT8 and FP32 compute ops in the graph ONNX Runtime actually runs (after fusion).
-
-    ``unfused_qdq`` counts the QuantizeLinear/DequantizeLinear nodes left inside the graph:
-    a fully fused graph keeps only the one that quantizes the input and the one that
-    dequantizes the output. Ops of the nodes in ``kept_fp32`` (kept in FP32 on purpose)
-    are listed as ``fp32_by_choice``, not among ``float_compute_ops``.
-    """
-    ort_session(path, threads, optimized_path=optimized_path)
-    # ONNX Runtime renames some nodes it rewrites after their output (``..._nchwc``)
-    written = onnx.load(str(path), load_external_data=False).graph
-    keys = {k for k in kept_fp32 if k}
-    keys |= {o for n in written.node if n.name in keys for o in n.output if o}
-    graph = onnx.load(str(optimized_path)).graph
-    inputs = {i.name for i in graph.input}
-    outputs = {o.name for o in graph.output}
-    int8 = [n for n in graph.node if n.op_type in _INT8_COMPUTE]
-    floating = [
-        n
-        for n in graph.node
-        if n.op_type in _FLOAT_COMPUTE
-        or (n.op_type.startswith("Nchwc") and not n.op_type.startswith("NchwcReorder"))
-    ]
-    chosen = [
-        n for n in floating if any(k in n.name for k in keys) or any(o in keys for o in n.output)
-    ]
-    floating = [n for n in floating if n not in chosen]
-    unfused = [
-        n
-        for n in graph.node
-        if (n.op_type == "QuantizeLinear" and n.input[0] not in inputs)
-        or (n.op_type == "DequantizeLinear" and n.output[0] not in outputs)
-    ]
-    return {
-        "int8_compute_ops": len(int8),
-        "float_compute_ops": [f"{n.name or '?'} ({n.op_type})" for n in floating],
-        "fp32_by_choice": [f"{n.name or '?'} ({n.op_type})" for n in chosen],
-        "unfused_qdq": len(unfused),
-    }
 
 
 def _int8_speedup(fp32: Path, int8: Path, ctx: RunContext) -> float:
