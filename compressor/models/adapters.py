@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from ..inputs import call
-from . import detection_adapters as torchvision_detection
-from . import torch_adapters, torchvision_adapters, transformers_adapters
+from . import detection_adapters, torch_adapters, torchvision_adapters, transformers_adapters
 from .adapter import Adapter, Attention, class_named
 
 __all__ = ["Adapter", "Attention", "class_named", "register_adapter", "unregister_adapter"]
 
 _REGISTRY: list[Adapter] = [
     *torchvision_adapters.ADAPTERS,
-    *torchvision_detection.ADAPTERS,
+    *detection_adapters.ADAPTERS,
     *transformers_adapters.ADAPTERS,
     *torch_adapters.ADAPTERS,
 ]

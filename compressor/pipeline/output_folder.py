@@ -209,3 +209,29 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def check_output(path: Path, overwrite: bool, resume: bool = False) -> Path:
+    """``--output`` made ready: a writable folder, empty unless ``overwrite`` or ``resume``."""
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        msg = f"--output {str(path)!r} is a file; give a folder"
+        raise UserError(msg)
+    ours = {LOCK_NAME, STAGING_NAME}
+    taken = path.is_dir() and any(p.name not in ours for p in path.iterdir())
+    if taken and not resume and not overwrite:
+        msg = (
+            f"output folder {str(path)!r} is not empty; "
+            "pass --overwrite (the old result is replaced when the new run has finished) "
+            "or choose another --output"
+        )
+        raise UserError(msg)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".compressor-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        msg = f"cannot write to output folder {str(path)!r}: {exc.strerror or exc}"
+        raise UserError(msg) from exc
+    return path

@@ -1,17 +1,14 @@
-"""Model and data specs, as the CLI names them: ``torchvision:resnet18``, ``imagefolder:DIR``.
+"""Data specs, as the CLI names them: ``imagefolder:DIR``, ``fashion-mnist:DIR``, ``text:FILE``,
+the embedded demos, segmentation and detection canvases.
 
-Each loader turns a spec string into a ready object or raises a `UserError` whose message
-names the bad part and the fix. Nothing is downloaded unless asked (``download=True``), and
-no pickled object is loaded unless asked (``trust_pickle=True``).
+`load_data` turns a spec string into train and eval loaders, or raises a `UserError` whose
+message names the bad part and the fix. Nothing is downloaded unless asked
+(``download=True``). Model specs are in `compressor.sources.model_specs`.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
-import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import DataError, ModelError, UserError, first_line
-from ..inputs import call
-from ..models.checkpoints import load_checkpoint
+from ..errors import DataError, UserError, first_line
 
 DATA_KINDS = (
     "demo",
@@ -43,222 +38,9 @@ DETECTION_KINDS = ("demo-det", "fashion-mnist-det")
 TEXT_KINDS = ("text", "text-demo")
 DEMO_KINDS = ("demo", "demo-seg", "demo-det", "text-demo")  # built in: no folder
 CANVASES_PER_ITEM = 0.2  # -seg and -det: canvases per Fashion-MNIST image of a split
-DETECTORS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")  # torchvision's, supported
 
 
 # ---------------------------------------------------------------------------- models
-
-
-def load_model(
-    spec: str,
-    *,
-    num_classes: int | None = None,
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
-    in_channels: int = 1,
-    input_size: int | None = None,
-    vocab_size: int | None = None,
-) -> nn.Module:
-    """The model a ``--model`` spec names, with ``weights`` loaded into it when given.
-
-    Specs: ``demo`` (`DemoResNet`, untrained), ``torchvision:NAME`` (random weights),
-    ``hf:NAME`` (a Hugging Face classifier, see `compressor.sources.hf_models`; built from a config
-    it takes ``vocab_size`` for text, ``in_channels`` and ``input_size`` for images),
-    ``path/to/file.py:factory``,
-    ``package.module:factory`` (a callable returning an ``nn.Module``; it gets
-    ``num_classes`` when it takes that argument), or a file holding a pickled module
-    (only with ``trust_pickle``, as unpickling runs code from the file).
-    ``weights``: a state_dict file, a dict holding one under ``state_dict`` or ``model``, or
-    a compressor checkpoint (``checkpoints/NN_step.pt``, pruned widths included).
-    """
-    source, sep, factory = spec.rpartition(":")
-    if spec == "demo":
-        from .demo import DemoResNet
-
-        model: nn.Module = DemoResNet(num_classes=num_classes or 10, in_channels=in_channels)
-    elif spec.startswith("torchvision:"):
-        model = _torchvision_model(spec.removeprefix("torchvision:"), num_classes)
-    elif spec.startswith("hf:"):
-        from .hf_models import load_hf_model
-
-        model = load_hf_model(
-            spec.removeprefix("hf:"),
-            num_classes=num_classes,
-            vocab_size=vocab_size,
-            channels=in_channels,
-            image_size=input_size,
-        )
-    elif sep and source and factory.isidentifier():  # "C:" of a Windows path is no factory
-        model = _call_factory(source, factory, num_classes)
-    else:
-        model = _pickled_model(Path(spec).expanduser(), trust_pickle)
-    if weights is not None:
-        model = _load_weights(model, Path(weights).expanduser(), trust_pickle)
-    return model
-
-
-def _torchvision_model(name: str, num_classes: int | None) -> nn.Module:
-    import torchvision
-
-    segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
-    names = [*torchvision.models.list_models(module=torchvision.models), *segmentation]
-    if name not in names + list(DETECTORS):
-        close = difflib.get_close_matches(name, names + list(DETECTORS), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models"
-        msg = (
-            f"unknown torchvision classification, segmentation or detection model {name!r} "
-            f"(detectors: {', '.join(DETECTORS)}): {hint}"
-        )
-        raise UserError(msg)
-    kwargs: dict[str, Any] = {"weights": None}
-    if name in segmentation:  # no download: random backbone, no auxiliary head
-        kwargs.update(weights_backbone=None, aux_loss=False)
-    if name in DETECTORS:
-        kwargs.update(weights_backbone=None)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if name.startswith(("googlenet", "inception")):
-        kwargs["aux_logits"] = False  # auxiliary heads only train, and exports skip them
-        kwargs["init_weights"] = True
-    return torchvision.models.get_model(name, **kwargs)
-
-
-def _import_source(source: str) -> Any:
-    if source.endswith(".py"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            msg = f"model file {source!r} does not exist"
-            raise UserError(msg)
-        module_name = f"compressor_user_{path.stem}"
-        loaded = sys.modules.get(module_name)
-        if loaded is not None and Path(getattr(loaded, "__file__", "")) == path:
-            return loaded  # import a file once, so its classes stay the same objects
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            msg = f"cannot import {source!r} as a Python file"
-            raise UserError(msg)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            msg = f"importing {source!r} failed: {type(exc).__name__}: {first_line(exc)}"
-            raise UserError(msg) from exc
-        return module
-    try:
-        return importlib.import_module(source)
-    except ImportError as exc:
-        msg = (
-            f"cannot import module {source!r} ({first_line(exc)}); give an importable "
-            "package.module:factory or path/to/file.py:factory"
-        )
-        raise UserError(msg) from exc
-
-
-def _call_factory(source: str, factory_name: str, num_classes: int | None) -> nn.Module:
-    module = _import_source(source)
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        msg = f"{source!r} has no callable {factory_name!r} (found: {', '.join(found[:8])})"
-        raise UserError(msg)
-    kwargs = {}
-    if num_classes is not None and _accepts(factory, "num_classes"):
-        kwargs["num_classes"] = num_classes
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:
-        msg = (
-            f"model factory {source}:{factory_name} raised {type(exc).__name__}: {first_line(exc)}"
-        )
-        raise UserError(msg) from exc
-    if not isinstance(model, nn.Module):
-        msg = (
-            f"model factory {source}:{factory_name} returned {type(model).__name__}, "
-            "not a torch.nn.Module"
-        )
-        raise UserError(msg)
-    return model
-
-
-def _accepts(func: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _read(path: Path, trust_pickle: bool, what: str) -> Any:
-    if not path.is_file():
-        msg = f"{what} {str(path)!r} does not exist"
-        raise UserError(msg)
-    with path.open("rb") as f:
-        head = f.read(2)
-    if not (head == b"PK" or head[:1] == b"\x80"):  # a zip (torch.save) or a pickle
-        msg = f"{what} {str(path)!r} is not a file torch.save wrote (it starts with {head!r})"
-        raise UserError(msg)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as exc:
-        if not trust_pickle and "weights_only" in str(exc):
-            msg = (
-                f"{what} {str(path)!r} holds pickled Python objects; loading it runs code from "
-                "the file. Pass --trust-pickle if you trust it, or save a state_dict instead"
-            )
-            raise UserError(msg) from exc
-        msg = (
-            f"cannot read {what} {str(path)!r}: it is not a file torch.save wrote, or it is "
-            f"truncated ({first_line(exc)})"
-        )
-        raise UserError(msg) from exc
-
-
-def _pickled_model(path: Path, trust_pickle: bool) -> nn.Module:
-    if not path.exists():
-        msg = (
-            f"model {str(path)!r} is neither torchvision:NAME, file.py:factory, "
-            "package.module:factory nor an existing file"
-        )
-        raise UserError(msg)
-    loaded = _read(path, trust_pickle, "model file")
-    if not isinstance(loaded, nn.Module):
-        msg = (
-            f"model file {str(path)!r} holds a {type(loaded).__name__}, not a module; for a "
-            "state_dict give the model as a factory and the file as --weights"
-        )
-        raise UserError(msg)
-    return loaded
-
-
-def _load_weights(model: nn.Module, path: Path, trust_pickle: bool) -> nn.Module:
-    loaded = _read(path, trust_pickle, "weights file")
-    if isinstance(loaded, dict) and {"state_dict", "widths"} <= set(loaded):
-        try:
-            return load_checkpoint(path, model)[0]
-        except (KeyError, RuntimeError) as exc:
-            msg = f"checkpoint {str(path)!r} does not fit this model: {first_line(exc)}"
-            raise UserError(msg) from exc
-    if isinstance(loaded, nn.Module):
-        loaded = loaded.state_dict()
-    if isinstance(loaded, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, dict) or not all(
-        isinstance(v, torch.Tensor) for v in loaded.values()
-    ):
-        msg = f"weights file {str(path)!r} holds no state_dict (got: {type(loaded).__name__})"
-        raise UserError(msg)
-    loaded = {k.removeprefix("module."): v for k, v in loaded.items()}  # saved from DDP
-    try:
-        model.load_state_dict(loaded)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
-        msg = f"weights file {str(path)!r} does not fit the model: {'; '.join(lines)[:400]}"
-        raise UserError(msg) from exc
-    return model
 
 
 # ------------------------------------------------------------------------------ data
@@ -704,112 +486,3 @@ def _demo_sets(channels: int, size: int):
 
 
 # ----------------------------------------------------------------- model/data checks
-
-
-def _run_on_text(model: nn.Module, info: DataInfo) -> Any:
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    if isinstance(embeddings, nn.Embedding) and embeddings.num_embeddings < info.vocab_size:
-        msg = (
-            f"the model's vocabulary has {embeddings.num_embeddings} tokens, the data's "
-            f"{info.vocab_size}: build the model from a config (hf:NAME_OR_CONFIG) so it "
-            "takes the data's vocabulary"
-        )
-        raise ModelError(msg)
-    example = {
-        "input_ids": torch.zeros(2, info.input_size, dtype=torch.long),
-        "attention_mask": torch.ones(2, info.input_size, dtype=torch.long),
-    }
-    return _forward(
-        model,
-        example,
-        f"token ids and an attention mask of {info.input_size} tokens",
-        "--data text needs a text model such as hf:bert-tiny; --seq-len sets the length",
-    )
-
-
-def _run_on_images(model: nn.Module, info: DataInfo) -> Any:
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))), None)
-    if isinstance(first, nn.Conv2d) and first.in_channels != info.channels:
-        msg = (
-            f"the model's first conv takes {first.in_channels} input channel(s), the data has "
-            f"{info.channels}: pass --channels {first.in_channels}"
-        )
-        raise ModelError(msg)
-    example = torch.zeros(2, info.channels, info.input_size, info.input_size)
-    return _forward(
-        model,
-        example,
-        f"{info.channels}x{info.input_size}x{info.input_size} inputs",
-        "set --input-size to the size it was built for",
-    )
-
-
-def _check_detector(model: nn.Module, info: DataInfo) -> None:
-    from ..models.adapters import dense_detector
-
-    example = torch.zeros(2, info.channels, info.input_size, info.input_size)
-    found = dense_detector(model, example)
-    if found is None:
-        msg = (
-            f"{info.source} is a detection data set, which needs a detector compressor knows "
-            f"(--model torchvision:{' or torchvision:'.join(DETECTORS)}); got "
-            f"{type(model).__name__}"
-        )
-        raise ModelError(msg)
-    dense, _head = found
-    out = _forward(
-        dense,
-        example,
-        f"{info.channels}x{info.input_size}x{info.input_size} inputs",
-        "set --input-size to one its feature maps fit",
-    )
-    classes = out.shape[-1] - 4
-    if classes != info.num_classes:
-        msg = (
-            f"the detector scores {classes} classes, the data has {info.num_classes} "
-            f"(background included): pass --num-classes {info.num_classes}"
-        )
-        raise ModelError(msg)
-
-
-def _forward(model: nn.Module, example: Any, what: str, fix: str) -> Any:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return call(model, example)
-    except Exception as exc:
-        msg = f"the model cannot run on {what} ({type(exc).__name__}: {first_line(exc)}); {fix}"
-        raise ModelError(msg) from exc
-    finally:
-        model.train(was_training)
-
-
-def check_model_fits_data(model: nn.Module, info: DataInfo) -> None:
-    """Catch channel, input-size, vocabulary and class-count mismatches before any training.
-
-    Raises:
-        ModelError: naming what differs and the flag that fixes it.
-    """
-    if info.task == "detection":
-        _check_detector(model, info)
-        return
-    out = _run_on_text(model, info) if info.is_text else _run_on_images(model, info)
-    from ..models.model_io import logits_of
-
-    logits = logits_of(out)
-    dims = 4 if info.task == "segmentation" else 2
-    if logits.dim() != dims:
-        what = "(N, classes, H, W) scores per pixel" if dims == 4 else "(N, classes) logits"
-        msg = (
-            f"{info.source} is a {info.task} data set, which needs {what}; the model "
-            f"outputs shape {tuple(logits.shape)}"
-        )
-        raise ModelError(msg)
-    classes = logits.shape[1]
-    if classes != info.num_classes:
-        msg = (
-            f"the model outputs {classes} classes, the data has {info.num_classes}: "
-            f"pass --num-classes {info.num_classes} (the head is then new and needs training)"
-        )
-        raise ModelError(msg)
