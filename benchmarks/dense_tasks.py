@@ -37,7 +37,7 @@ from compressor._io import atomic_path, write_text
 from compressor.data import DataSpec
 from compressor.pruning.plan import IMPORTANCES
 from compressor.runtime.measure import ort_predictor, ort_session
-from compressor.sources.specs import DataOptions, load_data
+from compressor.sources.data_specs import DataOptions, load_data
 from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent

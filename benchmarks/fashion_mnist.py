@@ -49,8 +49,8 @@ from compressor.runtime.measure import (
     sample_batch,
     top1,
 )
+from compressor.sources.data_specs import DataOptions, load_data
 from compressor.sources.demo import DemoResNet
-from compressor.sources.specs import DataOptions, load_data
 from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent

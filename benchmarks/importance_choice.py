@@ -37,8 +37,8 @@ import compressor as cz
 from compressor._io import atomic_path
 from compressor.data import DataSpec
 from compressor.runtime.measure import count_params_macs, torch_predictor
+from compressor.sources.data_specs import DataOptions, load_data
 from compressor.sources.demo import DemoResNet, demo_data
-from compressor.sources.specs import DataOptions, load_data
 from compressor.stage import RunContext, State
 from compressor.training.loop import fit_baseline
 

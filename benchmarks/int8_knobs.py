@@ -46,7 +46,7 @@ from common import (
 )
 
 import compressor as cz
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.runtime.export import export_onnx
 from compressor.runtime.measure import count_params_macs, onnx_predictor
 from compressor.runtime.runtimes import ONNX_RUNTIMES

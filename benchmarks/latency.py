@@ -52,8 +52,8 @@ from common import (
 )
 
 import compressor as cz
-from compressor.pruning.structured import prune
-from compressor.quantization.int8 import inspect_int8_graph
+from compressor.pruning.engine import prune
+from compressor.quantization.onnx_edits import inspect_int8_graph
 from compressor.runtime.export import export_onnx
 from compressor.runtime.measure import (
     count_params_macs,

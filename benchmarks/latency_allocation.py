@@ -38,7 +38,7 @@ from common import calibration_data, compressor_int8, print_table, side_by_side,
 from pruning_target import model_for
 
 import compressor as cz
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.runtime.measure import count_params_macs, onnx_predictor
 
 HERE = Path(__file__).parent

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import calibration_data, compressor_int8, print_table, write_results
 
 import compressor as cz
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.runtime.batching import BatchSettings, DynamicBatcher
 from compressor.runtime.export import export_onnx
 from compressor.runtime.load import default_settings, load_file

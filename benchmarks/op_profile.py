@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import calibration_data, compressor_int8
 
 import compressor as cz
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.runtime.export import export_onnx
 
 

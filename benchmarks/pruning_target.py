@@ -35,7 +35,7 @@ from common import calibration_data, cpu_context, print_table, write_results
 from zoo import build
 
 import compressor as cz
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.pruning.target import artifact_measure
 from compressor.runtime.measure import count_params_macs
 

@@ -42,7 +42,8 @@ from compressor.data import DataSpec
 from compressor.inputs import feeds, take
 from compressor.models.model_io import top1
 from compressor.runtime.measure import ort_predictor, ort_session
-from compressor.sources.specs import DataOptions, load_data, load_model
+from compressor.sources.data_specs import DataOptions, load_data
+from compressor.sources.model_specs import load_model
 from compressor.training.loop import fit_baseline
 
 HERE = Path(__file__).parent

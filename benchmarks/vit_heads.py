@@ -49,7 +49,7 @@ from zoo import build, give_signal, signal_data
 import compressor as cz
 from compressor import adapters
 from compressor._io import atomic_path
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.runtime.measure import count_params_macs
 
 HERE = Path(__file__).parent

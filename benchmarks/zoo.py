@@ -162,7 +162,7 @@ def check_model(
     import compressor as cz
     from compressor.data import DataSpec
     from compressor.errors import first_line
-    from compressor.pruning.structured import prune
+    from compressor.pruning.engine import prune
     from compressor.report.bench import bench
     from compressor.runtime.export import export_onnx
     from compressor.runtime.measure import count_params_macs

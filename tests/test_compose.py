@@ -9,7 +9,7 @@ from test_training_stages import context, state_for
 from torch import nn
 
 import compressor as cz
-from compressor.pruning.structured import make_plan, prune
+from compressor.pruning.engine import make_plan, prune
 from compressor.training.loop import recalibrate_batchnorm
 
 PRUNE = cz.StructuredPruning(ratio=0.5, round_to=None, bn_recalibration_batches=0)

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 import compressor as cz
 from compressor.quantization import int8 as quantization
-from compressor.quantization.int8 import activation_bytes, choose_types
+from compressor.quantization.calibration import activation_bytes
+from compressor.quantization.types import choose_types
 from compressor.runtime.export import check_parity, export_onnx
 from compressor.runtime.measure import ort_predictor, ort_session, top1
 from compressor.stage import RunContext, State

@@ -222,14 +222,14 @@ def test_corrupt_images_are_named_before_training(tmp_path):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / label / f"{i}.jpg")
     bad = tmp_path / "b" / "2.jpg"
     bad.write_bytes(bad.read_bytes()[:-40])
-    from compressor.sources.specs import DataOptions, load_data
+    from compressor.sources.data_specs import DataOptions, load_data
 
     with pytest.raises(cz.DataError, match=re.escape(f"image '{bad}' cannot be read")):
         load_data(f"imagefolder:{tmp_path}", DataOptions(input_size=8, val_split=0.25))
 
 
 def test_a_weights_file_that_is_not_a_checkpoint_says_so(tmp_path):
-    from compressor.sources.specs import load_model
+    from compressor.sources.model_specs import load_model
 
     text = tmp_path / "w.pt"
     text.write_text("not a checkpoint\n")

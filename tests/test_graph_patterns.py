@@ -13,8 +13,8 @@ from torch import nn
 import compressor as cz
 from compressor.models.checkpoints import load_checkpoint, save_checkpoint
 from compressor.models.self_attention import SelfAttention
+from compressor.pruning.engine import make_plan, prune
 from compressor.pruning.plan import group_slices, planned_group
-from compressor.pruning.structured import make_plan, prune
 from compressor.runtime.export import export_onnx
 from compressor.runtime.measure import count_params_macs
 
@@ -333,7 +333,7 @@ def test_a_pruned_maxvit_loads_back_from_its_checkpoint(tmp_path):
 def test_sparsity_training_spares_the_groups_pruning_would_keep(name, root):
     """The groups the check leaves whole are found up front, so no channel of theirs is
     driven to zero only to be kept."""
-    from compressor.pruning.structured import failing_groups
+    from compressor.pruning.engine import failing_groups
 
     x = torch.randn(1, 3, 32, 32)
     with warnings.catch_warnings():

@@ -18,7 +18,7 @@ from compressor.quantization.budget import (
     quantized_nodes,
     revert_to_budget,
 )
-from compressor.quantization.int8 import _CalibrationReader
+from compressor.quantization.calibration import _CalibrationReader
 from compressor.quantization.placement import keep_fp32
 from compressor.runtime.export import export_onnx
 from compressor.runtime.measure import onnx_predictor, sample_batch, top1
@@ -327,7 +327,8 @@ def test_budget_in_recipes():
 def test_cli_exits_3_when_the_budget_is_missed(tmp_path, capsys):
     from conftest import write_image_folder
 
-    from compressor.cli import OVER_BUDGET_STATUS, main
+    from compressor.cli import main
+    from compressor.commands.compress import OVER_BUDGET_STATUS
 
     images = write_image_folder(tmp_path / "images", train=24, val=12)
     recipe = tmp_path / "harsh.yaml"

@@ -10,7 +10,7 @@ from conftest import TinyConcatNet
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 import compressor as cz
-from compressor.quantization.int8 import _CalibrationReader
+from compressor.quantization.calibration import _CalibrationReader
 from compressor.quantization.placement import MARGIN, candidates, keep_fp32
 from compressor.runtime.export import export_onnx
 from compressor.runtime.measure import onnx_predictor, sample_batch

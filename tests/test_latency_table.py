@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import compressor as cz
+from compressor.pruning.engine import make_plan, prune
 from compressor.pruning.latency_table import channel_costs, layer_slopes
 from compressor.pruning.plan import Allocation, PlannedGroup, allocate
-from compressor.pruning.structured import make_plan, prune
 
 
 class WideThenSmall(nn.Module):

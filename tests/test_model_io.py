@@ -14,8 +14,8 @@ import compressor as cz
 from compressor.cli import main
 from compressor.data import DataSpec
 from compressor.models.model_io import infer_output, infer_task, pick_output, resolve_io
+from compressor.sources.data_specs import DataOptions, load_data
 from compressor.sources.segmentation_data import CLASSES, FashionCanvas
-from compressor.sources.specs import DataOptions, load_data
 from compressor.training.distillation import kd_loss
 from compressor.training.loop import fit_baseline
 
@@ -122,7 +122,7 @@ def test_pixel_distillation_averages_over_pixels_as_batchmean_over_samples():
 
 
 def test_ignored_layers_are_named_as_in_the_wrapped_model():
-    from compressor.pruning.structured import prune
+    from compressor.pruning.engine import prune
 
     model = cz.SelectOutput(TinySegNet(), "out").eval()
     example = torch.randn(1, 1, 32, 32)

@@ -6,7 +6,7 @@ from conftest import TinyConcatNet, TinyNoBNNet, TinyResNet
 from torch import nn
 
 import compressor as cz
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.training.loop import recalibrate_batchnorm
 
 MODELS = [TinyResNet, TinyConcatNet, TinyNoBNNet]

@@ -12,7 +12,7 @@ from torchvision.models.shufflenetv2 import InvertedResidual
 
 import compressor as cz
 from compressor.data import data_subset
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.runtime.measure import count_params_macs, top1, torch_predictor
 
 

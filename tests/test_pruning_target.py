@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 import compressor as cz
 from compressor.cli import main
 from compressor.pipeline.recipe import override_recipe, read_recipe, stages_from_recipe
-from compressor.pruning.structured import prune
+from compressor.pruning.engine import prune
 from compressor.pruning.target import MAX_RATIO, parse_amount
 from compressor.runtime.measure import count_params_macs
 

@@ -10,7 +10,7 @@ from conftest import TinyResNet, fit
 
 import compressor as cz
 from compressor.cli import main
-from compressor.quantization.int8 import inspect_int8_graph
+from compressor.quantization.onnx_edits import inspect_int8_graph
 from compressor.report.bench import bench
 from compressor.report.diagnosis import diagnose
 from compressor.report.report import Report, Row

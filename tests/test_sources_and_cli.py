@@ -17,7 +17,8 @@ from compressor.cli import main
 from compressor.errors import UserError
 from compressor.models.checkpoints import save_checkpoint
 from compressor.pipeline.recipe import PRESETS, override_recipe, read_recipe, stages_from_recipe
-from compressor.sources.specs import DataOptions, load_data, load_model
+from compressor.sources.data_specs import DataOptions, load_data
+from compressor.sources.model_specs import load_model
 
 TESTS = Path(__file__).parent
 USER_MODELS = str(TESTS / "user_models.py")
@@ -74,7 +75,8 @@ def test_weights_state_dict_checkpoint_and_pickle(tmp_path):
     assert torch.allclose(loaded(x), source(x))
 
     # a compressor checkpoint of a pruned model rebuilds the pruned widths
-    from compressor.pruning.structured import StructuredPruning, prune
+    from compressor.pruning.engine import prune
+    from compressor.pruning.structured import StructuredPruning
 
     pruned, _ = prune(copy.deepcopy(source), x[:1], StructuredPruning(ratio=0.5, round_to=4))
     save_checkpoint(tmp_path / "ckpt.pt", pruned, step="structured_pruning", stage={}, extra={})

@@ -13,7 +13,7 @@ from compressor.cli import main
 from compressor.errors import DataError, UserError
 from compressor.inputs import cat, check_inputs, feeds, repeat_to, rows, take
 from compressor.runtime.measure import onnx_predictor, torch_predictor
-from compressor.sources.specs import DataOptions, load_data
+from compressor.sources.data_specs import DataOptions, load_data
 from compressor.sources.text_data import (
     PACKAGES,
     TextDataset,
@@ -199,7 +199,7 @@ def test_distilbert_loses_whole_heads_and_keeps_its_outputs_shape(tmp_path):
 
 
 def test_hf_vit_prunes_whole_heads_on_images(tmp_path):
-    from compressor.sources.specs import load_model
+    from compressor.sources.model_specs import load_model
 
     torch.manual_seed(0)
     model = load_model("hf:vit-tiny", num_classes=10, in_channels=1, input_size=28)
