@@ -10,9 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compressor as cz
-from compressor.pipeline.recipe import STAGES, _load_builtin_stages, recipe_to_yaml, stage_from_dict
+from compressor.pipeline.recipe import STAGES, recipe_to_yaml, stage_from_dict
 
-_load_builtin_stages()
 NAMES = sorted(STAGES)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
