@@ -18,7 +18,7 @@ from ..runtime.measure import (
     torch_predictor,
     torch_threads,
 )
-from ..stage import Quantizer, RatioPruner, RunContext, Stage, State
+from ..stage import STAGES, Quantizer, RatioPruner, RunContext, Stage, State
 
 
 def search_span(stages: list[Stage], options: dict[str, Any]) -> tuple[int, int, int] | None:
@@ -32,9 +32,10 @@ def search_span(stages: list[Stage], options: dict[str, Any]) -> tuple[int, int,
         raise RecipeError(msg)
     pruning = [i for i, s in enumerate(stages) if isinstance(s, RatioPruner)]
     if len(pruning) != 1:
+        kinds = " or ".join(sorted(s.name for s in STAGES.values() if hasattr(s, "at_ratio")))
         msg = (
-            "max_search_minutes searches the ratio of one pruning stage such as "
-            f"structured_pruning (the pipeline has {len(pruning)})"
+            f"max_search_minutes searches the ratio of one {kinds} stage "
+            f"(the pipeline has {len(pruning)})"
         )
         raise RecipeError(msg)
     at = pruning[0]
