@@ -11,6 +11,7 @@ from torch.nn import functional as F
 import compressor as cz
 from compressor.quantization import int8 as quantization
 from compressor.quantization.calibration import activation_bytes
+from compressor.quantization.onnx_edits import pre_process
 from compressor.quantization.types import choose_types
 from compressor.runtime.export import check_parity, export_onnx
 from compressor.runtime.measure import ort_predictor, ort_session, top1
@@ -189,7 +190,7 @@ def test_hard_sigmoid_is_split_into_ops_with_int8_kernels(tmp_path):
     ).eval()
     x = torch.randn(16, 3, 12, 12)
     export_onnx(net, x[:1], tmp_path / "fp32.onnx")
-    pre = quantization.pre_process(tmp_path / "fp32.onnx", tmp_path / "pre.onnx")
+    pre = pre_process(tmp_path / "fp32.onnx", tmp_path / "pre.onnx")
     ops = [n.op_type for n in onnx.load(str(pre)).graph.node]
     assert "HardSigmoid" not in ops and ops.count("Clip") == 2
     assert len({n.name for n in onnx.load(str(pre)).graph.node}) == len(ops)
