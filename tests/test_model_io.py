@@ -16,8 +16,8 @@ from compressor.data import DataSpec
 from compressor.models.model_io import infer_output, infer_task, pick_output, resolve_io
 from compressor.sources.data_specs import DataOptions, load_data
 from compressor.sources.segmentation_data import CLASSES, FashionCanvas
-from compressor.training.distillation import kd_loss
 from compressor.training.loop import fit_baseline
+from compressor.training.teacher import kd_loss
 
 
 class TinySegNet(nn.Module):
