@@ -9,8 +9,8 @@ from torch.nn import functional as F
 import compressor as cz
 from compressor.runtime.measure import top1
 from compressor.stage import RunContext, State
-from compressor.training.distillation import kd_loss
-from compressor.training.loop import optimizer_for
+from compressor.training.loop import optimizer_for, probe_optimizer
+from compressor.training.teacher import kd_loss, teacher_loss
 
 
 def context(data, tmp_path: Path, **kw) -> RunContext:
@@ -98,5 +98,71 @@ def test_a_training_stage_takes_the_optimizer_it_is_given(trained_resnet, data, 
     }
     assert all(torch.equal(v, trained["sgd"][k]) for k, v in trained["auto"].items())
     assert not all(torch.equal(v, trained["adamw"][k]) for k, v in trained["auto"].items())
-    with pytest.raises(cz.RecipeError, match=r"optimizer must be one of 'auto', 'sgd', 'adamw'"):
+    with pytest.raises(
+        cz.RecipeError, match=r"optimizer must be one of 'auto', 'probe', 'sgd', 'adamw'"
+    ):
         cz.SparsityTraining(optimizer="adam")
+
+
+def test_the_teacher_loss_mixes_soft_targets_with_the_task_loss(
+    trained_resnet, data, tmp_path, example
+):
+    ctx = context(data, tmp_path)
+    x, y = next(iter(data[0]))
+    student = TinyResNet().eval()
+    with torch.no_grad():
+        s, t = student(x), trained_resnet.eval()(x)
+        for alpha in (0.0, 0.3, 1.0):
+            with teacher_loss(trained_resnet, ctx, example, temperature=2.0, alpha=alpha) as loss:
+                got, logits = loss(student, x, y)
+            want = kd_loss(s, t, y, temperature=2.0, alpha=alpha, hard_loss=F.cross_entropy)
+            assert torch.allclose(got, want, atol=1e-5) and torch.equal(logits, s)
+        # a student that answers as the teacher does has nothing to learn from it
+        with teacher_loss(trained_resnet, ctx, example, temperature=2.0, alpha=1.0) as loss:
+            assert float(loss(trained_resnet, x, y)[0]) == pytest.approx(0.0, abs=1e-6)
+        penalty = torch.tensor(0.25)
+        with teacher_loss(trained_resnet, ctx, example, temperature=2.0, alpha=0.0,
+                          extra=lambda: penalty) as loss:  # fmt: skip
+            assert float(loss(student, x, y)[0]) == pytest.approx(
+                float(F.cross_entropy(s, y)) + 0.25
+            )
+
+
+def test_sparsity_training_learns_from_the_original_model_when_asked(
+    trained_resnet, data, tmp_path, example
+):
+    ctx = context(data, tmp_path, limit_train_batches=3)
+    runs = {
+        alpha: cz.SparsityTraining(epochs=1, alpha=alpha).apply(
+            state_for(trained_resnet, example), ctx
+        )
+        for alpha in (0.0, 0.7)
+    }
+    # the soft targets change the loss, and so the weights it trains to
+    assert runs[0.0].details["train_loss"] != runs[0.7].details["train_loss"]
+    with pytest.raises(
+        cz.RecipeError, match=r"sparsity_training.alpha must be a number in \[0.0, 1.0\]"
+    ):
+        cz.SparsityTraining(alpha=1.5)
+
+
+def test_the_optimizer_probe_keeps_the_one_that_fine_tunes_best(trained_resnet, data, tmp_path):
+    ctx = context(data, tmp_path)
+
+    def loss(m, x, y):
+        return F.cross_entropy(m(x), y)
+
+    # SGD at 5 throws the trained network off; AdamW runs at 5 x 0.02 = 0.1 and does less harm
+    kind, losses = probe_optimizer(trained_resnet, ctx, loss, lr=5.0)
+    assert kind == "adamw" and not losses["sgd"] < losses["adamw"]
+    # at a small rate SGD fine-tunes it at least as well as the start
+    kind, losses = probe_optimizer(trained_resnet, ctx, loss, lr=1e-3)
+    assert losses[kind] == min(losses["sgd"], losses["adamw"])
+    assert set(losses) == {"start", "sgd", "adamw"}
+    # a stage asked to probe says what it chose and why
+    out = cz.Distillation(epochs=1, optimizer="probe").apply(
+        state_for(trained_resnet, next(iter(data[0]))[0][:1]),
+        context(data, tmp_path, limit_train_batches=2),
+    )
+    assert out.details["optimizer"]["kind"] in ("sgd", "adamw")
+    assert set(out.details["optimizer"]["probe"]) == {"start", "sgd", "adamw"}

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..inputs import call
 from ..models.adapters import restructure, untraceable_blocks
 from ..models.layers import WEIGHTED_LAYERS, find_head, has_batchnorm
-from ..models.model_io import logits_of
 from ..stage import Stage, check_choice, check_float, check_int, register_stage
 from ..training import distributed
-from ..training.loop import OPTIMIZERS, LossAndLogits, recalibrate_batchnorm, train
+from ..training.loop import OPTIMIZERS, recalibrate_batchnorm, train
+from ..training.teacher import teacher_loss
 from .engine import failing_groups, make_plan
 from .latency_table import adopt_timings, layer_slopes, timings
 from .plan import Slice, group_slices, planned_group
@@ -56,12 +55,17 @@ class SparsityTraining(Stage):
             ``growing`` it is a light extra pressure, 0 turns it off).
         lr: initial learning rate (cosine decay to zero; AdamW runs at ``lr`` x 0.02).
         optimizer: ``auto`` (AdamW for a transformer, SGD with Nesterov momentum else),
-            ``sgd`` or ``adamw``.
+            ``probe`` (the one a short trial finds fine-tunes this model best, see
+            `compressor.training.loop.probe_optimizer`), ``sgd`` or ``adamw``.
         method: ``growing`` or ``l1`` (see above). With no `StructuredPruning` after this
             stage, or a model torch-pruning cannot trace whole, ``growing`` acts as ``l1``
             and the report says so.
         ramp: share of the training steps over which the penalty on the scheduled channels
             grows until they reach zero, in (0, 1].
+        alpha: weight of the original model's soft targets in the loss while the channels
+            are driven to zero, in [0, 1] (as `Distillation`'s; ``1 - alpha`` weighs the
+            task's loss); 0 trains on the labels alone.
+        temperature: softmax temperature of those soft targets (> 0).
     """
 
     epochs: int = 2
@@ -70,6 +74,8 @@ class SparsityTraining(Stage):
     optimizer: str = "auto"
     method: str = "growing"
     ramp: float = 0.5
+    alpha: float = 0.0
+    temperature: float = 4.0
 
     name = "sparsity_training"
     trains = True
@@ -82,6 +88,8 @@ class SparsityTraining(Stage):
         check_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
         check_choice(self.name, "method", self.method, METHODS)
         check_float(self.name, "ramp", self.ramp, low=0.0, high=1.0, low_open=True)
+        check_float(self.name, "alpha", self.alpha, low=0.0, high=1.0)
+        check_float(self.name, "temperature", self.temperature, low=0.0, low_open=True)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Fine-tune a copy of ``state.model`` with the penalty."""
@@ -99,24 +107,29 @@ class SparsityTraining(Stage):
                 notes.append(f"sparsity_training: {why}; used the uniform L1 penalty instead")
                 ctx.log(notes[-1])
 
-        def compute_loss(m: nn.Module, inputs: torch.Tensor, targets: Any) -> LossAndLogits:
-            logits = logits_of(call(m, inputs))
-            loss = ctx.loss_fn(logits, targets)
-            if self.l1:
-                penalty = sum(scales.sum() for scales in channel_scales(layers, detach=False))
-                loss = loss + self.l1 * penalty
-            return loss, logits
+        def penalty() -> torch.Tensor:
+            return self.l1 * sum(scales.sum() for scales in channel_scales(layers, detach=False))
 
-        history = train(
-            model,
+        record: dict[str, Any] = {}
+        with teacher_loss(
+            state.teacher,
             ctx,
-            epochs=self.epochs,
-            lr=self.lr,
-            optimizer_kind=self.optimizer,
-            compute_loss=compute_loss,
-            desc=ctx.step,
-            after_step=growing,
-        )
+            state.example_input,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            extra=penalty if self.l1 else None,
+        ) as compute_loss:
+            history = train(
+                model,
+                ctx,
+                epochs=self.epochs,
+                lr=self.lr,
+                optimizer_kind=self.optimizer,
+                compute_loss=compute_loss,
+                desc=ctx.step,
+                after_step=growing,
+                record=record,
+            )
         recalibrated = 0
         if growing and use_bn:
             # The running statistics trail the ramp's changes; refresh them, as pruning would.
@@ -136,7 +149,7 @@ class SparsityTraining(Stage):
         if growing:
             sparsity.update(growing.report())
             sparsity["bn_recalibration_samples"] = recalibrated
-        details: dict[str, Any] = {"sparsity": sparsity, "train_loss": history}
+        details: dict[str, Any] = {"sparsity": sparsity, "train_loss": history, **record}
         if notes:
             details["notes"] = notes
         return state.replace(model=model, details=details)

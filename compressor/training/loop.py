@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,11 +49,13 @@ def train(
     desc: str,
     after_step: AfterStep | None = None,
     optimizer_kind: str = "auto",
+    record: dict[str, Any] | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``ctx.train_data``; return the mean loss per epoch.
 
     `optimizer_for` the model (``optimizer_kind``: SGD, or AdamW with a linear warm-up over the
-    first `WARMUP` of the steps; ``auto``: AdamW for transformers) and a cosine
+    first `WARMUP` of the steps; ``auto``: AdamW for transformers, else SGD; ``probe``: the
+    one `probe_optimizer` finds fine-tunes this model best) and a cosine
     learning-rate decay to zero, on ``ctx.device``
     (4-D inputs run channels-last, which is about twice as fast for convs on the CPU).
     ``compute_loss(model, inputs, targets)`` gives the loss of one batch, or ``(loss,
@@ -69,12 +73,22 @@ def train(
     trains in DistributedDataParallel on the rank's share of the batches, every rank takes
     the same number of steps, and the losses are averaged over all ranks.
 
+    ``record``, when given, receives ``optimizer``: the kind used and, for ``probe``, the
+    trial's losses.
+
     Raises:
         DataError: the training data yields no batch.
         UserError: the loss stops being finite (lower the learning rate).
     """
     device = ctx.device
     parallel = distributed.active()
+    kind, probe = optimizer_kind, None
+    if kind == "probe":
+        kind, probe = probe_optimizer(model, ctx, compute_loss, lr)
+        if parallel:  # every rank trains with rank 0's choice
+            kind = distributed.share(kind)
+    if record is not None:
+        record["optimizer"] = {"kind": kind, **({"probe": probe} if probe else {})}
     torch.manual_seed(ctx.seed + distributed.rank())  # dropout differs between ranks
     ctx.train_data.reseed(ctx.seed)
     data = distributed.shard(ctx.train_data, ctx.seed) if parallel else ctx.train_data
@@ -83,7 +97,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model, device) if parallel else model
-    optimizer = optimizer_for(model, lr, kind=optimizer_kind)
+    optimizer = optimizer_for(model, lr, kind=kind)
     per_epoch = data.num_batches(ctx.limit_train_batches)
     if per_epoch is None and (after_step is not None or parallel):  # the step count is needed
         per_epoch = sum(1 for _ in data.iter_batches(ctx.limit_train_batches))
@@ -255,7 +269,57 @@ def _correct(logits: torch.Tensor, targets: Any) -> torch.Tensor | None:
     return None
 
 
-OPTIMIZERS = ("auto", "sgd", "adamw")
+PROBE_STEPS = 32  # training batches each candidate optimizer takes in `probe_optimizer`
+PROBE_HELD = 8  # the batches after them, on which the candidates' losses are compared
+
+
+def probe_optimizer(
+    model: nn.Module, ctx: RunContext, compute_loss: ComputeLoss, lr: float
+) -> tuple[str, dict[str, float]]:
+    """The optimizer kind that fine-tunes ``model`` best, by a short trial: a copy of the
+    model takes the same `PROBE_STEPS` training batches with each of SGD and AdamW (at the
+    rates `optimizer_for` gives them), and the one whose loss on the next `PROBE_HELD`
+    batches is lower wins. SGD at a rate meant for SGD-trained networks can throw a network
+    trained with Adam far off in a few steps, and AdamW can be too timid for one trained
+    with SGD; the trial tells them apart. Returns the kind and each candidate's held-out
+    loss (``start``: before any step). With fewer batches than that, a fifth of them (at
+    least one) are held out; with one batch, there is no trial: SGD.
+    """
+    batches = list(itertools.islice(ctx.train_data.iter_batches(), PROBE_STEPS + PROBE_HELD))
+    if len(batches) < 2:
+        return "sgd", {}
+    n_held = min(PROBE_HELD, max(1, len(batches) // 5))
+    fit, held = batches[:-n_held], batches[-n_held:]
+    data, device = ctx.train_data, ctx.device
+
+    def loss_on(m: nn.Module, batch: Any) -> torch.Tensor:
+        inputs = _to_device(data.input_fn(batch), device)
+        out = compute_loss(m, inputs, _to_device(data.target_fn(batch), device))
+        return out[0] if isinstance(out, tuple) else out
+
+    def held_loss(m: nn.Module) -> float:
+        m.eval()
+        with torch.no_grad():
+            return float(sum(float(loss_on(m, b)) for b in held) / len(held))
+
+    losses = {"start": held_loss(copy.deepcopy(model).to(device))}
+    for kind in ("sgd", "adamw"):
+        torch.manual_seed(ctx.seed)
+        trial = copy.deepcopy(model).to(device).train()
+        optimizer = optimizer_for(trial, lr, kind=kind)
+        for batch in fit:
+            loss = loss_on(trial, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        losses[kind] = held_loss(trial)
+        del trial, optimizer
+    finite = {k: v for k, v in losses.items() if k != "start" and math.isfinite(v)}
+    kind = min(finite, key=finite.__getitem__) if finite else "sgd"
+    return kind, {k: round(v, 5) for k, v in losses.items()}
+
+
+OPTIMIZERS = ("auto", "probe", "sgd", "adamw")
 """What a training stage's ``optimizer`` may be (see `optimizer_for`)."""
 ADAMW_LR_SCALE = 0.02  # AdamW's learning rate per unit of the SGD rate a stage is given
 WARMUP = 0.1  # AdamW's learning rate rises linearly over this share of the steps
@@ -273,7 +337,8 @@ def uses_adamw(model: nn.Module) -> bool:
 def optimizer_for(model: nn.Module, lr: float, kind: str = "auto") -> torch.optim.Optimizer:
     """``sgd``: SGD with Nesterov momentum 0.9 at ``lr``; ``adamw``: AdamW at
     ``lr * ADAMW_LR_SCALE`` (0.05 -> 1e-3, 0.01 -> 2e-4), so one ``lr`` suits both;
-    ``auto`` (one of `OPTIMIZERS`): AdamW for a model `uses_adamw` says is a transformer."""
+    ``auto`` (one of `OPTIMIZERS`): AdamW for a model `uses_adamw` says is a transformer
+    (``probe`` is resolved by `train`, see `probe_optimizer`)."""
     if kind == "adamw" or (kind == "auto" and uses_adamw(model)):
         return torch.optim.AdamW(model.parameters(), lr=lr * ADAMW_LR_SCALE, weight_decay=0.0)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
@@ -325,7 +390,16 @@ def fit_baseline(
         logits = logits_of(call(m, inputs))
         return loss_fn(logits, targets), logits
 
-    return train(model, ctx, epochs=epochs, lr=lr, compute_loss=compute_loss, desc="baseline")
+    kind = "adamw" if uses_adamw(model) else "sgd"  # from scratch: nothing to probe
+    return train(
+        model,
+        ctx,
+        epochs=epochs,
+        lr=lr,
+        compute_loss=compute_loss,
+        desc="baseline",
+        optimizer_kind=kind,
+    )
 
 
 MIXED_PRECISION = ("bf16", "fp16")
