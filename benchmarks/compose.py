@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from common import TABLE_RUN, print_table, side_by_side, write_results
 from fashion_mnist import prepare_debian
+from peer_torch_pruning import run_peer
 
 import compressor as cz
 from compressor._io import atomic_path, write_text
@@ -106,31 +107,135 @@ class PlainNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS = {"resbn": (ResBNNet, 0.05), "plain": (PlainNet, 0.02)}  # model, baseline lr
+class InvertedResidual(nn.Module):
+    """MobileNetV2-style block: 1x1 expand, 3x3 depthwise, squeeze-excitation, 1x1 project."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6()
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU6(),
+        )
+        squeeze = max(8, mid // 4)
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(mid, squeeze, 1),
+            nn.ReLU(),
+            nn.Conv2d(squeeze, mid, 1),
+            nn.Hardsigmoid(),
+        )
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.depthwise(self.expand(x))
+        out = self.project(out * self.se(out))
+        return x + out if self.residual else out
 
 
-def variant(name: str, ratio: float) -> list[cz.Stage]:
-    """The stages of one variant at the short budget (3 training epochs in all)."""
+class DWSENet(nn.Module):
+    """Depthwise inverted residuals with squeeze-excitation (MobileNetV2/V3-like), 16 -> 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()
+        )
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 24, 2),
+            InvertedResidual(24, 24, 1),
+            InvertedResidual(24, 48, 2),
+            InvertedResidual(48, 48, 1),
+            InvertedResidual(48, 64, 1),
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(64, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6()
+        )
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.blocks(self.stem(x))).mean(dim=(2, 3)))
+
+
+class VGGBNNet(nn.Module):
+    """VGG-style BatchNorm network: conv-BN-ReLU pairs, max pooling, then flatten ->
+    Linear -> Dropout -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *conv(1, 32), *conv(32, 32), nn.MaxPool2d(2),
+            *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),
+            *conv(64, 128), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 3 * 3, 256),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(256, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# model, baseline SGD lr (with --baseline-optimizer sgd; Adam trains at 1e-3, as users do)
+MODELS = {
+    "resbn": (ResBNNet, 0.05),
+    "plain": (PlainNet, 0.02),
+    "dwse": (DWSENet, 0.05),
+    "vggbn": (VGGBNNet, 0.05),
+}
+
+
+def variant(name: str, ratio: float, target_macs: int | None = None) -> list[cz.Stage]:
+    """The stages of one library variant at the short budget (3 training epochs in all);
+    pruned to ``target_macs`` instead of ``ratio`` when given."""
+    prune = {"target_macs": target_macs} if target_macs is not None else {"ratio": ratio}
     if name == "sparsity":
         return [
             cz.SparsityTraining(epochs=1),
-            cz.StructuredPruning(ratio=ratio),
+            cz.StructuredPruning(**prune),
             cz.Distillation(epochs=2),
             cz.Int8Quantization(),
         ]
     if name == "no_sparsity":
-        return [cz.StructuredPruning(ratio=ratio), cz.Distillation(epochs=3), cz.Int8Quantization()]
+        return [cz.StructuredPruning(**prune), cz.Distillation(epochs=3), cz.Int8Quantization()]
     if name == "l1_uniform":
         return [
             cz.SparsityTraining(epochs=1, method="l1"),
-            cz.StructuredPruning(ratio=ratio, global_pruning=False),
+            cz.StructuredPruning(**prune, global_pruning=False),
             cz.Distillation(epochs=2),
             cz.Int8Quantization(),
         ]
     raise ValueError(name)
 
 
-VARIANTS = ("sparsity", "no_sparsity", "l1_uniform")
+VARIANTS = ("sparsity", "no_sparsity", "l1_uniform", "peer")
+
+
+def with_overrides(stages: list[cz.Stage], overrides: list[str]) -> list[cz.Stage]:
+    """``stages`` with ``STAGE.OPTION=VALUE`` overrides (the CLI's ``--set``), for ablations."""
+    import yaml
+
+    from compressor.pipeline.recipe import override_recipe
+
+    recipe = cz.Pipeline(stages).to_recipe()
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.split(".")[0] in {s.name for s in stages}:
+            recipe = override_recipe(recipe, key, yaml.safe_load(text))
+    return cz.Pipeline.from_recipe(recipe).stages
 
 
 def tensors(root: Path) -> tuple[TensorDataset, TensorDataset]:
@@ -145,23 +250,43 @@ def tensors(root: Path) -> tuple[TensorDataset, TensorDataset]:
     return sets[0], sets[1]
 
 
-def baseline(name: str, train: TensorDataset, epochs: int, cache: Path) -> nn.Module:
-    """The model ``name`` trained on all training images; cached."""
+def baseline(
+    name: str, train: TensorDataset, epochs: int, cache: Path, optimizer: str = "adam"
+) -> nn.Module:
+    """The model ``name`` trained on all training images; cached. ``adam``: Adam at 1e-3,
+    constant, as a user's own script trains; ``sgd``: the library's `fit_baseline`."""
     cls, lr = MODELS[name]
     torch.manual_seed(0)
     model = cls()
-    path = cache / f"compose_{name}_e{epochs}_n{len(train)}.pt"
+    tag = "" if optimizer == "sgd" else f"_{optimizer}"
+    path = cache / f"compose_{name}_e{epochs}_n{len(train)}{tag}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     start = time.perf_counter()
     loader = DataLoader(train, batch_size=128, shuffle=True)
-    fit_baseline(model, loader, epochs=epochs, lr=lr, seed=0)
+    if optimizer == "sgd":
+        fit_baseline(model, loader, epochs=epochs, lr=lr, seed=0)
+    else:
+        fit_adam(model, loader, epochs)
     print(f"{name}: baseline trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
     return model.eval()
+
+
+def fit_adam(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-3) -> None:
+    """A user's training loop: Adam at a constant ``lr``, cross-entropy."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
 
 
 def run_one(
@@ -198,10 +323,14 @@ def run_one(
         "distilled_top1": rows[("distillation", "torch")].accuracy,
         "final_top1": final.accuracy,
         "drop_points": round(100 * (base.accuracy - final.accuracy), 2),
+        "sparsity_drop_points": round(100 * (base.accuracy - sparse.accuracy), 2)
+        if sparse
+        else None,
         "pruning_drop_points": round(100 * (sparse.accuracy - pruned.accuracy), 2)
         if sparse
         else None,
         "removed_at_zero": pruned.details["pruning"].get("removed_at_zero_fraction"),
+        "macs": final.macs,
         "macs_x": round(base.macs / final.macs, 2),
         "size_x": summary.get("size_ratio"),
         "speedup_vs_onnx": summary.get("speedup_vs_onnx"),
@@ -225,12 +354,21 @@ def latency(out: Path, example: torch.Tensor) -> dict[str, Any]:
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, variant): mean and standard deviation over the seeds."""
-    keys = sorted({(r["model"], r["variant"]) for r in runs}, key=lambda k: (k[0], k[1]))
+    keys = sorted({(r["model"], r["variant"], r.get("at", "ratio")) for r in runs})
     rows = []
-    for model, name in keys:
-        group = [r for r in runs if r["model"] == model and r["variant"] == name]
-        row: dict[str, Any] = {"model": model, "variant": name, "seeds": len(group)}
-        keys = ("drop_points", "pruning_drop_points", "macs_x", "size_x", "speedup_bs1")
+    for model, name, at in keys:
+        group = [
+            r for r in runs if (r["model"], r["variant"], r.get("at", "ratio")) == (model, name, at)
+        ]
+        row: dict[str, Any] = {"model": model, "variant": name, "at": at, "seeds": len(group)}
+        keys = (
+            "drop_points",
+            "sparsity_drop_points",
+            "pruning_drop_points",
+            "macs_x",
+            "size_x",
+            "speedup_bs1",
+        )
         for key in keys:
             values = [r[key] for r in group if r.get(key) is not None]
             if not values:
@@ -250,6 +388,7 @@ def save(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
         "train_images": args.train_images,
         "ratio": args.ratio,
         "baseline_epochs": args.baseline_epochs,
+        "baseline_optimizer": args.baseline_optimizer,
         "threads": 2,
     }
     write_results(args.out, settings, aggregate(runs))
@@ -266,9 +405,24 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-images", type=int, default=20_000)
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument(
+        "--at",
+        choices=("ratio", "peer"),
+        default="ratio",
+        help="prune the library's variants at --ratio, or to the MACs the peer script kept",
+    )
     parser.add_argument("--baseline-epochs", type=int, default=4)
+    parser.add_argument("--baseline-optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--baseline-images", type=int, default=None, help="default: all")
     parser.add_argument("--test-images", type=int, default=None, help="default: all")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.OPTION=VALUE",
+        help="override a stage option of the library's variants (ablations)",
+    )
+    parser.add_argument("--label", default="", help="appended to the variant's name in results")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--device", default="cpu", help="where training runs (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compose.json")
@@ -287,40 +441,61 @@ def main() -> int:
         fit_set = torch.utils.data.Subset(train_set, subset[: args.baseline_images].tolist())
     example = next(iter(test))[0][:1]
     runs: list[dict[str, Any]] = []
+    names = {v if v == "peer" else v + args.label for v in args.variants}
+    at = "ratio" if args.at == "ratio" else "peer_macs"
     if args.out.is_file():  # keep the runs of other models and variants
         runs = [
             r
             for r in json.loads(args.out.read_text()).get("runs", [])
-            if (r["model"], r["variant"], r["seed"])
-            not in {(m, v, seed) for m in args.models for v in args.variants for seed in args.seeds}
+            if (r["model"], r["variant"], r["seed"], r.get("at", "ratio"))
+            not in {
+                (m, v, seed, "ratio" if v == "peer" else at)
+                for m in args.models
+                for v in names
+                for seed in args.seeds
+            }
         ]
     for name in args.models:
-        model = baseline(name, fit_set, args.baseline_epochs, args.cache)
+        model = baseline(name, fit_set, args.baseline_epochs, args.cache, args.baseline_optimizer)
         for seed in args.seeds:
-            for kind in args.variants:
+            peer = next(
+                (r for r in runs if (r["model"], r["variant"], r["seed"]) == (name, "peer", seed)),
+                None,
+            )
+            kinds = list(args.variants)
+            if args.at == "peer" and peer is None and "peer" not in kinds:
+                kinds.insert(0, "peer")
+            for kind in sorted(kinds, key=lambda k: k != "peer"):  # the peer first
+                torch.manual_seed(seed)
                 train = DataLoader(short, batch_size=64, shuffle=True)  # seeded by the run
-                out = args.cache / "compose" / f"{name}_{kind}_{seed}"
-                found = run_one(
-                    model, variant(kind, args.ratio), train, test, seed, out, args.device
-                )
-                found.update(latency(out, example))
-                runs.append({"model": name, "variant": kind, "seed": seed, **found})
+                if kind == "peer":
+                    found = run_peer(model, train, test, example, seed, ratio=args.ratio)
+                    runs.append({"model": name, "variant": "peer", "seed": seed, **found})
+                    peer = runs[-1]
+                else:
+                    target = peer["macs"] if args.at == "peer" and peer else None
+                    stages = with_overrides(variant(kind, args.ratio, target), args.set)
+                    out = args.cache / "compose" / f"{name}_{kind}{args.label}_{at}_{seed}"
+                    found = run_one(model, stages, train, test, seed, out, args.device)
+                    found.update(latency(out, example))
+                    variant_name = kind + args.label
+                    runs.append(
+                        {"model": name, "variant": variant_name, "seed": seed, "at": at, **found}
+                    )
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
                 save(args, runs)
-    for run in runs:  # runs recorded before the side-by-side timing existed
-        if "speedup_bs1" not in run:
-            out = args.cache / "compose" / f"{run['model']}_{run['variant']}_{run['seed']}"
-            run.update(latency(out, example))
     save(args, runs)
     print_table(
         aggregate(runs),
         [
             ("model", "model"),
             ("variant", "variant"),
+            ("pruned at", "at"),
             ("seeds", "seeds"),
             ("baseline top-1", "baseline_top1"),
             ("final INT8 top-1 (mean)", "final_top1"),
             ("drop, points", "drop_points"),
+            ("sparsity stage, points", "sparsity_drop_points"),
             ("drop at pruning, points", "pruning_drop_points"),
             ("MACs x", "macs_x"),
             ("size x", "size_x"),
