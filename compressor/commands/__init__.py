@@ -3,5 +3,6 @@ load, serve): ``add_parser(commands, common)`` declares its flags and handler, t
 checks them and calls the Python API. `compressor.cli` builds the parser from them and runs
 the chosen one.
 
-May import: anything in the package; nothing imports it but `compressor.cli`.
+May import: the layers below it (`pipeline`, `sources`, `report`, `training`, `runtime`,
+`models`, `stage` and the contracts); nothing imports it but `compressor.cli`.
 """

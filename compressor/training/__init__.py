@@ -1,5 +1,6 @@
-"""Training: the one train loop every training stage uses, the distillation stage and its
-loss, and the helpers for data-parallel runs under torchrun.
+"""Training: the one train loop every training stage uses (with its optimizer probe), the
+loss against the original model (`teacher`), the distillation stage, and the helpers for
+data-parallel runs under torchrun.
 
-May import: the top-level contracts, `models`, `runtime`.
+May import: the top-level contracts, `models`, `runtime`, `stage`.
 """
