@@ -207,7 +207,10 @@ def test_diagnosis_points_at_the_stage_that_lost_accuracy():
     vnni = {**AVX2_ONLY, "cpu_features": ["avx2", "avx512_vnni"]}
     found = diagnose(rows, vnni)
     assert len(found["problems"]) == 1 and "fell by 6.00 points" in found["problems"][0]
-    assert any(c.startswith("structured_pruning lost 30.00 points") for c in found["causes"])
+    assert any(
+        c.startswith("structured_pruning lost 30.00 points (0.9000 -> 0.6000), the most of any")
+        for c in found["causes"]
+    )
     assert diagnose(rows, vnni, accuracy_threshold=0.1)["status"] == "ok"
     assert any("Put sparsity_training before it" in c for c in found["causes"])
     assert any("lower structured_pruning.ratio" in c for c in found["causes"])
@@ -227,6 +230,15 @@ def test_diagnosis_points_at_the_stage_that_lost_accuracy():
     rows[2] = _row("sparsity_training", "torch", "fp32", 0.70, 4.0)
     (cause,) = [c for c in diagnose(rows, vnni)["causes"] if c.startswith("sparsity_training")]
     assert cause.endswith("or relax the pruning target (target_latency_ms 0.15).")
+    assert "sparsity_training.alpha" in cause and "optimizer: probe" in cause
+    # below the threshold, the stage that lost the most is still named, and only it
+    rows = [*rows[:2], _row("sparsity_training", "torch", "fp32", 0.896, 4.0),
+            _row("structured_pruning", "torch", "fp32", 0.894, 2.0),
+            _row("distillation", "torch", "fp32", 0.8955, 2.0),
+            _row("int8_quantization", "onnxruntime", "int8", 0.885, 0.5)]  # fmt: skip
+    causes = diagnose(rows, vnni, accuracy_threshold=0.01)["causes"]
+    assert [c.split(" lost")[0] for c in causes] == ["int8_quantization"]
+    assert "the most of any stage" in causes[0]
 
 
 def test_inspecting_a_graph_quantized_without_preprocessing_finds_fp32_convs(tmp_path):

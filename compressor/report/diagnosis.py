@@ -157,18 +157,25 @@ def _accuracy_problem(final: Row, base: Row, threshold: float) -> str | None:
 
 
 def _accuracy_causes(rows: Sequence[Row], threshold: float) -> list[str]:
-    causes = []
+    """Each stage that lost more than ``threshold``, and always the one that lost the most,
+    with what to try there."""
     steps = [r for r in rows if r.name != "baseline" and r.accuracy is not None]
     previous = find_row(rows, "baseline", "torch")
+    drops = []
     for row in steps:
         if previous is not None and previous.accuracy is not None:
-            drop = previous.accuracy - row.accuracy
-            if drop > threshold:
-                causes.append(
-                    f"{row.name} lost {drop * 100:.2f} points "
-                    f"({previous.accuracy:.4f} -> {row.accuracy:.4f}). {_advice(row, rows)}"
-                )
+            drops.append((previous.accuracy - row.accuracy, previous, row))
         previous = row
+    worst = max(drops, key=lambda d: d[0], default=None)
+    causes = []
+    for drop, before, row in drops:
+        most = worst is not None and row is worst[2] and drop > 0
+        if drop > threshold or most:
+            causes.append(
+                f"{row.name} lost {drop * 100:.2f} points "
+                f"({before.accuracy:.4f} -> {row.accuracy:.4f})"
+                f"{', the most of any stage' if most else ''}. {_advice(row, rows)}"
+            )
     return causes
 
 
@@ -179,11 +186,13 @@ def _advice(row: Row, rows: Sequence[Row]) -> str:
         return _pruning_advice(row, rows)
     if stage == "sparsity_training":
         return (
-            "Lower sparsity_training.lr, raise its ramp (a gentler penalty) or its epochs, or "
-            f"{_less_pruning(rows)}."
+            "Let it learn from the original model (sparsity_training.alpha: 0.7), try "
+            "optimizer: probe (SGD can throw a network trained with Adam off), lower its lr, "
+            f"raise its ramp (a gentler penalty) or its epochs, or {_less_pruning(rows)}."
         )
     return {
-        "distillation": "Distillation did not recover it: more epochs, or a lower lr.",
+        "distillation": "Distillation did not recover it: more epochs, optimizer: probe (SGD "
+        "can throw a network trained with Adam off), or a lower lr.",
         "int8_quantization": "Try int8_quantization.method: percentile or entropy (minmax is "
         "sensitive to outlier activations), or more calibration_samples.",
     }.get(stage, "")
