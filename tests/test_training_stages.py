@@ -97,6 +97,8 @@ def test_a_training_stage_takes_the_optimizer_it_is_given(trained_resnet, data, 
         for kind in ("auto", "sgd", "adamw")
     }
     assert all(torch.equal(v, trained["sgd"][k]) for k, v in trained["auto"].items())
+    auto = cz.Distillation(epochs=1).apply(state_for(trained_resnet, example), ctx)
+    assert auto.details["optimizer"] == {"kind": "sgd"}  # what auto resolved to
     assert not all(torch.equal(v, trained["adamw"][k]) for k, v in trained["auto"].items())
     with pytest.raises(
         cz.RecipeError, match=r"optimizer must be one of 'auto', 'probe', 'sgd', 'adamw'"

@@ -87,8 +87,6 @@ def train(
         kind, probe = probe_optimizer(model, ctx, compute_loss, lr)
         if parallel:  # every rank trains with rank 0's choice
             kind = distributed.share(kind)
-    if record is not None:
-        record["optimizer"] = {"kind": kind, **({"probe": probe} if probe else {})}
     torch.manual_seed(ctx.seed + distributed.rank())  # dropout differs between ranks
     ctx.train_data.reseed(ctx.seed)
     data = distributed.shard(ctx.train_data, ctx.seed) if parallel else ctx.train_data
@@ -98,6 +96,9 @@ def train(
         model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model, device) if parallel else model
     optimizer = optimizer_for(model, lr, kind=kind)
+    if record is not None:  # the kind used (auto resolved), and the probe's trial
+        used = "adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"
+        record["optimizer"] = {"kind": used, **({"probe": probe} if probe else {})}
     per_epoch = data.num_batches(ctx.limit_train_batches)
     if per_epoch is None and (after_step is not None or parallel):  # the step count is needed
         per_epoch = sum(1 for _ in data.iter_batches(ctx.limit_train_batches))
