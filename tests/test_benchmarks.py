@@ -108,21 +108,27 @@ def need_fashion_mnist() -> None:
 
 
 def test_compose_script(tmp_path):
-    """The sparsity-vs-no-sparsity ablation on real Fashion-MNIST images, shortened."""
+    """Library variants against the hand-written torch-pruning peer on real Fashion-MNIST
+    images, pruned to the peer's MACs, shortened."""
     need_fashion_mnist()
     out = tmp_path / "compose.json"
-    args = ["--models", "plain", "--variants", "sparsity", "no_sparsity", "--seeds", "0"]
-    args += ["--train-images", "512", "--baseline-images", "2048", "--baseline-epochs", "1"]
-    args += ["--test-images", "512", "--cache", str(tmp_path / "cache"), "--out", str(out)]
-    args += ["--data", str(tmp_path / "data")]
+    args = ["--models", "plain", "--variants", "sparsity", "no_sparsity", "peer", "--seeds", "0"]
+    args += ["--at", "peer", "--train-images", "512", "--baseline-images", "2048"]
+    args += ["--baseline-epochs", "1", "--test-images", "512", "--cache", str(tmp_path / "cache")]
+    args += ["--out", str(out), "--data", str(tmp_path / "data")]
     table = run("compose.py", *args, cwd=tmp_path)
     data = json.loads(out.read_text())
     runs = {r["variant"]: r for r in data["runs"]}
-    assert set(runs) == {"sparsity", "no_sparsity"}
+    assert set(runs) == {"sparsity", "no_sparsity", "peer"}
     assert runs["sparsity"]["removed_at_zero"] == 1.0  # pruning removed what sparsity zeroed
     assert runs["sparsity"]["pruning_drop_points"] == pytest.approx(0.0, abs=1.0)
-    assert all(r["macs_x"] > 3 and r["speedup_bs1"] > 0 for r in runs.values())
-    assert "| plain | sparsity | 1 |" in table
+    assert all(r["macs_x"] > 3 for r in runs.values())
+    # pruned to the peer's MACs: at most as many, counted the same way
+    assert runs["sparsity"]["macs"] <= runs["peer"]["macs"] >= runs["no_sparsity"]["macs"]
+    assert 0 < runs["peer"]["final_top1"] <= 1 and runs["sparsity"]["speedup_bs1"] > 0
+    assert (
+        "| plain | sparsity | peer_macs | 1 |" in table and "| plain | peer | ratio | 1 |" in table
+    )
 
 
 def test_timm_zoo_script(tmp_path):
