@@ -1,24 +1,32 @@
-"""Do the stages compose? Sparsity -> pruning -> distillation -> INT8 at a short budget.
+"""Do the stages compose, and how do they compare with a hand-written torch-pruning script?
+Sparsity -> pruning -> distillation -> INT8 at a short budget.
 
-Two small Fashion-MNIST models of this script's own (not the demo model): a residual
-BatchNorm network, and a plain convolutional network without BatchNorm that ends in
-flatten -> Linear. Each is trained once on the 60,000 training images (cached), then
-compressed on a short budget: 20,000 training images, pruning 0.5, other options at their
-defaults, three seeds per variant:
+Four small Fashion-MNIST models of this script's own, shaped as users write them: ``plain``
+(no BatchNorm, flatten -> Linear), ``resbn`` (residual, BatchNorm), ``dwse`` (depthwise
+inverted residuals with squeeze-excitation) and ``vggbn`` (VGG-style with BatchNorm, flatten
+-> Linear -> Dropout -> Linear). Each is trained once on the 60,000 training images
+(cached; with Adam at 1e-3, as a user's own script does, or the library's SGD with
+``--baseline-optimizer sgd``), then compressed on a short budget: 20,000 training images,
+other options at their defaults, three seeds per variant:
 
-- ``sparsity``: sparsity training 1 epoch -> pruning -> distillation 2 epochs -> INT8
-  (the library's defaults: the growing penalty aimed at the pruning plan, global allocation)
+- ``sparsity``: the library's defaults with only epochs and ratio set: sparsity training 1
+  epoch -> pruning -> distillation 2 epochs -> INT8
 - ``no_sparsity``: the ablation, the same 3 epochs all spent on distillation
-- ``l1_uniform``: the previous defaults, for comparison: uniform L1 on all channel scales,
-  the same share pruned from every layer
+- ``l1_uniform``: the older defaults: uniform L1 on all channel scales, the same share pruned
+  from every layer
+- ``peer``: the hand-written torch-pruning + KD + ONNX Runtime script
+  (`peer_torch_pruning.py`), uniform pruning at ``--ratio``
 
-Every number comes from the pipeline's own report (accuracy over the 10,000 test images,
-each ONNX file run in ONNX Runtime). Prints a table of means and standard deviations over the
-seeds and writes benchmarks/results/compose.json after every run.
+``--at peer`` prunes the library's variants to the MACs the peer kept (``target_macs``), for
+a comparison at equal compression; ``--set STAGE.OPTION=VALUE`` and ``--label`` run ablations.
+Every library number comes from the pipeline's own report (accuracy over the 10,000 test
+images, each ONNX file run in ONNX Runtime). Prints a table of means and standard
+deviations over the seeds and writes the JSON after every run.
 
     apt-get install dataset-fashion-mnist        # Debian: found in /usr/share/datasets
-    python benchmarks/compose.py                 # about 40 minutes on 2 cores
-    python benchmarks/compose.py --models resbn --variants sparsity --seeds 0
+    python benchmarks/compose.py --models plain resbn --variants peer sparsity --at peer
+    python benchmarks/compose.py --models resbn --variants sparsity --seeds 0 \
+        --set sparsity_training.alpha=0.7 --label _kd --at peer
 """
 
 from __future__ import annotations
