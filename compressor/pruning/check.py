@@ -21,13 +21,13 @@ from torch import nn
 
 from ..inputs import call
 from ..models.adapters import after_pruning, attention_blocks
-from .plan import PlannedGroup, PruningPlan, apply_plan, group_slices, planned_group
+from .plan import GroupPlan, PlannedGroup, apply_plan, group_slices, planned_group
 
 _UNCHECKABLE = ("LN", "IN", "MHA")  # GroupNorm groups are removed whole: exact
 
 
 def apply_checked(
-    model: nn.Module, example: torch.Tensor, plan: PruningPlan, pruner: Any
+    model: nn.Module, example: torch.Tensor, plan: GroupPlan, pruner: Any
 ) -> list[PlannedGroup]:
     """Apply ``plan`` to ``model`` in place; return the groups left whole because they failed.
 

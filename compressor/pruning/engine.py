@@ -29,10 +29,10 @@ from ..runtime.measure import count_params_macs, default_threads
 from .check import apply_checked
 from .latency_table import latency_costs
 from .plan import (
+    GroupPlan,
     PlannedGroup,
-    PruningPlan,
     apply_plan,
-    plan_pruning,
+    plan_groups,
     resolve_importance,
 )
 
@@ -70,7 +70,7 @@ def make_plan(
     example: torch.Tensor,
     options: PruneOptions,
     threads: int | None = None,
-) -> tuple[PruningPlan, Any, list[str]]:
+) -> tuple[GroupPlan, Any, list[str]]:
     """The plan ``options`` make for ``model``, its pruner, and the layers left whole.
 
     With ``latency_aware``, the layers are timed on ``threads`` (default: every core).
@@ -90,8 +90,8 @@ def make_plan(
         runtime, cores = options.target_runtime, threads or default_threads()
         cost, table = latency_costs(model, example, runtime, cores)
 
-    def build() -> tuple[PruningPlan, Any]:
-        return plan_pruning(
+    def build() -> tuple[GroupPlan, Any]:
+        return plan_groups(
             model,
             example,
             importance=options.importance,
@@ -220,7 +220,7 @@ def prune(
     return model, details
 
 
-def _nothing_removed(plan: PruningPlan, options: PruneOptions) -> str:
+def _nothing_removed(plan: GroupPlan, options: PruneOptions) -> str:
     """Why a plan with ``ratio`` > 0 removes no channel, and what to change."""
     rounding = plan.allocation.round_to
     if plan.too_narrow and not plan.groups_seen:
@@ -245,7 +245,7 @@ SHORTFALL = 0.05
 """Pruning that removes this much less than ``ratio`` (a share of the channels) says why."""
 
 
-def _shortfall(plan: PruningPlan, options: PruneOptions, failed: list[PlannedGroup]) -> str:
+def _shortfall(plan: GroupPlan, options: PruneOptions, failed: list[PlannedGroup]) -> str:
     """A sentence when pruning removed clearly less than ``ratio`` asked (and why), or ''."""
     if not plan.prunable_channels:
         return ""
@@ -347,7 +347,7 @@ def _prune_around(
             use = "l2"
         ignored = [layers[order[-1]]] + [m for m in block.modules() if id(m) in keep]
         try:
-            plan, pruner = plan_pruning(
+            plan, pruner = plan_groups(
                 block,
                 x.clone(),
                 importance=use,

@@ -211,7 +211,7 @@ def _time_int8(
 def latency_costs(
     model: nn.Module, example: torch.Tensor, runtime: str, threads: int
 ) -> tuple[Any, dict[str, Any]]:
-    """``cost(groups)`` for `plan_pruning`, and the record the report shows of it."""
+    """``cost(groups)`` for `plan_groups`, and the record the report shows of it."""
     start = time.perf_counter()
     table = layer_slopes(model, example, runtime, threads)
     record: dict[str, Any] = {

@@ -129,7 +129,7 @@ class PlannedGroup:
 
 
 @dataclass
-class PruningPlan:
+class GroupPlan:
     """The channels a pruning step removes, group by group, and what was left whole.
 
     ``groups`` are the groups that lose channels; ``groups_seen`` every prunable group.
@@ -265,7 +265,7 @@ def build_pruner(
         )
 
 
-def plan_pruning(
+def plan_groups(
     model: nn.Module,
     example: torch.Tensor,
     *,
@@ -275,7 +275,7 @@ def plan_pruning(
     num_heads: dict[nn.Module, int] | None = None,
     whole_heads: bool = True,
     cost: Callable[[list[PlannedGroup]], Mapping[str, float]] | None = None,
-) -> tuple[PruningPlan, Any]:
+) -> tuple[GroupPlan, Any]:
     """Score every prunable group of ``model`` and choose the channels to remove.
 
     ``num_heads``: the head count of each attention layer. A group holding attention heads
@@ -342,7 +342,7 @@ def plan_pruning(
     if cost is not None and allocation.global_allocation:
         allocation = dataclasses.replace(allocation, cost=cost(groups))
     left_whole, kept_at_round_to = allocate(groups, allocation)
-    plan = PruningPlan(
+    plan = GroupPlan(
         groups=[g for g in groups if g.remove],
         importance=importance_name,
         allocation=allocation,
@@ -366,7 +366,7 @@ def planned_group(graph: Any, module: nn.Module, planned: PlannedGroup) -> Any:
 
 def apply_plan(
     pruner: Any,
-    plan: PruningPlan | Sequence[PlannedGroup],
+    plan: GroupPlan | Sequence[PlannedGroup],
     before: Callable[[PlannedGroup], None] | None = None,
 ) -> None:
     """Remove the planned channels from the model ``pruner`` was built on, in place.
@@ -375,7 +375,7 @@ def apply_plan(
     """
     graph = pruner.DG
     modules = dict(graph.model.named_modules())
-    groups = plan.groups if isinstance(plan, PruningPlan) else plan
+    groups = plan.groups if isinstance(plan, GroupPlan) else plan
     for planned in groups:
         if before is not None:
             before(planned)

@@ -23,9 +23,9 @@ from ..models.adapters import restructure, untraceable_blocks
 from ..models.model_io import top1
 from ..runtime.measure import EvalFn, count_params_macs, torch_predictor
 from .check import pruned_alone
-from .plan import PruningPlan
+from .plan import GroupPlan
 
-PlanAt = Callable[[nn.Module, float], tuple[PruningPlan, Any]]
+PlanAt = Callable[[nn.Module, float], tuple[GroupPlan, Any]]
 """``plan_at(model, ratio)``: the uniform plan at ``ratio`` for ``model``, and its pruner."""
 
 

@@ -23,7 +23,7 @@ from .engine import ignored_modules, make_plan, prune
 from .plan import (
     IMPORTANCES,
     Allocation,
-    PruningPlan,
+    GroupPlan,
     auto_importances,
     resolve_importance,
 )
@@ -344,7 +344,7 @@ def pruning_sensitivity(
     options = options or StructuredPruning(round_to=None)
     ignored_modules(model, example_input, options.ignored_layers)  # a bad name fails here
 
-    def plan_at(work: nn.Module, ratio: float) -> tuple[PruningPlan, Any]:
+    def plan_at(work: nn.Module, ratio: float) -> tuple[GroupPlan, Any]:
         uniform = dataclasses.replace(options.at_ratio(ratio), global_pruning=False)
         plan, pruner, _ = make_plan(work, example_input, uniform)
         return plan, pruner
