@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 
 import torch
 
-from .errors import RecipeError
-from .models.model_io import ModelIO
+from .data import as_data_spec
+from .errors import ModelError, RecipeError, UserError
+from .inputs import shape_text
+from .models.layers import call_naming_layer
+from .models.model_io import ModelIO, resolve_io
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -277,3 +280,58 @@ class RunContext:
         """Print a progress line to stderr unless progress is off."""
         if self.progress:
             print(f"[compressor] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_data_io(
+    io: ModelIO | None, model: nn.Module, data: DataSpec, what: str = "the data"
+) -> tuple[nn.Module, ModelIO]:
+    """`resolve_io` on the first batch of ``data``, with the library's errors (``what``
+    names the data in them)."""
+    example = data.example_input()  # names an empty data set
+    batch = next(data.iter_batches(1))
+    targets = data.target_fn(batch)
+    try:
+        return call_naming_layer(
+            model, lambda: resolve_io(io, model, example, targets), f"a forward pass on {what}"
+        )
+    except (ModelError, UserError):
+        raise
+    except Exception as exc:
+        msg = f"the model cannot run on {what} (input shape {shape_text(example)}): {exc}"
+        raise ModelError(msg) from exc
+
+
+def standalone_context(
+    model: nn.Module,
+    train_data: Any,
+    eval_data: Any,
+    output_dir: Path,
+    *,
+    io: ModelIO | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    runtimes: tuple[str, ...] = ("onnxruntime",),
+    step: str = "",
+    names: tuple[str, str] = ("train_data", "eval_data"),
+) -> tuple[nn.Module, RunContext]:
+    """A run context for a stage used outside a pipeline (`compressor.quantize`): ``model``
+    (wrapped in `SelectOutput` when its output is not a tensor) and the context, on the CPU."""
+    from .runtime.measure import default_threads
+
+    train = as_data_spec(train_data, names[0])
+    evaluation = as_data_spec(eval_data, names[1])
+    model, io = resolve_data_io(io, model, train, names[0])
+    ctx = RunContext(
+        train_data=train,
+        eval_data=evaluation,
+        output_dir=output_dir,
+        loss_fn=io.loss_fn(),
+        eval_fn=io.eval_fn(),
+        device=torch.device("cpu"),
+        threads=threads or default_threads(),
+        progress=progress,
+        runtimes=runtimes,
+        io=io,
+        step=step,
+    )
+    return model, ctx

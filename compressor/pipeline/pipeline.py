@@ -14,15 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import DataSpec, as_data_spec
+from ..data import as_data_spec
 from ..errors import ModelError, RecipeError, UserError
-from ..inputs import describe, shape_text
+from ..inputs import describe
 from ..models.checkpoints import (
     model_fingerprint,
     save_checkpoint,
 )
-from ..models.layers import call_naming_layer
-from ..models.model_io import ModelIO, resolve_io
+from ..models.model_io import ModelIO
 from ..report.report import Report
 from ..runtime.load import LoadTest
 from ..runtime.measure import (
@@ -31,7 +30,7 @@ from ..runtime.measure import (
     environment,
 )
 from ..runtime.runtimes import check_runtimes
-from ..stage import LossFn, RunContext, Stage, State
+from ..stage import LossFn, RunContext, Stage, State, resolve_data_io
 from ..training import distributed
 from ..training.loop import check_training_options, resolve_device
 from .output_folder import HEAD_FILE, REPORT_FILES, run_folder
@@ -227,7 +226,7 @@ class Pipeline:
             )
             raise UserError(msg)
         train_spec = as_data_spec(train_data, "train_data")
-        model, io = _resolve_io(io, model, train_spec)
+        model, io = resolve_data_io(io, model, train_spec)
         settings: dict[str, Any] = {
             "train_data": train_spec,
             "eval_data": as_data_spec(eval_data, "eval_data"),
@@ -481,22 +480,6 @@ def _batch_sizes(value: int | Sequence[int]) -> tuple[int, ...]:
         msg = f"throughput_batch must be a positive int or a list of them (got: {value!r})"
         raise UserError(msg)
     return sizes
-
-
-def _resolve_io(io: ModelIO | None, model: nn.Module, data: DataSpec) -> tuple[nn.Module, ModelIO]:
-    """`resolve_io` on the first training batch, with the pipeline's errors."""
-    example = data.example_input()  # names an empty data set
-    batch = next(data.iter_batches(1))
-    targets = data.target_fn(batch)
-    try:
-        return call_naming_layer(
-            model, lambda: resolve_io(io, model, example, targets), "a forward pass on the data"
-        )
-    except (ModelError, UserError):
-        raise
-    except Exception as exc:
-        msg = f"the model cannot run on the data (input shape {shape_text(example)}): {exc}"
-        raise ModelError(msg) from exc
 
 
 def _check_weights(model: nn.Module) -> None:

@@ -70,7 +70,7 @@ def bench(
         path = Path(path)
         inputs, shape = _inputs(path, input_shape, threads, max(sizes))
         data = DataSpec([(inputs, None)])
-        params, precision = _params_and_precision(path)
+        params, precision = params_and_precision(path)
         for runtime in chosen:
             row = measure_onnx(
                 path,
@@ -146,7 +146,7 @@ def _shape(path: Path, info: Any, given: Sequence[int] | None) -> list[int]:
     return list(declared)
 
 
-def _params_and_precision(path: Path) -> tuple[int, str]:
+def params_and_precision(path: Path) -> tuple[int, str]:
     """Weights in the file (Q/DQ scales and zero points left out) and fp32 or int8."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
