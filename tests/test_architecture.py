@@ -37,6 +37,7 @@ ALLOWED = {
     | {"models", "runtime", "stage", "report", "training", "pruning", "quantization"},
     "commands": CONTRACTS
     | {"models", "runtime", "stage", "report", "sources", "training", "pipeline"},
+    "integrations": CONTRACTS | {"models", "runtime", "stage", "training", "pruning"},
     "cli": {"errors", "_io", "_version", "commands"},
     "__main__": {"cli"},
 }
