@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     train, val = demo_data(batch_size=64)
-    limit = 12 if args.quick else None
+    limit = 40 if args.quick else None
     epochs = 1 if args.quick else 4
 
     # your training, as it always was

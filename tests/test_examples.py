@@ -45,6 +45,17 @@ def test_custom_stage_runs_from_a_recipe(tmp_path):
     assert own[3]["details"]["train_loss"]
 
 
+@pytest.mark.slow
+def test_own_training_loop(tmp_path):
+    report = run_example("own_training_loop.py", tmp_path)
+    assert [(r["name"], r["runtime"]) for r in report["rows"]][-1] == ("int8", "onnxruntime")
+    found = json.loads((tmp_path / "out" / "own_loop.json").read_text())
+    assert found["regularizer"] == "growing"
+    # the planned channels were zero: pruning costs at most half a point
+    assert found["accuracy_after_pruning"] >= found["accuracy_before_pruning"] - 0.005
+    assert found["plan"]["macs_after"] < found["plan"]["macs_before"] / 2
+
+
 def test_example_recipes_load(monkeypatch):
     # The example registers its stage on import; keep that registration inside this test.
     before = dict(STAGES)
