@@ -24,27 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from train_then_compress import build_model  # the same small CNN (examples/ is on the path)
 
 import compressor as cz
 from compressor.sources.demo import demo_data
-
-
-def build_model(num_classes: int = 10) -> nn.Module:
-    """A small residual-free CNN for 28x28 grayscale images."""
-
-    def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-        )
-
-    return nn.Sequential(
-        block(1, 32, 1),
-        block(32, 64, 2),
-        block(64, 128, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, num_classes),
-    )
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:

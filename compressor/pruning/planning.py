@@ -226,56 +226,41 @@ def plan_for(
 ) -> PruningPlan:
     """The plan of ``options`` (a ratio, no target) for ``model`` as it is; the sizes from
     a pruned copy. `plan_pruning` and `SparsityTraining` make their plans here."""
-    with evaluating(model):
-        return _plan_for(
-            model, example_input, options, target, search, importance_choice, restructured, threads
+    with evaluating(model):  # tracing must not move BatchNorm statistics
+        params_before, macs_before = count_params_macs(model, example_input)
+        blocks = untraceable_blocks(model)
+        why = ""
+        groups: dict[str, Any] = {}
+        removed = prunable = 0
+        if blocks:
+            what = " and ".join(sorted(set(blocks.values())))
+            why = f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
+        else:
+            found, _pruner, _ = make_plan(model, example_input, options, threads)
+            groups = {"importance": found.importance, **found.summary()}
+            removed, prunable = found.removed_channels, found.prunable_channels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real `prune` warns the user of any shortfall
+            params_after, macs_after = options.pruned_size(model, example_input, threads)
+        assert isinstance(options, StructuredPruning)
+        return PruningPlan(
+            options=options,
+            target=target,
+            example_input=example_input,
+            params_before=params_before,
+            macs_before=macs_before,
+            params_after=params_after,
+            macs_after=macs_after,
+            removed_channels=removed,
+            prunable_channels=prunable,
+            structure=structure_of(model),
+            restructured=dict(restructured or {}),
+            traceable=not blocks,
+            why_not_scheduled=why,
+            search=search,
+            importance_choice=importance_choice,
+            groups=groups,
         )
-
-
-def _plan_for(
-    model: nn.Module,
-    example_input: Any,
-    options: StructuredPruning,
-    target: tuple[str, float] | None,
-    search: dict[str, Any] | None,
-    importance_choice: dict[str, Any] | None,
-    restructured: dict[str, str] | None,
-    threads: int | None,
-) -> PruningPlan:
-    params_before, macs_before = count_params_macs(model, example_input)
-    blocks = untraceable_blocks(model)
-    why = ""
-    groups: dict[str, Any] = {}
-    removed = prunable = 0
-    if blocks:
-        what = " and ".join(sorted(set(blocks.values())))
-        why = f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
-    else:
-        found, _pruner, _ = make_plan(model, example_input, options, threads)
-        groups = {"importance": found.importance, **found.summary()}
-        removed, prunable = found.removed_channels, found.prunable_channels
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the real `prune` warns the user of any shortfall
-        params_after, macs_after = options.pruned_size(model, example_input, threads)
-    assert isinstance(options, StructuredPruning)
-    return PruningPlan(
-        options=options,
-        target=target,
-        example_input=example_input,
-        params_before=params_before,
-        macs_before=macs_before,
-        params_after=params_after,
-        macs_after=macs_after,
-        removed_channels=removed,
-        prunable_channels=prunable,
-        structure=structure_of(model),
-        restructured=dict(restructured or {}),
-        traceable=not blocks,
-        why_not_scheduled=why,
-        search=search,
-        importance_choice=importance_choice,
-        groups=groups,
-    )
 
 
 def prune(
