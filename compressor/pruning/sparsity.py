@@ -41,7 +41,9 @@ class SparsityTraining(Stage):
     while the rest of the network adapts. This is growing regularisation (Wang et al., ICLR
     2021, https://arxiv.org/abs/2012.09243) in proximal form. Each channel's shrinkage is a
     share of its own starting norm, so the strength needs no tuning per model or loss. The
-    pruning then removes channels that are already zero, at no cost in accuracy.
+    pruning then removes channels that are already zero, at no cost in accuracy. The penalty
+    is `compressor.pruning.regularizer.SparsityRegularizer` (``cz.SparsityRegularizer``),
+    which a user's own training loop can drive the same way.
 
     ``method="l1"`` is plain network slimming (Liu et al. 2017,
     https://arxiv.org/abs/1708.06519): ``L = L0 + l1 * sum(channel scales)`` on every
