@@ -43,7 +43,7 @@ def test_the_regularizer_in_a_users_loop_gives_the_stages_zeros_and_pruned_model
     loader = ordered(data)
     # the stage, in the library's loop (SGD with Nesterov momentum, cosine decay)
     ctx = context((loader, data[1]), tmp_path, upcoming=(PRUNE,), seed=0)
-    stage = cz.SparsityTraining(epochs=1, lr=0.01, optimizer="sgd")
+    stage = cz.SparsityTraining(epochs=1, lr=0.01, optimizer="sgd", alpha=0.0)
     by_stage = stage.apply(state_for(model, example), ctx).model
     # the user's loop with the same optimizer, schedule, data and seed
     torch.manual_seed(0)

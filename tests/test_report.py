@@ -231,6 +231,10 @@ def test_diagnosis_points_at_the_stage_that_lost_accuracy():
     (cause,) = [c for c in diagnose(rows, vnni)["causes"] if c.startswith("sparsity_training")]
     assert cause.endswith("or relax the pruning target (target_latency_ms 0.15).")
     assert "sparsity_training.alpha" in cause and "optimizer: probe" in cause
+    details = {"sparsity": {"alpha": 0.7}}  # it already learns from the original model
+    rows[2] = _row("sparsity_training", "torch", "fp32", 0.70, 4.0, details)
+    (cause,) = [c for c in diagnose(rows, vnni)["causes"] if c.startswith("sparsity_training")]
+    assert "sparsity_training.alpha" not in cause and "more epochs" in cause
     # below the threshold, the stage that lost the most is still named, and only it
     rows = [*rows[:2], _row("sparsity_training", "torch", "fp32", 0.896, 4.0),
             _row("structured_pruning", "torch", "fp32", 0.894, 2.0),

@@ -38,7 +38,7 @@ class SparsityCallback(pl.Callback):
         self,
         plan: PruningPlan,
         *,
-        ramp: float = 0.5,
+        ramp: float = 0.25,
         l1: float = 1e-4,
         total_steps: int | None = None,
     ) -> None:

@@ -67,7 +67,7 @@ class SparsityRegularizer:
         plan: PruningPlan | None,
         total_steps: int,
         *,
-        ramp: float = 0.5,
+        ramp: float = 0.25,
         l1: float = 1e-4,
         example_input: Any = None,
         threads: int | None = None,

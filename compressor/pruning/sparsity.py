@@ -65,7 +65,7 @@ class SparsityTraining(Stage):
             grows until they reach zero, in (0, 1].
         alpha: weight of the original model's soft targets in the loss while the channels
             are driven to zero, in [0, 1] (as `Distillation`'s; ``1 - alpha`` weighs the
-            task's loss); 0 trains on the labels alone.
+            task's loss); 0 trains on the labels alone (and the teacher never runs).
         temperature: softmax temperature of those soft targets (> 0).
     """
 
@@ -74,8 +74,8 @@ class SparsityTraining(Stage):
     lr: float = 0.01
     optimizer: str = "auto"
     method: str = "growing"
-    ramp: float = 0.5
-    alpha: float = 0.0
+    ramp: float = 0.25
+    alpha: float = 0.7
     temperature: float = 4.0
 
     name = "sparsity_training"
@@ -143,6 +143,7 @@ class SparsityTraining(Stage):
             seen = recalibrate_batchnorm(model, ctx.train_data, BN_RECALIBRATION_BATCHES)
             distributed.same_buffers(model)  # each rank saw its own share: take rank 0's
             sparsity["bn_recalibration_samples"] = seen
+        sparsity["alpha"] = self.alpha  # the diagnosis's advice reads it
         details: dict[str, Any] = {"sparsity": sparsity, "train_loss": history, **record}
         if notes:
             details["notes"] = notes

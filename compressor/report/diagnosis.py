@@ -185,10 +185,16 @@ def _advice(row: Row, rows: Sequence[Row]) -> str:
     if stage == "structured_pruning":
         return _pruning_advice(row, rows)
     if stage == "sparsity_training":
+        alpha = (row.details.get("sparsity") or {}).get("alpha", 0.0)
+        teacher = (
+            "Give it more epochs (the planned channels go in the first quarter, the rest "
+            "recovers with them at zero)"
+            if alpha
+            else "Let it learn from the original model (sparsity_training.alpha: 0.7)"
+        )
         return (
-            "Let it learn from the original model (sparsity_training.alpha: 0.7), try "
-            "optimizer: probe (SGD can throw a network trained with Adam off), lower its lr, "
-            f"raise its ramp (a gentler penalty) or its epochs, or {_less_pruning(rows)}."
+            f"{teacher}, try optimizer: probe (SGD can throw a network trained with Adam "
+            f"off) or a lower lr, or {_less_pruning(rows)}."
         )
     return {
         "distillation": "Distillation did not recover it: more epochs, optimizer: probe (SGD "
