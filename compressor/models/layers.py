@@ -80,3 +80,10 @@ def call_naming_layer(model: nn.Module, fn: Callable[[], Any], what: str) -> Any
     finally:
         for h in handles:
             h.remove()
+
+
+def unwrap_parallel(model: Any) -> Any:
+    """The module ``DistributedDataParallel`` or ``DataParallel`` wraps; ``model`` otherwise."""
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        return model.module
+    return model

@@ -13,6 +13,7 @@ from torch import nn
 from ..data import as_data_spec
 from ..errors import DataError, UserError
 from ..inputs import describe
+from ..models.layers import unwrap_parallel
 from ..models.model_io import ModelIO
 from ..report.bench import params_and_precision
 from ..report.report import Report
@@ -82,7 +83,7 @@ def compare(
     threads = threads or default_threads()
     chosen = check_runtimes(runtimes)
     example = data.example_input()
-    modules = {k: getattr(v, "module", v) for k, v in entries.items() if isinstance(v, nn.Module)}
+    modules = {k: unwrap_parallel(v) for k, v in entries.items() if isinstance(v, nn.Module)}
     first = next(iter(modules.values()), None)
     if first is not None:
         _, io = resolve_data_io(io, first.cpu().eval(), data, "eval_data")

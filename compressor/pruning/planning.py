@@ -19,7 +19,7 @@ from ..data import as_data_spec
 from ..errors import ModelError, UserError
 from ..inputs import call
 from ..models.adapters import restructure, untraceable_blocks
-from ..models.layers import call_naming_layer, has_batchnorm
+from ..models.layers import call_naming_layer, has_batchnorm, unwrap_parallel
 from ..runtime.measure import count_params_macs
 from ..training.loop import recalibrate_batchnorm
 from .engine import make_plan
@@ -96,7 +96,7 @@ class PruningPlan:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise `ModelError` unless ``model`` has the structure the plan was made for."""
-        found = structure_of(getattr(model, "module", model))
+        found = structure_of(unwrap_parallel(model))
         if found == self.structure:
             return
         missing = [n for n in self.structure if n not in found]
@@ -289,7 +289,7 @@ def prune(
     if not isinstance(plan, PruningPlan):
         msg = f"plan must be a cz.PruningPlan from cz.plan_pruning (got: {type(plan).__name__})"
         raise UserError(msg)
-    base = getattr(model, "module", model)
+    base = unwrap_parallel(model)
     plan.check_model(base)
     work = copy.deepcopy(base).cpu().eval()
     options = plan.options

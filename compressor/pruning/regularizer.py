@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, UserError
-from ..models.layers import WEIGHTED_LAYERS, find_head, has_batchnorm
+from ..models.layers import WEIGHTED_LAYERS, find_head, has_batchnorm, unwrap_parallel
 from .engine import failing_groups, make_plan
 from .plan import GroupPlan, Slice, group_slices, planned_group
 from .planning import evaluating
@@ -75,7 +75,7 @@ class SparsityRegularizer:
         _check_number("total_steps", total_steps, integer=True, low=1)
         _check_number("ramp", ramp, low=0.0, high=1.0, low_open=True)
         _check_number("l1", l1, low=0.0)
-        model = getattr(model, "module", model)  # DDP and DataParallel wrap the model
+        model = unwrap_parallel(model)
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module (got: {type(model).__name__})")
         self.total_steps = total_steps

@@ -14,6 +14,7 @@ from torch import nn
 
 from .._io import atomic_path
 from ..errors import DataError, ModelError, UserError
+from ..models.layers import unwrap_parallel
 from ..stage import State, standalone_context
 from .int8 import Int8Quantization
 
@@ -62,7 +63,7 @@ def quantize(
         raise UserError(f"quantize: output must be an .onnx file path (got: {str(output)!r})")
     if output.is_dir():
         raise UserError(f"quantize: output {str(output)!r} is a folder; give a file path")
-    base = getattr(model, "module", model)
+    base = unwrap_parallel(model)
     if not isinstance(base, nn.Module):
         raise UserError(f"model must be a torch.nn.Module (got: {type(model).__name__})")
     work = copy.deepcopy(base).cpu().eval()
