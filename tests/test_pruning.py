@@ -122,6 +122,8 @@ def test_a_group_whose_pruning_breaks_the_model_is_left_whole_and_said(example):
             copy.deepcopy(model), example, cz.StructuredPruning(ratio=0.5, round_to=None)
         )
     assert "conv" in details["pruning"]["left_whole"]
+    assert details["notes"][-1].startswith("1 channel groups (conv) were left whole")
+    assert "removed 0% of the prunable channels" in " ".join(details["notes"])
     assert torch.equal(pruned(example), model(example))
 
 

@@ -249,9 +249,9 @@ def _shortfall(plan: GroupPlan, options: PruneOptions, failed: list[PlannedGroup
     """A sentence when pruning removed clearly less than ``ratio`` asked (and why), or ''."""
     if not plan.prunable_channels:
         return ""
-    removed = (plan.removed_channels - sum(len(g.remove) for g in failed)) / (
-        plan.prunable_channels
-    )
+    left = {g.root for g in failed}  # a failed group removes none of its planned channels
+    removed = sum(len(g.remove) for g in plan.groups if g.root not in left)
+    removed /= plan.prunable_channels
     if removed >= options.ratio - SHORTFALL:
         return ""
     why = []
