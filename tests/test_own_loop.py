@@ -117,7 +117,9 @@ def test_bad_calls_name_what_is_wrong_and_what_is_allowed(example, data, tmp_pat
         match=r"unknown option .round_two. for stage .structured_pruning. \(allowed: ratio",
     ):
         cz.plan_pruning(model, example, round_two=3)
-    with pytest.raises(cz.UserError, match=r"alpha must be a number in \[0, 1\]"):
+    with pytest.raises(
+        cz.UserError, match=r"DistillationLoss.alpha must be a number in \[0.0, 1.0\] \(got: 2.0\)"
+    ):
         cz.DistillationLoss(model, alpha=2.0)
     wrong = DataLoader(
         torch.utils.data.TensorDataset(torch.randn(8, 5, 16, 16), torch.zeros(8).long())

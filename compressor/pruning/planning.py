@@ -228,14 +228,10 @@ def plan_for(
     a pruned copy. `plan_pruning` and `SparsityTraining` make their plans here."""
     with evaluating(model):  # tracing must not move BatchNorm statistics
         params_before, macs_before = count_params_macs(model, example_input)
-        blocks = untraceable_blocks(model)
-        why = ""
+        why = untraceable_reason(model)
         groups: dict[str, Any] = {}
         removed = prunable = 0
-        if blocks:
-            what = " and ".join(sorted(set(blocks.values())))
-            why = f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
-        else:
+        if not why:
             found, _pruner, _ = make_plan(model, example_input, options, threads)
             groups = {"importance": found.importance, **found.summary()}
             removed, prunable = found.removed_channels, found.prunable_channels
@@ -255,7 +251,7 @@ def plan_for(
             prunable_channels=prunable,
             structure=structure_of(model),
             restructured=dict(restructured or {}),
-            traceable=not blocks,
+            traceable=not why,
             why_not_scheduled=why,
             search=search,
             importance_choice=importance_choice,
@@ -302,6 +298,15 @@ def prune(
         recalibrate_batchnorm(pruned, data, recalibration_batches)
     del details  # its notes were warned by the engine
     return pruned.eval()
+
+
+def untraceable_reason(model: nn.Module) -> str:
+    """Why torch-pruning cannot trace ``model`` whole (its blocks adapters mark), or ''."""
+    blocks = untraceable_blocks(model)
+    if not blocks:
+        return ""
+    what = " and ".join(sorted(set(blocks.values())))
+    return f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
 
 
 def module_for_plan(root: nn.Module, plan: PruningPlan) -> nn.Module:

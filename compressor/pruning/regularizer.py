@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import ModelError, UserError
 from ..models.layers import WEIGHTED_LAYERS, find_head, has_batchnorm, unwrap_parallel
+from ..stage import check_float, check_int
 from .engine import failing_groups, make_plan
 from .plan import GroupPlan, Slice, group_slices, planned_group
 from .planning import evaluating
@@ -18,6 +19,7 @@ from .planning import evaluating
 if TYPE_CHECKING:
     from .planning import PruningPlan
 
+NAME = "SparsityRegularizer"
 NEAR_ZERO = 0.01  # a channel is "near zero" below 1% of its layer's largest channel scale
 
 
@@ -72,9 +74,9 @@ class SparsityRegularizer:
         example_input: Any = None,
         threads: int | None = None,
     ) -> None:
-        _check_number("total_steps", total_steps, integer=True, low=1)
-        _check_number("ramp", ramp, low=0.0, high=1.0, low_open=True)
-        _check_number("l1", l1, low=0.0)
+        check_int(NAME, "total_steps", total_steps, minimum=1)
+        check_float(NAME, "ramp", ramp, low=0.0, high=1.0, low_open=True)
+        check_float(NAME, "l1", l1, low=0.0)
         model = unwrap_parallel(model)
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module (got: {type(model).__name__})")
@@ -128,7 +130,7 @@ class SparsityRegularizer:
         """
         if self.steps_taken >= self.total_steps:
             msg = (
-                f"SparsityRegularizer stepped {self.steps_taken + 1} times, past its "
+                f"{NAME} stepped {self.steps_taken + 1} times, past its "
                 f"total_steps={self.total_steps}: give total_steps the number of optimizer "
                 "steps the training takes (len(loader) * epochs / accumulation)"
             )
@@ -288,23 +290,3 @@ def near_zero_fraction(scales: list[torch.Tensor]) -> float:
 def _mean(scales: list[torch.Tensor]) -> float:
     flat = torch.cat([s.flatten() for s in scales]) if scales else torch.zeros(0)
     return round(float(flat.mean()), 6) if flat.numel() else 0.0
-
-
-def _check_number(
-    option: str,
-    value: Any,
-    *,
-    low: float,
-    high: float = float("inf"),
-    low_open: bool = False,
-    integer: bool = False,
-) -> None:
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        what = "an integer" if integer else "a number"
-        bounds = f"{'>' if low_open else '>='} {low:g}" + (
-            f" and <= {high:g}" if high < 1e300 else ""
-        )
-        raise UserError(f"SparsityRegularizer: {option} must be {what} {bounds} (got: {value!r})")

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..models.adapters import restructure, untraceable_blocks
+from ..models.adapters import restructure
 from ..models.layers import has_batchnorm
 from ..stage import Stage, check_choice, check_float, check_int, register_stage
 from ..training import distributed
 from ..training.loop import OPTIMIZERS, recalibrate_batchnorm, train
 from ..training.teacher import teacher_loss
 from .latency_table import adopt_timings, layer_slopes, timings
-from .planning import PruningPlan, plan_for
+from .planning import PruningPlan, plan_for, untraceable_reason
 from .regularizer import SparsityRegularizer
 from .structured import StructuredPruning
 
@@ -159,10 +159,9 @@ def _stage_plan(
     alone searches and every rank takes its ratio), so both stages aim at one ratio."""
     if target is None:
         return None, "no structured_pruning stage follows, so no channels are scheduled"
-    blocks = untraceable_blocks(model)
-    if blocks:
-        what = " and ".join(sorted(set(blocks.values())))
-        return None, f"torch-pruning cannot trace the {what} of {type(model).__name__} whole"
+    why = untraceable_reason(model)
+    if why:
+        return None, why
     aimed_at, choice = target.target, None
     options = target
     if aimed_at:

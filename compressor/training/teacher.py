@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from torch.nn import functional as F
 from ..errors import UserError
 from ..inputs import call, is_image_batch
 from ..models.model_io import ModelIO, logits_of, pick_output
+from ..stage import check_float
 
 if TYPE_CHECKING:
     from ..stage import LossFn, RunContext
@@ -92,19 +92,8 @@ class DistillationLoss(nn.Module):
         if teacher is not None and not isinstance(teacher, nn.Module):
             msg = f"teacher must be a torch.nn.Module (got: {type(teacher).__name__})"
             raise UserError(msg)
-        for option, value, low, high in (
-            ("temperature", temperature, 0.0, math.inf),
-            ("alpha", alpha, 0.0, 1.0),
-        ):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if (
-                not ok
-                or not (value > low if option == "temperature" else value >= low)
-                or (value > high)
-            ):
-                interval = "> 0" if option == "temperature" else "in [0, 1]"
-                msg = f"DistillationLoss: {option} must be a number {interval} (got: {value!r})"
-                raise UserError(msg)
+        check_float("DistillationLoss", "temperature", temperature, low=0.0, low_open=True)
+        check_float("DistillationLoss", "alpha", alpha, low=0.0, high=1.0)
         if teacher is None and alpha > 0:
             raise UserError("DistillationLoss: a teacher is needed when alpha > 0")
         self.io = io or ModelIO()
