@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
-from .inputs import Inputs, check_inputs, rows, take, to_device
+from .inputs import Inputs, cat, check_inputs, rows, take, to_device
 
 
 def _first(batch: Any) -> Any:
@@ -108,3 +108,55 @@ def data_subset(data: Any, samples: int) -> DataSpec:
         if count >= samples:
             break
     return DataSpec(batches, input_fn=spec.input_fn, target_fn=spec.target_fn)
+
+
+EVAL_ROWS = 64
+"""Rows per evaluation batch when the eval data's own batches are smaller (`grouped`)."""
+EVAL_BYTES = 64 * 2**20
+"""The most input bytes one grouped evaluation batch holds."""
+
+
+def grouped(
+    spec: DataSpec, rows_per_batch: int = EVAL_ROWS, max_bytes: int = EVAL_BYTES
+) -> DataSpec:
+    """``spec`` with consecutive batches joined into batches of about ``rows_per_batch`` rows
+    (at most ``max_bytes`` of inputs), so evaluating it runs few large calls instead of many
+    small ones; the same samples in the same order. Returned unchanged when its batches are
+    that large already or its targets are not tensors (detection's per-image lists)."""
+    first = next(spec.iter_batches(1), None)
+    if first is None:
+        return spec
+    inputs, targets = spec.input_fn(first), spec.target_fn(first)
+    if not isinstance(targets, torch.Tensor) or rows(inputs) >= rows_per_batch:
+        return spec
+    return DataSpec(_Grouped(spec, rows_per_batch, max_bytes))
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    spec: DataSpec
+    rows_per_batch: int
+    max_bytes: int
+
+    def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        inputs: list[Inputs] = []
+        targets: list[torch.Tensor] = []
+        count = size = 0
+        shape: tuple[Any, ...] | None = None
+        for batch in self.spec:
+            x, y = self.spec.input_fn(batch), self.spec.target_fn(batch)
+            tensors = list(x.values()) if isinstance(x, dict) else [x]
+            this = (*(t.shape[1:] for t in tensors), y.shape[1:])
+            if inputs and this != shape:  # e.g. another sequence length: not joinable
+                yield cat(inputs), torch.cat(targets)
+                inputs, targets, count, size = [], [], 0, 0
+            shape = this
+            inputs.append(x)
+            targets.append(y)
+            count += rows(x)
+            size += sum(t.numel() * t.element_size() for t in tensors)
+            if count >= self.rows_per_batch or size >= self.max_bytes:
+                yield cat(inputs), torch.cat(targets)
+                inputs, targets, count, size = [], [], 0, 0
+        if inputs:
+            yield cat(inputs), torch.cat(targets)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 
 import torch
 
-from .data import as_data_spec
+from .data import as_data_spec, grouped
 from .errors import ModelError, RecipeError, UserError
 from .inputs import shape_text
 from .models.layers import call_naming_layer
@@ -48,9 +48,12 @@ class Stage:
     them together (data-parallel), while rank 0 alone runs the rest. ``prepares`` is True
     for a stage whose work aims at the stages after it (sparsity training aims at the
     pruning that follows): a search that changes those stages runs it again per candidate.
+    ``phase`` names the part of the run the stage's time counts to in the report
+    (``training``, ``pruning``, ``quantization``; default: its name).
     """
 
     name: ClassVar[str] = ""
+    phase: ClassVar[str] = ""
     runtime: ClassVar[str] = "torch"
     precision: ClassVar[str] = "fp32"
     trains: ClassVar[bool] = False
@@ -241,6 +244,9 @@ class RunContext:
     ``fp16``) and ``accumulate_grad_batches`` are how the training stages train.
     ``min_accuracy`` is the lowest final accuracy a pipeline's accuracy budget allows
     (None: no budget); the INT8 stage keeps nodes in FP32 to stay above it.
+    ``full_evaluation`` evaluates every row in its own runtime, even a file shown to give
+    the same answers as one already evaluated; ``recorded`` holds the outputs of the ONNX
+    files evaluated so far, by path, for the final parity (`compressor.pipeline.rows`).
     """
 
     train_data: DataSpec
@@ -260,17 +266,20 @@ class RunContext:
     min_accuracy: float | None = None
     io: ModelIO = field(default_factory=ModelIO)
     custom_metric: bool = False
+    full_evaluation: bool = False
     step: str = ""
     upcoming: tuple[Stage, ...] = ()
+    recorded: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def quantizer(self) -> Quantizer | None:
         """The first stage after the running one that writes INT8 files, if any."""
         return next((s for s in self.upcoming if isinstance(s, Quantizer)), None)
 
     def measure_settings(self) -> dict[str, Any]:
-        """The keyword arguments every row's measurement shares (same data, threads, batch)."""
+        """The keyword arguments every row's measurement shares (same data, threads, batch);
+        the library's metrics evaluate the eval data in batches of at least `EVAL_ROWS`."""
         return {
-            "data": self.eval_data,
+            "data": self.eval_data if self.custom_metric else grouped(self.eval_data),
             "eval_fn": self.eval_fn,
             "threads": self.threads,
             "throughput_batches": self.throughput_batches,

@@ -78,7 +78,8 @@ def test_int8_knobs_script(tmp_path):
 
 def test_pipeline_cost_script(tmp_path):
     out = tmp_path / "cost.json"
-    args = ["--calibration-samples", "32", "--eval-samples", "32", "--out", str(out)]
+    args = ["--calibration-samples", "32", "--eval-samples", "32", "--runtimes", "onnxruntime"]
+    args += ["--out", str(out)]
     table = run("pipeline_cost.py", *args, cwd=tmp_path)
     data = json.loads(out.read_text())
     assert data["rows"][-1]["step"] == "total"

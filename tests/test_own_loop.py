@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 import compressor as cz
+from compressor.runtime.measure import compare_outputs, onnx_predictor, torch_predictor
 from compressor.training.teacher import kd_loss
 
 PRUNE = cz.StructuredPruning(ratio=0.5, round_to=None, bn_recalibration_batches=0)
@@ -169,6 +170,12 @@ def test_quantize_writes_an_int8_file_that_agrees_with_the_model(trained_resnet,
     assert rows[0] == ("baseline", "torch") and rows[-1] == ("int8", "onnxruntime")
     assert report.rows[-1].precision == "int8"
     assert report.parity["reference"] == "baseline" and report.parity["artifact"] == "int8"
+    # the parity from both evaluations' outputs equals comparing the two again
+    again = compare_outputs(
+        torch_predictor(trained_resnet), onnx_predictor(path, 1), cz.DataSpec(data[1])
+    )
+    for key in ("top1_agreement", "max_abs_diff", "mean_abs_diff", "samples"):
+        assert report.parity[key] == pytest.approx(again[key], abs=1e-5)
     saved = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert [r["name"] for r in saved["rows"]][-1] == "int8"
     assert (tmp_path / "cmp" / "report.html").is_file()

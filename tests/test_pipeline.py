@@ -201,9 +201,32 @@ def test_custom_loss_and_metric_are_used(trained_resnet, data, tmp_path):
         eval_fn=eval_fn,
         progress=False,
         threads=1,
+        runtimes=["onnxruntime"],
     )
-    assert calls["loss"] == 8 and calls["eval"] == len(result.report.rows)  # one per row
-    assert all(r.accuracy == 0.25 for r in result.report.rows)
+    rows = result.report.rows
+    # once per distinct model: the baseline in ONNX Runtime (torch takes it), distillation
+    assert calls["loss"] == 8 and calls["eval"] == 2
+    assert [r.details.get("accuracy_from", {}).get("runtime") for r in rows] == [
+        "onnxruntime",
+        None,
+        None,
+    ]
+    assert all(r.accuracy == 0.25 for r in rows)
+
+    calls["eval"] = 0
+    pipeline.run(
+        trained_resnet,
+        data[0],
+        data[1],
+        output_dir=tmp_path / "full",
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        progress=False,
+        threads=1,
+        runtimes=["onnxruntime"],
+        full_evaluation=True,
+    )
+    assert calls["eval"] == 3  # one per row
 
 
 def test_dataspec_with_custom_batches(trained_resnet, data, tmp_path):
@@ -243,3 +266,25 @@ def test_bad_inputs_fail_before_any_work(kwargs, error, match, trained_resnet, d
             **args,
         )
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_evaluation_joins_small_batches_without_changing_the_numbers(trained_resnet, data):
+    """The library's metrics evaluate in batches of at least EVAL_ROWS: one-sample batches
+    are joined (the same samples, in order, same accuracy); a change of shape (another
+    sequence length) starts a new batch; per-image target lists are left as they are."""
+    from compressor.data import EVAL_ROWS, grouped
+    from compressor.runtime.measure import top1, torch_predictor
+
+    singles = [(x[i : i + 1], y[i : i + 1]) for x, y in data[1] for i in range(len(x))]
+    spec = cz.DataSpec(singles)
+    joined = grouped(spec)
+    sizes = [len(x) for x, _ in joined]
+    assert sum(sizes) == len(singles) and max(sizes) == min(EVAL_ROWS, len(singles))
+    assert torch.equal(torch.cat([y for _, y in joined]), torch.cat([y for _, y in singles]))
+    predict = torch_predictor(trained_resnet)
+    assert top1(predict, joined) == top1(predict, spec)
+
+    text = [({"ids": torch.ones(1, n, dtype=torch.long)}, torch.zeros(1)) for n in (3, 3, 5)]
+    assert [x["ids"].shape for x, _ in grouped(cz.DataSpec(text))] == [(2, 3), (1, 5)]
+    boxes = cz.DataSpec([(torch.zeros(1, 3, 8, 8), [{"boxes": torch.zeros(0, 4)}])] * 3)
+    assert grouped(boxes) is boxes

@@ -4,8 +4,10 @@ Real ONNX Runtime and OpenVINO sessions; OpenVINO tests skip with a reason where
 ``compressor[openvino]`` extra is missing (CI installs it, so they run there).
 """
 
+import copy
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,8 +16,12 @@ import torch
 import compressor as cz
 from compressor.cli import main
 from compressor.errors import UserError
-from compressor.runtime.measure import onnx_predictor, top1
+from compressor.pipeline.rows import in_other_runtimes
+from compressor.row import Row
+from compressor.runtime.export import export_onnx
+from compressor.runtime.measure import compare_outputs, onnx_predictor, top1
 from compressor.runtime.runtimes import check_runtimes, deployment_snippet, installed_runtimes
+from compressor.stage import standalone_context
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
@@ -48,12 +54,17 @@ def test_openvino_rows_measure_both_files_with_their_own_accuracy(run, data):
     ]  # fmt: skip
     base_ov, final_ov, final_ort = rows[2], rows[4], rows[5]
     assert base_ov["details"]["file"] == "model.onnx"
+    # model.onnx gives ONNX Runtime's answers in OpenVINO on the sample: its accuracy is taken
+    # from the ONNX Runtime row, not computed again; the INT8 file is evaluated in each runtime
+    assert base_ov["details"]["accuracy_from"]["runtime"] == "onnxruntime"
+    assert base_ov["details"]["accuracy_from"]["parity"]["same_answers"]
+    assert "accuracy_from" not in final_ov["details"]
     assert final_ov["details"]["file"] == final_ort["details"]["file"] == "model.int8.onnx"
     assert report["environment"]["openvino"]
     for row in (base_ov, final_ov):
         assert row["latency_ms"]["p50"] > 0 and row["throughput"]["batch_size"] == 8
         assert row["size_bytes"] == (result.output_dir / row["details"]["file"]).stat().st_size
-        # the accuracy is OpenVINO's own: the same number from a fresh OpenVINO model
+        # the same number as OpenVINO's own full evaluation (the shortcut's, for base_ov)
         path = result.output_dir / row["details"]["file"]
         assert row["accuracy"] == top1(onnx_predictor(path, 1, "openvino"), cz.DataSpec(data[1]))
     # the FP32 file agrees across runtimes; the INT8 one agrees with FP32 as in ONNX Runtime
@@ -62,6 +73,71 @@ def test_openvino_rows_measure_both_files_with_their_own_accuracy(run, data):
     assert final_ov["details"]["parity"]["top1_agreement"] >= 0.9
     assert abs(final_ov["accuracy"] - final_ort["accuracy"]) <= 0.05
     assert final_ov["params"] == final_ort["params"] and final_ov["macs"] == final_ort["macs"]
+
+
+@needs_openvino
+def test_a_file_that_answers_differently_is_evaluated_not_trusted(run, data, tmp_path):
+    """The accuracy shortcut never hides a file whose answers differ: an FP32 file that
+    disagrees with model.onnx on the sample is evaluated in full in that runtime."""
+    result, _ = run
+    shutil.copy(result.output_dir / "model.onnx", tmp_path / "model.onnx")
+    changed = copy.deepcopy(result.model).eval()  # the pruned model: other answers
+    other = tmp_path / "other.onnx"
+    export_onnx(changed, torch.randn(1, 3, 16, 16), other)
+    _, ctx = standalone_context(
+        changed, data[0], data[1], tmp_path, threads=1, runtimes=("onnxruntime", "openvino")
+    )
+    claimed = Row("baseline", "onnxruntime", "fp32", 0.123, None, None, 0, {}, {})
+    (row,) = in_other_runtimes(other, claimed, ctx)
+    assert row.runtime == "openvino" and "accuracy_from" not in row.details
+    assert not row.details["parity"]["same_answers"]
+    assert row.accuracy == top1(onnx_predictor(other, 1, "openvino"), cz.DataSpec(data[1]))
+    assert row.accuracy != 0.123
+
+
+def test_an_export_that_answers_differently_stops_the_run(trained_resnet, data, tmp_path):
+    """A broken export (the file computes something else than the torch model) is caught by
+    the export check before any accuracy is shared between the rows."""
+
+    class ExportsDifferently(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = copy.deepcopy(trained_resnet)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.model(x)
+            return out.flip(1) if torch.onnx.is_in_onnx_export() else out
+
+    with pytest.raises(cz.ExportError, match="ONNX Runtime disagrees with torch"):
+        cz.Pipeline([cz.Int8Quantization(calibration_samples=16)]).run(
+            ExportsDifferently(), *data, output_dir=tmp_path, progress=False, threads=1
+        )
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_final_parity_reuses_the_evaluations(run, data):
+    """The final file's parity comes from the outputs both files gave while evaluated, and
+    equals running the comparison again over the eval data."""
+    result, report = run
+    again = compare_outputs(
+        onnx_predictor(result.output_dir / "model.onnx", 1),
+        onnx_predictor(result.onnx_path, 1),
+        cz.DataSpec(data[1]),
+    )
+    parity = report["parity"]
+    assert parity["samples"] == again["samples"] == len(data[1].dataset)
+    for key in ("top1_agreement", "max_abs_diff", "mean_abs_diff"):
+        assert parity[key] == pytest.approx(again[key], abs=1e-6)
+
+
+def test_report_says_where_the_time_went(run):
+    result, report = run
+    seconds = report["seconds"]
+    assert {"export", "pruning", "quantization", "measuring", "total"} <= set(seconds)
+    parts = sum(v for k, v in seconds.items() if k != "total")
+    assert parts == pytest.approx(seconds["total"], abs=0.5)
+    line = (result.output_dir / "report.md").read_text().splitlines()
+    assert any(x.startswith(f"Run time {seconds['total']:.1f} s: ") for x in line)
 
 
 @needs_openvino

@@ -236,6 +236,13 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     add_runtime(run)
     run.add_argument(
+        "--full-eval",
+        action="store_true",
+        help="evaluate every row over the eval data in its own runtime (default: the "
+        "baseline once, in ONNX Runtime; its torch and OpenVINO rows take that accuracy when "
+        "their answers on a sample are the same)",
+    )
+    run.add_argument(
         "--load-test",
         action="store_true",
         help="also load-test model.onnx and the final file under concurrent requests "
@@ -360,6 +367,7 @@ def _compress(args: argparse.Namespace) -> int:
         runtimes=args.runtime,
         load_test=args.load_test,
         io=io,
+        full_evaluation=args.full_eval,
     )
     if not leader:  # rank 0 prints the report
         return 0

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ..data import as_data_spec
+from ..data import as_data_spec, grouped
 from ..errors import DataError, UserError
 from ..inputs import describe
 from ..models.layers import unwrap_parallel
@@ -19,7 +19,9 @@ from ..report.bench import params_and_precision
 from ..report.report import Report
 from ..row import Row
 from ..runtime.measure import (
+    OutputRecorder,
     compare_outputs,
+    compare_recorded,
     default_threads,
     environment,
     measure_onnx,
@@ -89,22 +91,32 @@ def compare(
         _, io = resolve_data_io(io, first.cpu().eval(), data, "eval_data")
     io = io or ModelIO()
     common = {
-        "data": data,
+        "data": data if eval_fn is not None else grouped(data),
         "eval_fn": eval_fn or io.eval_fn(),
         "threads": threads,
         "throughput_batches": (throughput_batch,),
     }
     rows: list[Row] = []
+    # the parity's two evaluations (the first module, the last file) keep their outputs
+    files = [k for k, v in entries.items() if not isinstance(v, nn.Module)]
+    recorded = {}
+    if modules and files:
+        recorded = {next(iter(modules)): OutputRecorder(), files[-1]: OutputRecorder()}
     for key, value in entries.items():
         if progress:
             print(f"[compressor] compare: measuring {key}", flush=True)
         if isinstance(value, nn.Module):
             model, _ = resolve_data_io(io, modules[key].cpu().eval(), data, "eval_data")
-            rows.append(measure_torch(model, name=key, example_input=example, **common))
+            rows.append(
+                measure_torch(
+                    model, name=key, example_input=example, record=recorded.get(key), **common
+                )
+            )
             continue
         path = Path(value)
         params, precision = params_and_precision(path)
         for runtime in chosen:
+            record = recorded.get(key) if runtime == "onnxruntime" else None
             rows.append(
                 measure_onnx(
                     path,
@@ -114,13 +126,14 @@ def compare(
                     macs=None,
                     details={"file": path.name},
                     runtime=runtime,
+                    record=record,
                     **common,
                 )
             )
     report = Report(
         rows=_runtime_last(rows),
         environment=environment(threads),
-        parity=_parity(entries, modules, io, data, threads),
+        parity=_parity(entries, modules, io, data, threads, recorded),
         model_io={
             **io.to_dict(custom_metric=eval_fn is not None),
             "inputs": describe(example),
@@ -153,12 +166,21 @@ def _parity(
     io: ModelIO,
     data: Any,
     threads: int,
+    recorded: Mapping[str, OutputRecorder],
 ) -> dict[str, Any] | None:
-    """The last ONNX file's outputs against the first module's, over the eval data."""
+    """The last ONNX file's outputs against the first module's, over the eval data (from
+    their evaluations' recorded outputs when those cover it)."""
     files = [k for k, v in entries.items() if not isinstance(v, nn.Module)]
     if not files or not modules:
         return None
     reference_key = next(iter(modules))
+    if reference_key in recorded and files[-1] in recorded:
+        try:
+            found = compare_recorded(recorded[reference_key], recorded[files[-1]], io.labels)
+        except ValueError as exc:
+            raise DataError(f"compare: {files[-1]!r} and {reference_key!r}: {exc}") from exc
+        if found is not None:
+            return {"reference": reference_key, "artifact": files[-1], **found}
     reference, _ = resolve_data_io(io, modules[reference_key], data, "eval_data")
     candidate = onnx_predictor(entries[files[-1]], threads)
     try:

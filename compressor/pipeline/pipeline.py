@@ -45,7 +45,7 @@ from .recipe import (
     stages_from_recipe,
 )
 from .resume import checkpoint_path, finished_stages, resume_settings
-from .rows import final_parity, in_other_runtimes, measure_step, start_state
+from .rows import final_parity, in_other_runtimes, measure_step, phase_seconds, start_state
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ class Pipeline:
         runtimes: Sequence[str] | None = None,
         load_test: bool | LoadTest = False,
         io: ModelIO | None = None,
+        full_evaluation: bool = False,
     ) -> PipelineResult:
         """Compress ``model``; write the artifacts and report into ``output_dir``.
 
@@ -201,6 +202,11 @@ class Pipeline:
                 the model and the first training batch by default. The task picks the
                 default loss and metric (top-1, or mIoU for segmentation). A model whose
                 output is not a tensor runs wrapped in `SelectOutput`.
+            full_evaluation: evaluate every row over the eval data in its own runtime. By
+                default the baseline is evaluated once, as model.onnx in ONNX Runtime, and
+                its torch row and other runtimes take that accuracy when their answers on a
+                sample of the eval data are the same (the row's ``details.accuracy_from``
+                says so); stage results and INT8 files are always evaluated in every runtime.
 
         Returns:
             `PipelineResult` with the compressed torch model, the INT8 ONNX path and the report.
@@ -242,6 +248,7 @@ class Pipeline:
             "accumulate_grad_batches": accumulate_grad_batches,
             "throughput_batches": _batch_sizes(throughput_batch),
             "runtimes": chosen_runtimes,
+            "full_evaluation": _check_flag("full_evaluation", full_evaluation),
         }
         if distributed.is_follower():  # trains with rank 0, writes nothing
             with tempfile.TemporaryDirectory(prefix="compressor-rank-") as scratch:
@@ -272,6 +279,7 @@ class Pipeline:
     ) -> PipelineResult:
         """`run` in one process, or on rank 0 of a data-parallel run."""
         self._training = False
+        start = time.perf_counter()
         with run_folder(output_dir, resume=resume) as folder:
             ctx = RunContext(output_dir=folder.staging, progress=progress, **settings)
             state = self._run_stages(model, ctx, resume)
@@ -279,7 +287,7 @@ class Pipeline:
             if budget and not budget["met"]:
                 state = _over_budget(state)
                 budget["artifact"] = state.onnx_path.name if state.onnx_path else None
-            load = None
+            load, load_s = None, 0.0
             if load_test:
                 ctx.log("load test: model.onnx and the final file under concurrent requests")
                 files = {"baseline": ctx.output_dir / "model.onnx"}
@@ -287,11 +295,23 @@ class Pipeline:
                     files["final"] = state.onnx_path
                 say = ctx.log if ctx.progress else None
                 shape = describe(state.example_input)[0]["shape"]  # e.g. the sequence length
+                load_started = time.perf_counter()
                 load = load_test.run(files, ctx.threads, progress=say, input_shape=shape)
+                load_s = time.perf_counter() - load_started
+            parity_started = time.perf_counter()
+            parity = final_parity(state, ctx)
+            more = {"measuring": time.perf_counter() - parity_started, "load_test": load_s}
+            phases = {
+                step: s.phase or s.name
+                for step, s in zip(self.step_names(), self.stages, strict=True)
+            }
             report = Report(
                 rows=list(state.rows),
                 environment=environment(ctx.threads),
-                parity=final_parity(state, ctx),
+                parity=parity,
+                seconds=phase_seconds(
+                    state.rows, phases, total=time.perf_counter() - start, **more
+                ),
                 load_test=load,
                 budget=budget,
                 model_io={
@@ -491,6 +511,12 @@ def _check_weights(model: nn.Module) -> None:
                 "that did not diverge"
             )
             raise ModelError(msg)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False (got: {value!r})")
+    return value
 
 
 def _check_threads(threads: Any) -> int:

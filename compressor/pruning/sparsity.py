@@ -79,6 +79,7 @@ class SparsityTraining(Stage):
     temperature: float = 4.0
 
     name = "sparsity_training"
+    phase = "training"
     trains = True
     prepares = True
 

@@ -117,6 +117,7 @@ class StructuredPruning(Stage):
     latency_aware: bool = False
 
     name = "structured_pruning"
+    phase = "pruning"
     replaces = {"ratio": tuple(TARGETS)} | {t: ("ratio", *TARGETS) for t in TARGETS}
 
     def __post_init__(self) -> None:

@@ -108,6 +108,7 @@ class Int8Quantization(Stage):
     detector_max_accuracy_drop: float | None = 0.015
 
     name = "int8_quantization"
+    phase = "quantization"
     runtime = "onnxruntime"
     precision = "int8"
 

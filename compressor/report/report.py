@@ -118,6 +118,8 @@ class Report:
             met it, when the run had one.
         model_io: the task, the output compared and distilled, and the metric the rows'
             ``accuracy`` holds (``top1``, ``miou`` or ``custom``; `compressor.models.model_io`).
+        seconds: the run's wall time by phase (``training``, ``pruning``, ``quantization``,
+            ``export``, ``measuring``, ``load_test``, ``other``) and its ``total``.
     """
 
     rows: list[Row]
@@ -127,6 +129,7 @@ class Report:
     load_test: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
     model_io: dict[str, Any] | None = None
+    seconds: dict[str, float] | None = None
 
     def row(self, name: str, runtime: str | None = None) -> Row:
         """The first row called ``name`` (measured in ``runtime``, when given).
@@ -164,6 +167,7 @@ class Report:
             **({"load": self.load_test} if self.load_test else {}),
             **({"budget": self.budget} if self.budget else {}),
             **({"model_io": self.model_io} if self.model_io else {}),
+            **({"seconds": self.seconds} if self.seconds else {}),
         }
 
     def to_json(self) -> str:
@@ -190,6 +194,7 @@ class Report:
             load_test=load if isinstance(load, dict) and "files" in load else None,
             budget=budget if isinstance(budget, dict) and "met" in budget else None,
             model_io=data.get("model_io") if isinstance(data.get("model_io"), dict) else None,
+            seconds=data.get("seconds") if isinstance(data.get("seconds"), dict) else None,
         )
 
     @classmethod
@@ -429,6 +434,17 @@ class Report:
             f"{p.get('max_abs_diff')}, mean abs diff {p.get('mean_abs_diff')}."
         )
 
+    def time_line(self) -> str | None:
+        """The run's wall time by phase, in one sentence."""
+        found = dict(self.seconds or {})
+        total = found.pop("total", None)
+        if total is None:
+            return None
+        parts = ", ".join(
+            f"{phase} {s:.1f} s" for phase, s in found.items() if s or phase == "other"
+        )
+        return f"Run time {total:.1f} s: {parts}."
+
     def notes(self) -> list[str]:
         """The notes stages attached to their rows."""
         return [n for r in self.rows for n in r.details.get("notes", [])]
@@ -457,7 +473,7 @@ class Report:
             self.summary_line(),
             self.runtime_line(),
         )
-        for line in (*lines_after, self.parity_line()):
+        for line in (*lines_after, self.parity_line(), self.time_line()):
             if line:
                 lines += [line, ""]
         deployment = self.deployment()

@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,19 +145,25 @@ def timed_runs(
     run: Callable[[], Any],
     *,
     warmup: int = 5,
+    warmup_s: float = 1.0,
     min_repeats: int = 20,
     min_time_s: float = 0.5,
     max_time_s: float = 10.0,
     rel_tol: float = 0.02,
 ) -> Timing:
-    """Time ``run()`` after ``warmup`` calls until the median is stable.
+    """Time ``run()`` after a warm-up until the median is stable.
 
-    After ``min_repeats`` calls and ``min_time_s`` seconds, each round adds about a quarter
-    more calls; timing stops once the median moves by at most ``rel_tol`` between rounds,
-    or after ``max_time_s`` seconds (then ``stable`` is False).
+    The warm-up is ``warmup`` calls, or fewer (at least two) once they took ``warmup_s``
+    seconds: a call that takes a second is warm after two. After ``min_repeats`` calls and
+    ``min_time_s`` seconds, each round adds about a quarter more calls; timing stops once the
+    median moves by at most ``rel_tol`` between rounds, or after ``max_time_s`` seconds
+    (then ``stable`` is False).
     """
-    for _ in range(warmup):
+    start = time.perf_counter()
+    for done in range(1, warmup + 1):
         run()
+        if done >= 2 and time.perf_counter() - start >= warmup_s:
+            break
     times: list[float] = []
     previous: float | None = None
     start = time.perf_counter()
@@ -218,6 +224,9 @@ def sample_batch(data: DataSpec, batch_size: int) -> Inputs:
     return repeat_to(cat(parts), batch_size)
 
 
+THROUGHPUT_MAX_S = 5.0  # per batch size: the median of >= 5 calls at the size settles sooner
+
+
 def speed(
     predict: Predict,
     data: DataSpec,
@@ -235,8 +244,16 @@ def speed(
     by_batch = []
     for size in throughput_batches:
         xt = sample_batch(data, size)
-        median = timed_runs(lambda x=xt: predict(x), min_repeats=5, rel_tol=0.03).median
-        by_batch.append({"batch_size": size, "samples_per_s": round(size / median, 2)})
+        timed = timed_runs(
+            lambda x=xt: predict(x), min_repeats=5, rel_tol=0.03, max_time_s=THROUGHPUT_MAX_S
+        )
+        by_batch.append(
+            {
+                "batch_size": size,
+                "samples_per_s": round(size / timed.median, 2),
+                "stable": timed.stable,
+            }
+        )
     return {
         "latency_ms": {
             "batch_size": batch_size,
@@ -333,14 +350,22 @@ def measure_torch(
     threads: int,
     throughput_batches: Sequence[int] = (32,),
     details: dict[str, Any] | None = None,
+    known_accuracy: float | None = None,
+    record: OutputRecorder | None = None,
 ) -> Row:
-    """Measure a torch model on the CPU: accuracy, size, params, MACs, latency, memory."""
+    """Measure a torch model on the CPU: accuracy, size, params, MACs, latency, memory.
+
+    ``known_accuracy``: the accuracy of a model shown to give the same answers (its FP32
+    export, see `compressor.pipeline.rows`), used instead of evaluating again; ``record``
+    keeps the outputs of the evaluation for a later comparison."""
     start = time.perf_counter()
     model = model.cpu().eval()
     params, macs = count_params_macs(model, example_input)
     with torch_threads(threads), PeakMemory() as memory:
         predict = torch_predictor(model)
-        accuracy = float(eval_fn(predict, data)) if eval_fn else None
+        accuracy = known_accuracy
+        if accuracy is None and eval_fn:
+            accuracy = float(eval_fn(record.wrap(predict) if record else predict, data))
         timing = speed(predict, data, throughput_batches=throughput_batches)
     return Row(
         name=name,
@@ -371,15 +396,21 @@ def measure_onnx(
     latency_batch: int = 1,
     details: dict[str, Any] | None = None,
     runtime: str = "onnxruntime",
+    known_accuracy: float | None = None,
+    record: OutputRecorder | None = None,
 ) -> Row:
     """Measure an ONNX file in ``runtime``: accuracy from running it there, file size, latency.
 
-    ``eval_fn=None`` leaves accuracy out (``compressor bench`` has no labelled data).
+    ``eval_fn=None`` leaves accuracy out (``compressor bench`` has no labelled data);
+    ``known_accuracy`` is used instead of evaluating (a file shown to give the same answers
+    as one evaluated); ``record`` keeps the outputs of the evaluation for a later comparison.
     """
     start = time.perf_counter()
     with PeakMemory() as memory:
         predict = onnx_predictor(path, threads, runtime)
-        accuracy = float(eval_fn(predict, data)) if eval_fn else None
+        accuracy = known_accuracy
+        if accuracy is None and eval_fn:
+            accuracy = float(eval_fn(record.wrap(predict) if record else predict, data))
         timing = speed(
             predict, data, batch_size=latency_batch, throughput_batches=throughput_batches
         )
@@ -407,13 +438,25 @@ def compare_outputs(
     """Top-1 agreement (per sample, per pixel for segmentation, per anchor for detection:
     the classes ``labels(output)`` gives, default argmax over axis 1) and output
     differences of two predictors over all of ``data``."""
+
+    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in data:
+            inputs = data.input_fn(batch)
+            yield reference(inputs), candidate(inputs)
+
+    return compare_pairs(pairs(), labels)
+
+
+def compare_pairs(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """`compare_outputs` over ``(reference, candidate)`` output pairs already computed."""
     agree = total = positions = 0
     max_diff = sum_diff = 0.0
     elements = 0
-    for batch in data:
-        inputs = data.input_fn(batch)
-        ref = reference(inputs).float()
-        out = candidate(inputs).float()
+    for ref, out in pairs:
+        ref, out = ref.float(), out.float()
         if out.shape != ref.shape:
             msg = f"output shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}"
             raise ValueError(msg)
@@ -433,6 +476,80 @@ def compare_outputs(
         "mean_abs_diff": round(sum_diff / elements, 6) if elements else None,
         "samples": total,
     }
+
+
+def sample_parity(
+    reference: Predict,
+    candidate: Predict,
+    sample: Inputs,
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 2e-3,
+) -> dict[str, Any]:
+    """`compare_outputs` of two predictors on one batch ``sample``, and ``same_answers``:
+    every prediction agrees and the outputs are within ``atol + rtol * max|reference|``
+    (the export check's tolerance): then one's accuracy stands for the other's."""
+    ref, out = reference(sample).float(), candidate(sample).float()
+    found = compare_pairs([(ref, out)], labels)
+    tolerance = atol + rtol * (float(ref.abs().max()) if ref.numel() else 0.0)
+    agreement = found["top1_agreement"]
+    found["tolerance"] = round(tolerance, 6)
+    found["same_answers"] = (agreement is None or agreement == 1.0) and found[
+        "max_abs_diff"
+    ] <= tolerance
+    return found
+
+
+class OutputRecorder:
+    """The outputs a predictor gives over one evaluation pass, kept (up to ``max_bytes``)
+    with a fingerprint of each input, so that a later comparison of two files over the same
+    data reuses them instead of running both again (`compare_recorded`)."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.outputs: list[torch.Tensor] = []
+        self.keys: list[tuple[Any, ...]] = []
+        self.complete = True
+        self._bytes = 0
+
+    def wrap(self, predict: Predict) -> Predict:
+        """``predict``, recording what it returns."""
+
+        def recording(inputs: Inputs) -> torch.Tensor:
+            out = predict(inputs)
+            if self.complete:
+                kept = out.detach().float().cpu()
+                self._bytes += kept.numel() * 4
+                if self._bytes > self.max_bytes:  # too large to keep: compare by running
+                    self.complete = False
+                    self.outputs.clear()
+                    self.keys.clear()
+                else:
+                    self.outputs.append(kept)
+                    self.keys.append(_fingerprint(inputs))
+            return out
+
+        return recording
+
+
+def compare_recorded(
+    reference: OutputRecorder,
+    candidate: OutputRecorder,
+    labels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any] | None:
+    """`compare_outputs` from two recordings of the same inputs in the same order; None
+    when either is incomplete or their inputs differ (then compare by running)."""
+    if not (reference.complete and candidate.complete) or not reference.outputs:
+        return None
+    if reference.keys != candidate.keys:
+        return None
+    return compare_pairs(zip(reference.outputs, candidate.outputs, strict=True), labels)
+
+
+def _fingerprint(inputs: Inputs) -> tuple[Any, ...]:
+    tensors = inputs.values() if isinstance(inputs, Mapping) else [inputs]
+    return tuple((tuple(t.shape), float(t.double().sum())) for t in tensors)
 
 
 def cpu_info() -> tuple[str, list[str]]:

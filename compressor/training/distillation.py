@@ -36,6 +36,7 @@ class Distillation(Stage):
     optimizer: str = "auto"
 
     name = "distillation"
+    phase = "training"
     trains = True
 
     def __post_init__(self) -> None:
