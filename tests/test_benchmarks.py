@@ -84,7 +84,7 @@ def test_pipeline_cost_script(tmp_path):
     data = json.loads(out.read_text())
     assert data["rows"][-1]["step"] == "total"
     assert data["rows"][-1]["seconds"] == data["settings"]["total_seconds"] > 0
-    assert "int8: calibration and quantization" in table
+    assert "int8: calibrate_quantize" in table and "measuring baseline (torch fp32)" in table
 
 
 def test_op_profile_script(tmp_path):

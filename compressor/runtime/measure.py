@@ -153,16 +153,16 @@ def timed_runs(
 ) -> Timing:
     """Time ``run()`` after a warm-up until the median is stable.
 
-    The warm-up is ``warmup`` calls, or fewer (at least two) once they took ``warmup_s``
-    seconds: a call that takes a second is warm after two. After ``min_repeats`` calls and
+    The warm-up is ``warmup`` calls, or fewer once they took ``warmup_s`` seconds: a call
+    that takes a second or more is warm after one. After ``min_repeats`` calls and
     ``min_time_s`` seconds, each round adds about a quarter more calls; timing stops once the
     median moves by at most ``rel_tol`` between rounds, or after ``max_time_s`` seconds
     (then ``stable`` is False).
     """
     start = time.perf_counter()
-    for done in range(1, warmup + 1):
+    for _ in range(warmup):
         run()
-        if done >= 2 and time.perf_counter() - start >= warmup_s:
+        if time.perf_counter() - start >= warmup_s:
             break
     times: list[float] = []
     previous: float | None = None
