@@ -47,7 +47,7 @@ from common import (
 
 import compressor as cz
 from compressor._io import atomic_path
-from compressor.data import DataSpec, as_data_spec
+from compressor.data import as_data_spec, data_subset
 from compressor.runtime.measure import (
     count_params_macs,
     ort_predictor,
@@ -146,9 +146,9 @@ def main() -> int:
     base, final = report.rows[1], report.rows[-1]  # baseline ONNX FP32, the final INT8 file
 
     # INT8 without pruning, three ways, on the same baseline file and calibration images.
-    calib = as_data_spec(train, "train")
-    images = sample_batch(calib, 512)
-    calib8 = DataSpec([(images[i : i + 64], None) for i in range(0, 512, 64)])
+    # 512 training images with their labels (the INT8 stage's FP32 placement scores on them)
+    calib8 = data_subset(as_data_spec(train, "train"), 512)
+    images = sample_batch(calib8, 512)
     peers = args.output / "peers"
     example = images[:1]
     files = {
