@@ -7,7 +7,7 @@ yields ``(inputs, targets)`` needs no wrapping: `as_data_spec` wraps it with the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,7 @@ class _Grouped:
         shape: tuple[Any, ...] | None = None
         for batch in self.spec:
             x, y = self.spec.input_fn(batch), self.spec.target_fn(batch)
-            tensors = list(x.values()) if isinstance(x, dict) else [x]
+            tensors = list(x.values()) if isinstance(x, Mapping) else [x]
             this = (*(t.shape[1:] for t in tensors), y.shape[1:])
             if inputs and this != shape:  # e.g. another sequence length: not joinable
                 yield cat(inputs), torch.cat(targets)

@@ -12,6 +12,7 @@ protocol (`Quantizer`, `RatioPruner`) and the run context (`RunContext.quantizer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Callable, Collection, Mapping
@@ -275,11 +276,16 @@ class RunContext:
         """The first stage after the running one that writes INT8 files, if any."""
         return next((s for s in self.upcoming if isinstance(s, Quantizer)), None)
 
+    @functools.cached_property
+    def eval_batches(self) -> DataSpec:
+        """The eval data as the rows are evaluated: for the library's metrics, in batches
+        of at least `EVAL_ROWS` (`grouped`, worked out once per context)."""
+        return self.eval_data if self.custom_metric else grouped(self.eval_data)
+
     def measure_settings(self) -> dict[str, Any]:
-        """The keyword arguments every row's measurement shares (same data, threads, batch);
-        the library's metrics evaluate the eval data in batches of at least `EVAL_ROWS`."""
+        """The keyword arguments every row's measurement shares (same data, threads, batch)."""
         return {
-            "data": self.eval_data if self.custom_metric else grouped(self.eval_data),
+            "data": self.eval_batches,
             "eval_fn": self.eval_fn,
             "threads": self.threads,
             "throughput_batches": self.throughput_batches,
