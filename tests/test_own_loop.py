@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 import compressor as cz
-from compressor.runtime.measure import compare_outputs, onnx_predictor, torch_predictor
+from compressor.runtime.measure import onnx_predictor, torch_predictor
+from compressor.runtime.parity import compare_outputs
 from compressor.training.teacher import kd_loss
 
 PRUNE = cz.StructuredPruning(ratio=0.5, round_to=None, bn_recalibration_batches=0)

@@ -19,7 +19,8 @@ from compressor.errors import UserError
 from compressor.pipeline.rows import in_other_runtimes
 from compressor.row import Row
 from compressor.runtime.export import export_onnx
-from compressor.runtime.measure import compare_outputs, onnx_predictor, top1
+from compressor.runtime.measure import onnx_predictor, top1
+from compressor.runtime.parity import compare_outputs
 from compressor.runtime.runtimes import check_runtimes, deployment_snippet, installed_runtimes
 from compressor.stage import standalone_context
 

@@ -19,9 +19,6 @@ from ..report.bench import params_and_precision
 from ..report.report import Report
 from ..row import Row
 from ..runtime.measure import (
-    OutputRecorder,
-    compare_outputs,
-    compare_recorded,
     default_threads,
     environment,
     measure_onnx,
@@ -29,6 +26,7 @@ from ..runtime.measure import (
     onnx_predictor,
     torch_predictor,
 )
+from ..runtime.parity import OutputRecorder, compare_outputs, compare_recorded
 from ..runtime.runtimes import check_runtimes
 from ..stage import resolve_data_io
 
@@ -91,7 +89,7 @@ def compare(
         _, io = resolve_data_io(io, first.cpu().eval(), data, "eval_data")
     io = io or ModelIO()
     common = {
-        "data": data if eval_fn is not None else grouped(data),
+        "data": data if eval_fn is not None else grouped(data, throughput_batch),
         "eval_fn": eval_fn or io.eval_fn(),
         "threads": threads,
         "throughput_batches": (throughput_batch,),

@@ -29,16 +29,13 @@ from ..models.model_io import check_targets
 from ..report.report import Row
 from ..runtime.export import export_onnx
 from ..runtime.measure import (
-    OutputRecorder,
-    compare_outputs,
-    compare_recorded,
     count_params_macs,
     measure_onnx,
     measure_torch,
     onnx_predictor,
     sample_batch,
-    sample_parity,
 )
+from ..runtime.parity import OutputRecorder, compare_outputs, compare_recorded, sample_parity
 from ..stage import RunContext, Stage, State
 
 PARITY_SAMPLES = 64
