@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 
 import torch
 
-from .data import as_data_spec, grouped
+from .data import EVAL_ROWS, as_data_spec, grouped
 from .errors import ModelError, RecipeError, UserError
 from .inputs import shape_text
 from .models.layers import call_naming_layer
@@ -278,9 +278,12 @@ class RunContext:
 
     @functools.cached_property
     def eval_batches(self) -> DataSpec:
-        """The eval data as the rows are evaluated: for the library's metrics, in batches
-        of at least `EVAL_ROWS` (`grouped`, worked out once per context)."""
-        return self.eval_data if self.custom_metric else grouped(self.eval_data)
+        """The eval data as the rows are evaluated: for the library's metrics, small batches
+        joined to the first throughput batch size (`grouped`, worked out once per context),
+        so that the evaluation pass also gives the throughput."""
+        if self.custom_metric:
+            return self.eval_data
+        return grouped(self.eval_data, (*self.throughput_batches, EVAL_ROWS)[0])
 
     def measure_settings(self) -> dict[str, Any]:
         """The keyword arguments every row's measurement shares (same data, threads, batch)."""

@@ -6,16 +6,26 @@ import time
 import pytest
 import torch
 from browser import assert_report_renders
-from conftest import TinyResNet, fit
+from conftest import TinyResNet, fit, synthetic_classification
+from torch.utils.data import DataLoader
 
 import compressor as cz
 from compressor.cli import main
+from compressor.data import as_data_spec
 from compressor.quantization.onnx_edits import inspect_int8_graph
 from compressor.report.bench import bench
 from compressor.report.diagnosis import diagnose
 from compressor.report.report import Report, Row
 from compressor.runtime.export import export_onnx
-from compressor.runtime.measure import PeakMemory, environment, interleaved_runs, timed_runs
+from compressor.runtime.measure import (
+    CallTimes,
+    PeakMemory,
+    environment,
+    interleaved_runs,
+    measure_onnx,
+    timed_runs,
+    top1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +91,36 @@ def test_measuring_the_same_onnx_file_twice_gives_close_medians(run_dir):
     second = bench([run_dir / "model.int8.onnx"], batch_sizes=[1], threads=1).rows[0]
     ratio = first.latency_ms["p50"] / second.latency_ms["p50"]
     assert 0.5 < ratio < 2.0, (first.latency_ms, second.latency_ms)
+
+
+def test_the_evaluation_pass_gives_the_throughput_at_its_batch_size(run_dir):
+    """Batch 8 is what the evaluation calls had: its throughput comes from them (7 calls
+    after the first) and agrees with a timed loop; batch 16 is timed as before."""
+    spec = as_data_spec(DataLoader(synthetic_classification(64, seed=2), batch_size=8), "data")
+    settings = {"name": "int8", "precision": "int8", "data": spec, "eval_fn": top1}
+    settings |= {"params": None, "macs": None, "threads": 1, "throughput_batches": [8, 16]}
+    evaluated = measure_onnx(run_dir / "model.int8.onnx", **settings)
+    looped = measure_onnx(
+        run_dir / "model.int8.onnx", known_accuracy=evaluated.accuracy, **settings
+    )
+    by8, by16 = evaluated.throughput_by_batch
+    assert (by8["from"], by8["calls"], by8["batch_size"]) == ("evaluation", 7, 8)
+    assert "from" not in by16 and all("from" not in t for t in looped.throughput_by_batch)
+    ratio = by8["samples_per_s"] / looped.throughput_by_batch[0]["samples_per_s"]
+    assert 0.4 < ratio < 2.5, (by8, looped.throughput_by_batch)
+
+
+def test_call_times_use_the_calls_of_one_size_after_the_first():
+    calls = CallTimes()
+    predict = calls.wrap(lambda x: time.sleep(0.002 * len(x) / 8) or x)
+    for size in [8] * 5 + [3]:
+        predict(torch.zeros(size, 2))
+    assert calls.throughput(8) is None  # 4 calls after the warm-up: too few
+    predict(torch.zeros(8, 2))
+    found = calls.throughput(8)
+    assert found["calls"] == 5 and found["from"] == "evaluation"
+    assert 1000 < found["samples_per_s"] <= 4000  # 8 rows in at least 2 ms
+    assert calls.throughput(3) is None and calls.throughput(16) is None
 
 
 def test_timed_runs_stops_once_the_median_is_stable():

@@ -234,6 +234,44 @@ def sample_batch(data: DataSpec, batch_size: int) -> Inputs:
 
 
 THROUGHPUT_MAX_S = 5.0  # per batch size: the median of >= 5 calls at the size settles sooner
+THROUGHPUT_CALLS = 5
+"""Calls of one batch size (after the first) an evaluation pass needs to give its throughput."""
+
+
+class CallTimes:
+    """The rows and wall time of each call an evaluation pass makes, so that the pass also
+    gives the throughput at a batch size its calls had (`speed`'s ``measured``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, float]] = []
+
+    def wrap(self, predict: Predict) -> Predict:
+        """``predict``, timing each call."""
+
+        def timed(inputs: Inputs) -> torch.Tensor:
+            start = time.perf_counter()
+            out = predict(inputs)
+            self.calls.append((rows(inputs), time.perf_counter() - start))
+            return out
+
+        return timed
+
+    def throughput(self, batch_size: int, rel_tol: float = 0.03) -> dict[str, Any] | None:
+        """Samples/s at ``batch_size`` from the median call of that size (the first one is
+        the warm-up), or None with fewer than `THROUGHPUT_CALLS` of them. ``stable``: the
+        median moved by at most ``rel_tol`` over the last quarter of the calls."""
+        times = [seconds for count, seconds in self.calls if count == batch_size][1:]
+        if len(times) < THROUGHPUT_CALLS:
+            return None
+        median = statistics.median(times)
+        earlier = statistics.median(times[: len(times) - len(times) // 4])
+        return {
+            "batch_size": batch_size,
+            "samples_per_s": round(batch_size / median, 2),
+            "stable": abs(median - earlier) <= rel_tol * earlier,
+            "calls": len(times),
+            "from": "evaluation",
+        }
 
 
 def speed(
@@ -242,8 +280,11 @@ def speed(
     *,
     batch_size: int = 1,
     throughput_batches: Sequence[int] = (32,),
+    measured: CallTimes | None = None,
 ) -> dict[str, Any]:
-    """p50/p95 latency at ``batch_size``, and throughput at each of ``throughput_batches``.
+    """p50/p95 latency at ``batch_size``, and throughput at each of ``throughput_batches``:
+    from the evaluation pass's calls of that size when ``measured`` has enough of them,
+    else timed here.
 
     Returns the row fields ``latency_ms``, ``throughput`` (the first throughput batch size)
     and ``throughput_by_batch`` (all of them).
@@ -252,6 +293,10 @@ def speed(
     timing = timed_runs(lambda: predict(x1))
     by_batch = []
     for size in throughput_batches:
+        found = measured.throughput(size) if measured else None
+        if found:
+            by_batch.append(found)
+            continue
         xt = sample_batch(data, size)
         timed = timed_runs(
             lambda x=xt: predict(x), min_repeats=5, rel_tol=0.03, max_time_s=THROUGHPUT_MAX_S
@@ -349,6 +394,21 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def _evaluate(
+    predict: Predict,
+    data: DataSpec,
+    eval_fn: EvalFn | None,
+    known_accuracy: float | None,
+    record: Recorder | None,
+) -> tuple[float | None, CallTimes | None]:
+    """The accuracy (``known_accuracy`` when given) and the timed calls of the pass."""
+    if known_accuracy is not None or eval_fn is None:
+        return known_accuracy, None
+    calls = CallTimes()
+    timed = calls.wrap(predict)  # inside the recorder: its copies are not timed
+    return float(eval_fn(record.wrap(timed) if record else timed, data)), calls
+
+
 def measure_torch(
     model: nn.Module,
     *,
@@ -372,10 +432,8 @@ def measure_torch(
     params, macs = count_params_macs(model, example_input)
     with torch_threads(threads), PeakMemory() as memory:
         predict = torch_predictor(model)
-        accuracy = known_accuracy
-        if accuracy is None and eval_fn:
-            accuracy = float(eval_fn(record.wrap(predict) if record else predict, data))
-        timing = speed(predict, data, throughput_batches=throughput_batches)
+        accuracy, calls = _evaluate(predict, data, eval_fn, known_accuracy, record)
+        timing = speed(predict, data, throughput_batches=throughput_batches, measured=calls)
     return Row(
         name=name,
         runtime="torch",
@@ -417,11 +475,13 @@ def measure_onnx(
     start = time.perf_counter()
     with PeakMemory() as memory:
         predict = onnx_predictor(path, threads, runtime)
-        accuracy = known_accuracy
-        if accuracy is None and eval_fn:
-            accuracy = float(eval_fn(record.wrap(predict) if record else predict, data))
+        accuracy, calls = _evaluate(predict, data, eval_fn, known_accuracy, record)
         timing = speed(
-            predict, data, batch_size=latency_batch, throughput_batches=throughput_batches
+            predict,
+            data,
+            batch_size=latency_batch,
+            throughput_batches=throughput_batches,
+            measured=calls,
         )
     return Row(
         name=name,

@@ -133,5 +133,18 @@ def compare_recorded(
 
 
 def _fingerprint(inputs: Inputs) -> tuple[Any, ...]:
+    """Shape and a weighted sum of up to `_FINGERPRINT_VALUES` evenly spaced values of each
+    input: enough to tell two passes over different data apart, at a fraction of reading
+    every value (a 64-image batch at 224x224 is 9.6 million of them)."""
     tensors = inputs.values() if isinstance(inputs, Mapping) else [inputs]
-    return tuple((tuple(t.shape), float(t.double().sum())) for t in tensors)
+    return tuple((tuple(t.shape), _weighted_sample_sum(t)) for t in tensors)
+
+
+_FINGERPRINT_VALUES = 65536
+
+
+def _weighted_sample_sum(tensor: torch.Tensor) -> float:
+    flat = tensor.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _FINGERPRINT_VALUES)].double()
+    weights = torch.arange(1, sample.numel() + 1, dtype=torch.float64)
+    return float((sample * weights).sum())
