@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from ._io import NO_SPACE
-from .commands import bench, compress, load, report, serve
+from .commands import bench, compress, export, load, report, serve
 from .commands.common import EXAMPLES
 from .commands.compress import OVER_BUDGET_STATUS as OVER_BUDGET_STATUS
 from .errors import UserError
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(commands, common)
     load.add_parser(commands, common)
     serve.add_parser(commands, common)
+    export.add_parser(commands, common)
     return parser
 
 

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -177,3 +179,37 @@ def trained_nobn(data: tuple[DataLoader, DataLoader]) -> TinyNoBNNet:
 @pytest.fixture
 def example() -> torch.Tensor:
     return torch.randn(1, 3, 16, 16)
+
+
+def two_input_model(path: Path, batch: int | str = "N", width: int = 4, layers: int = 1):
+    """y = relu(x @ W)... @ W + sum(ids): a float and an int64 input, as text models have."""
+    rng = np.random.default_rng(0)
+    nodes, inits, last = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [
+            helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Relu", [f"m{i}"], [f"h{i}"]),
+        ]
+        last = f"h{i}"
+    nodes += [
+        helper.make_node("Cast", ["ids"], ["idf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["idf", "axis"], ["s"], keepdims=1),
+        helper.make_node("Add", [last, "s"], ["y"]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis"))
+    graph = helper.make_graph(
+        nodes,
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, width]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

@@ -13,10 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import two_input_model
 
 from compressor.cli import main
 from compressor.errors import UserError
@@ -26,43 +25,9 @@ from compressor.runtime.load import encode_request, load_file, load_url, to_mark
 pytest.importorskip("aiohttp", reason="the serve extra: pip install 'compressor[serve]'")
 
 
-def _two_input_model(path: Path, batch: int | str = "N", width: int = 4, layers: int = 1):
-    """y = relu(x @ W)... @ W + sum(ids): a float and an int64 input, as text models have."""
-    rng = np.random.default_rng(0)
-    nodes, inits, last = [], [], "x"
-    for i in range(layers):
-        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes += [
-            helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"]),
-            helper.make_node("Relu", [f"m{i}"], [f"h{i}"]),
-        ]
-        last = f"h{i}"
-    nodes += [
-        helper.make_node("Cast", ["ids"], ["idf"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceSum", ["idf", "axis"], ["s"], keepdims=1),
-        helper.make_node("Add", [last, "s"], ["y"]),
-    ]
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis"))
-    graph = helper.make_graph(
-        nodes,
-        "two_inputs",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, width]),
-            helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, 3]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, width])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def two_inputs(tmp_path_factory):
-    return _two_input_model(tmp_path_factory.mktemp("serve") / "two.onnx")
+    return two_input_model(tmp_path_factory.mktemp("serve") / "two.onnx")
 
 
 def _rows(n: int, seed: int, width: int = 4) -> dict[str, np.ndarray]:
@@ -110,7 +75,7 @@ def test_bad_requests_name_the_bad_value_and_what_is_allowed(two_inputs):
 
 
 def test_a_full_queue_answers_busy_at_once(tmp_path):
-    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=8)
+    slow = two_input_model(tmp_path / "slow.onnx", width=1024, layers=8)
     settings = BatchSettings(max_batch=1, sessions=1, threads=1, max_queue=2, max_rows=64)
     with DynamicBatcher(slow, settings) as batcher:
         first = batcher.submit(_rows(64, 0, width=1024))  # keeps the one session busy
@@ -130,7 +95,7 @@ def test_a_full_queue_answers_busy_at_once(tmp_path):
 
 
 def test_a_file_with_a_fixed_batch_size_runs_each_request_alone(tmp_path):
-    fixed = _two_input_model(tmp_path / "fixed.onnx", batch=1)
+    fixed = two_input_model(tmp_path / "fixed.onnx", batch=1)
     with DynamicBatcher(fixed, BatchSettings(max_batch=16, max_wait_ms=5)) as batcher:
         assert batcher.fixed_batch == 1 and "fixes its batch size at 1" in batcher.note
         answers = [f.result() for f in [batcher.submit(_rows(1, i)) for i in range(6)]]
@@ -374,7 +339,7 @@ def test_sigterm_finishes_and_reports(two_inputs):
 
 
 def test_shutdown_answers_the_request_in_flight(tmp_path):
-    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=24)
+    slow = two_input_model(tmp_path / "slow.onnx", width=1024, layers=24)
     process = subprocess.Popen(
         [sys.executable, "-m", "compressor", "serve", str(slow), "--port", "0", "--threads",
          "1", "--stop-after-s", "120"],
@@ -400,7 +365,7 @@ def test_shutdown_answers_the_request_in_flight(tmp_path):
 
 
 def test_a_full_queue_answers_503_over_http(tmp_path):
-    slow = _two_input_model(tmp_path / "slow.onnx", width=1024, layers=8)
+    slow = two_input_model(tmp_path / "slow.onnx", width=1024, layers=8)
     process = subprocess.Popen(
         [sys.executable, "-m", "compressor", "serve", str(slow), "--port", "0", "--threads",
          "1", "--max-batch", "1", "--max-queue", "1", "--stop-after-s", "120"],
@@ -481,6 +446,14 @@ def test_a_pipeline_run_reports_its_files_under_load(trained_resnet, data, tmp_p
     page = (tmp_path / "report.html").read_text()
     assert 'id="load-chart"' in page and 'id="load"' in page
     assert set(result.report.charts()) == {"accuracy_latency", "per_stage", "load"}
+    # compressor export takes the best measured setting from the report beside the file
+    final = section["files"]["final"]
+    best = next(s for s in final["settings"] if s["label"] == final["best"]["label"])
+    artifact, repo = tmp_path / "model.int8.onnx", tmp_path / "repo"
+    assert cli(["export", "triton", str(artifact), "--output", str(repo)]) == 0
+    config = (repo / "model.int8" / "config.pbtxt").read_text()
+    assert f"max_batch_size: {best['max_batch']}\n" in config
+    assert f"count: {best['sessions']} kind: KIND_CPU" in config
     # a report.json without the section (older, or no load test) still renders
     document = json.loads((tmp_path / "report.json").read_text())
     del document["load"]

@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   compressor bench runs/demo/model.onnx runs/demo/model.int8.onnx --batch-sizes 1 32
   compressor load runs/demo/model.onnx runs/demo/model.int8.onnx --concurrency 1 8 32
   compressor serve runs/demo/model.int8.onnx --port 8000 --max-batch 16 --max-wait-ms 2
+  compressor export triton runs/demo/model.int8.onnx --output model_repository
 """
 
 

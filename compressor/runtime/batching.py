@@ -88,6 +88,15 @@ def _tensor_info(arg: Any) -> TensorInfo:
     return TensorInfo(arg.name, V2_DATATYPES[arg.type], shape)
 
 
+def file_io(path: str | Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The inputs and outputs of the ONNX file ``path`` as ONNX Runtime reads them."""
+    session = ort_session(path, 1)
+    return (
+        [_tensor_info(a) for a in session.get_inputs()],
+        [_tensor_info(a) for a in session.get_outputs()],
+    )
+
+
 @dataclass
 class Answer:
     """What one request gets back: its rows of every output, and where its time went."""
