@@ -149,6 +149,7 @@ def main() -> int:
                     "pruned": round(pruned, 4),
                     "macs_x": round(macs / count_params_macs(state.model, example)[1], 2),
                     "trials": (pruning["target"].get("importance") or {}).get("trials"),
+                    "samples": (pruning["target"].get("importance") or {}).get("samples"),
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )

@@ -13,6 +13,7 @@ import compressor as cz
 from compressor.cli import main
 from compressor.pipeline.recipe import override_recipe, read_recipe, stages_from_recipe
 from compressor.pruning.engine import prune
+from compressor.pruning.structured import clearly_better
 from compressor.pruning.target import MAX_RATIO, parse_amount
 from compressor.runtime.measure import count_params_macs
 
@@ -79,9 +80,10 @@ def _auto_choice(model, data, example, tmp_path, **options):
 def test_auto_importance_at_a_target_keeps_the_more_accurate_ranking(
     trained_resnet, data, example, tmp_path
 ):
-    """Each candidate pruned to the same MACs and scored; the best one prunes the model.
-    Moving the most useful channels' scale from their BatchNorm into the head (the same
-    function) makes BatchNorm scales rank them last: the choice follows the scores."""
+    """Each candidate pruned to the same MACs and scored; LAMP replaces BatchNorm scale only
+    when it scores clearly higher (`clearly_better`), on the trained model and on a copy
+    whose most useful channels had their BatchNorm scale moved into the head (the same
+    function, BatchNorm scales that rank those channels last)."""
     hidden = copy.deepcopy(trained_resnet)
     with torch.no_grad():
         bn = hidden.down[1]
@@ -95,11 +97,24 @@ def test_auto_importance_at_a_target_keeps_the_more_accurate_ranking(
         choice = pruning["target"]["importance"]
         trials = {t["importance"]: t for t in choice["trials"]}
         assert list(trials) == ["bn_scale", "lamp"]
-        best = max(trials.values(), key=lambda t: t["score"])  # the first on a tie
+        first, second = trials["bn_scale"], trials["lamp"]
+        clearly = clearly_better(second["score"], first["score"], choice["samples"])
+        best = second if clearly else first
         assert choice["chosen"] == pruning["importance"] == best["importance"]
+        assert choice["samples"] == 128  # the whole eval data: fewer than AUTO_SAMPLES
         assert pruning["target"]["ratio"] == best["ratio"] and row.macs <= macs * 0.5
         for t in trials.values():
             assert 0 <= t["score"] <= 1 and 0 < t["ratio"] <= MAX_RATIO
+
+
+def test_a_ranking_must_score_clearly_higher_to_replace_the_first():
+    """Two standard errors of the difference of two accuracies on the inputs scored."""
+    assert not clearly_better(0.160, 0.133, 256)  # a depthwise net near chance: noise
+    assert not clearly_better(0.715, 0.645, 256)  # 0.070 < 0.082
+    assert clearly_better(0.715, 0.645, 1024)  # the same gap on four times the inputs
+    assert clearly_better(0.402, 0.121, 256) and clearly_better(0.059, 0.009, 256)
+    assert not clearly_better(0.5, 0.6, 256)
+    assert clearly_better(-1.0, -2.0, 256)  # a metric outside [0, 1]: any gain counts
 
 
 def test_auto_importance_is_only_chosen_for_a_target(trained_resnet, data, example, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..data import data_subset
 from ..errors import ModelError, RecipeError
+from ..inputs import rows
 from ..models.layers import has_batchnorm
 from ..runtime.measure import EvalFn, count_params_macs, torch_predictor
 from ..runtime.runtimes import ONNX_RUNTIMES
@@ -61,8 +63,8 @@ class StructuredPruning(Stage):
             Params and MACs fall by about ``1 - (1 - ratio)**2``.
         importance: how channels are ranked. ``auto`` is ``bn_scale`` (|BatchNorm gamma|) when
             the model has BatchNorm and ``l2`` (group weight norm) otherwise, the quantities
-            `SparsityTraining` drives toward zero; with a target, the more accurate of that
-            and ``lamp`` at the target (`_choose_importance`); also ``l1``, ``lamp``,
+            `SparsityTraining` drives toward zero; with a target, ``lamp`` instead when it is
+            clearly more accurate at the target (`_choose_importance`); also ``l1``, ``lamp``,
             ``fpgm``, ``random``.
         ignored_layers: names of further layers to leave whole (e.g. ``["features.0"]``).
         round_to: keep channel counts a multiple of this (INT8 kernels run faster at multiples
@@ -236,12 +238,16 @@ class StructuredPruning(Stage):
         self, model: nn.Module, example: torch.Tensor, ctx: RunContext, first: float | None
     ) -> tuple[StructuredPruning, TargetSearch]:
         """``importance: auto`` with a target: each of `auto_importances` pruned to the
-        target, its BatchNorms re-estimated, scored on `AUTO_SAMPLES` eval inputs; the
-        best kept (the first on a tie). At one target the candidates cost the same, so the
-        more accurate ranking is the better one; a model trained from scratch has
-        BatchNorm scales that say little, and ranking by them can cost most of its
-        accuracy where LAMP's per-layer normalised weights cost a little."""
+        target, its BatchNorms re-estimated, scored on `AUTO_SAMPLES` eval inputs; a later
+        one replaces the one kept only when it scores clearly higher (`clearly_better`).
+        At one target the candidates cost the same, so the more accurate ranking is the
+        better one; a model trained from scratch has BatchNorm scales that say little, and
+        ranking by them can cost most of its accuracy where LAMP's per-layer normalised
+        weights cost a little. Scores within sampling noise of each other (near chance,
+        after a cut that training must repair) say nothing about which ranking recovers
+        better: then the first, the quantity `SparsityTraining` drives to zero, is kept."""
         subset = data_subset(ctx.eval_data, AUTO_SAMPLES)
+        samples = sum(rows(subset.input_fn(batch)) for batch in subset)
         trials: list[dict[str, Any]] = []
         best: tuple[float, StructuredPruning, TargetSearch] | None = None
         for name in auto_importances(model):
@@ -255,13 +261,14 @@ class StructuredPruning(Stage):
                 score = float(ctx.eval_fn(torch_predictor(pruned), subset))
             trials.append({"importance": name, "ratio": round(search.ratio, 4), "score": score})
             ctx.log(f"{ctx.step}: importance {name} at the target: {score:.4f} before training")
-            if best is None or score > best[0]:
+            if best is None or clearly_better(score, best[0], samples):
                 best = (score, options, search)
         assert best is not None
         _, options, search = best
         search.importance = {
             "chosen": options.importance,
             "trials": [{**t, "score": round(t["score"], 6)} for t in trials],
+            "samples": samples,
         }
         return options, search
 
@@ -374,6 +381,18 @@ def _aimed(rows: Sequence[Row], target: tuple[str, float] | None) -> dict[str, A
         if wanted.get("option") == target[0] and wanted.get("value") == target[1]:
             return aimed
     return None
+
+
+def clearly_better(score: float, kept: float, samples: int) -> bool:
+    """Whether ``score`` beats ``kept`` by more than two standard errors of the difference
+    of two accuracies (proportions in [0, 1]) measured on ``samples`` inputs each; a
+    metric outside [0, 1] counts any gain."""
+
+    def variance(p: float) -> float:
+        return p * (1 - p) if 0 <= p <= 1 else 0.0
+
+    margin = 2 * math.sqrt((variance(score) + variance(kept)) / max(samples, 1))
+    return score - kept > margin
 
 
 def _candidate(
