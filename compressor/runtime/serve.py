@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,89 +60,138 @@ def max_body_bytes(batcher: DynamicBatcher) -> int:
     return rows * numbers * 24 + 65536
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer, apart from the server that sends it."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+_MODEL_ROUTE = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$"
+)
+
+
+class V2Protocol:
+    """The Open Inference Protocol's REST routes over one batcher, apart from the HTTP
+    server that carries them (aiohttp in `serve`, Ray Serve in `compressor.runtime.ray_serve`):
+    both call `handle` with the method, path, body and binary-header length of a request.
+
+    ``on_answer`` is called after each infer request; ``replica`` (a Ray Serve replica's
+    name) is added to each infer answer's ``parameters``."""
+
+    def __init__(
+        self,
+        batcher: DynamicBatcher,
+        name: str,
+        on_answer: Callable[[], None] | None = None,
+        replica: str | None = None,
+    ) -> None:
+        from .._version import __version__
+
+        self.batcher, self.name, self.on_answer, self.replica = batcher, name, on_answer, replica
+        self.max_body = max_body_bytes(batcher)
+        self.output_names = [o.name for o in batcher.outputs]
+        self.server = {"name": "compressor", "version": __version__}
+        self.metadata = {
+            "name": name,
+            "versions": ["1"],
+            "platform": f"{batcher.settings.runtime}_onnx",
+            "inputs": [i.to_dict() for i in batcher.inputs],
+            "outputs": [o.to_dict() for o in batcher.outputs],
+        }
+
+    async def handle(
+        self, method: str, path: str, body: bytes, header_length: str | None = None
+    ) -> Reply:
+        """The answer to one request (every error a 4xx or 5xx with ``{"error": ...}``)."""
+        simple = {
+            "/v2": {**self.server, "extensions": ["binary_tensor_data"]},
+            "/v2/health/live": {"live": True},
+            "/v2/health/ready": {"ready": True},
+        }
+        route = _MODEL_ROUTE.match(path)
+        if path in simple or (route and route["rest"] != "/infer"):
+            if method not in ("GET", "HEAD"):
+                return _error(405, "Method Not Allowed")
+            if path in simple:
+                return _json(200, simple[path])
+            try:
+                self._model(route["name"], route["version"])
+            except _Invalid as exc:
+                return _error(exc.status, str(exc))
+            if route["rest"] == "/ready":
+                return _json(200, {"name": self.name, "ready": True})
+            return _json(200, self.metadata)
+        if route is None:
+            return _error(404, "Not Found")
+        if method != "POST":
+            return _error(405, "Method Not Allowed")
+        try:
+            return await self._infer(route["name"], route["version"], body, header_length)
+        finally:
+            if self.on_answer:
+                self.on_answer()
+
+    def _model(self, asked: str, version: str | None) -> None:
+        if asked != self.name or version not in (None, "1"):
+            which = f"{asked!r}" + (f" version {version!r}" if version else "")
+            raise _Invalid(404, f"unknown model {which}; this server has {self.name!r} version 1")
+
+    async def _infer(
+        self, asked: str, version: str | None, body: bytes, header_length: str | None
+    ) -> Reply:
+        try:
+            self._model(asked, version)
+            if len(body) > self.max_body:
+                raise _Invalid(413, f"the body holds {len(body)} bytes; at most "
+                               f"{self.max_body} are accepted")  # fmt: skip
+            header, inputs, wanted = parse_request(body, header_length)
+            unknown = sorted(set(wanted or ()) - {"*"} - set(self.output_names))
+            if unknown:
+                msg = f"unknown output(s) {unknown}; the model has {self.output_names}"
+                raise _Invalid(400, msg)
+            answer = await asyncio.wrap_future(self.batcher.submit(inputs))
+        except _Invalid as exc:
+            return _error(exc.status, str(exc))
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        except Busy as exc:
+            return _error(503, str(exc))
+        except Exception as exc:  # the runtime refused it; the server goes on
+            return _error(500, f"the model failed on this request: {exc}")
+        return respond(header, answer, wanted, self.name, self.replica)
+
+
+def _json(status: int, value: Any) -> Reply:
+    return Reply(status, json.dumps(value).encode(), {"Content-Type": "application/json"})
+
+
+def _error(status: int, message: str) -> Reply:
+    return _json(status, {"error": message})
+
+
 def make_app(batcher: DynamicBatcher, name: str, on_answer: Callable[[], None] | None = None):
     """The aiohttp application serving ``batcher`` under the model name ``name``."""
     web = _aiohttp()
-    from .._version import __version__
+    protocol = V2Protocol(batcher, name, on_answer)
 
-    max_body = max_body_bytes(batcher)
-    output_names = [o.name for o in batcher.outputs]
-    metadata = {
-        "name": name,
-        "versions": ["1"],
-        "platform": f"{batcher.settings.runtime}_onnx",
-        "inputs": [i.to_dict() for i in batcher.inputs],
-        "outputs": [o.to_dict() for o in batcher.outputs],
-    }
-
-    def error(status: int, message: str):
-        return web.json_response({"error": message}, status=status)
-
-    @web.middleware
-    async def protocol_errors(request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return error(exc.status, exc.reason)
-
-    def model(request) -> None:
-        asked = request.match_info["name"]
-        version = request.match_info.get("version")
-        if asked != name or version not in (None, "1"):
-            which = f"{asked!r}" + (f" version {version!r}" if version else "")
-            raise _Invalid(404, f"unknown model {which}; this server has {name!r} version 1")
-
-    async def server_metadata(request):
-        return web.json_response(
-            {"name": "compressor", "version": __version__, "extensions": ["binary_tensor_data"]}
+    async def route(request):
+        body = b""
+        if request.method == "POST":
+            if request.content_length is not None and request.content_length > protocol.max_body:
+                return _send(web, _error(413, f"the body holds {request.content_length} bytes; "
+                                         f"at most {protocol.max_body} are accepted"))  # fmt: skip
+            try:
+                body = await _read(request, protocol.max_body)
+            except _Invalid as exc:
+                return _send(web, _error(exc.status, str(exc)))
+        reply = await protocol.handle(
+            request.method, request.path, body, request.headers.get(HEADER_LENGTH)
         )
-
-    async def live(request):
-        return web.json_response({"live": True})
-
-    async def ready(request):
-        return web.json_response({"ready": True})
-
-    async def model_metadata(request):
-        try:
-            model(request)
-        except _Invalid as exc:
-            return error(exc.status, str(exc))
-        return web.json_response(metadata)
-
-    async def model_ready(request):
-        try:
-            model(request)
-        except _Invalid as exc:
-            return error(exc.status, str(exc))
-        return web.json_response({"name": name, "ready": True})
-
-    async def infer(request):
-        try:
-            model(request)
-            if request.content_length is not None and request.content_length > max_body:
-                raise _Invalid(413, f"the body holds {request.content_length} bytes; at most "
-                               f"{max_body} are accepted")  # fmt: skip
-            body = await _read(request, max_body)
-            header, inputs, wanted = parse_request(body, request.headers.get(HEADER_LENGTH))
-            unknown = sorted(set(wanted or ()) - {"*"} - set(output_names))
-            if unknown:
-                raise _Invalid(400, f"unknown output(s) {unknown}; the model has {output_names}")
-            answer = await asyncio.wrap_future(batcher.submit(inputs))
-        except _Invalid as exc:
-            return error(exc.status, str(exc))
-        except BadRequest as exc:
-            return error(400, str(exc))
-        except Busy as exc:
-            return error(503, str(exc))
-        except Exception as exc:  # the runtime refused it; the server goes on
-            return error(500, f"the model failed on this request: {exc}")
-        finally:
-            if on_answer:
-                on_answer()
-        return respond(web, header, answer, wanted, name)
+        return _send(web, reply)
 
     async def _read(request, limit: int) -> bytes:
         chunks, size = [], 0
@@ -151,21 +202,13 @@ def make_app(batcher: DynamicBatcher, name: str, on_answer: Callable[[], None] |
             chunks.append(chunk)
         return b"".join(chunks)
 
-    app = web.Application(middlewares=[protocol_errors], client_max_size=max_body)
-    app.add_routes(
-        [
-            web.get("/v2", server_metadata),
-            web.get("/v2/health/live", live),
-            web.get("/v2/health/ready", ready),
-            web.get("/v2/models/{name}", model_metadata),
-            web.get("/v2/models/{name}/versions/{version}", model_metadata),
-            web.get("/v2/models/{name}/ready", model_ready),
-            web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
-            web.post("/v2/models/{name}/infer", infer),
-            web.post("/v2/models/{name}/versions/{version}/infer", infer),
-        ]
-    )
+    app = web.Application(client_max_size=protocol.max_body)
+    app.add_routes([web.route("*", "/{tail:.*}", route)])
     return app
+
+
+def _send(web: Any, reply: Reply):
+    return web.Response(body=reply.body, status=reply.status, headers=reply.headers)
 
 
 def parse_request(
@@ -255,7 +298,9 @@ def _wanted(header: dict[str, Any]) -> dict[str, bool] | None:
     return wanted
 
 
-def respond(web: Any, header: dict[str, Any], answer: Any, wanted: dict | None, name: str):
+def respond(
+    header: dict[str, Any], answer: Any, wanted: dict | None, name: str, replica: str | None = None
+) -> Reply:
     """The protocol's infer response for ``answer`` (binary outputs after the JSON)."""
     names = list(answer.outputs)
     if wanted is not None and "*" not in wanted:
@@ -283,12 +328,15 @@ def respond(web: Any, header: dict[str, Any], answer: Any, wanted: dict | None, 
         "compute_us": round(answer.run_ms * 1000),
         "batch_rows": answer.batch_rows,
     }
+    if replica:
+        body["parameters"]["replica"] = replica
     text = json.dumps(body).encode()
     if not blobs:
-        return web.Response(body=text, content_type="application/json")
-    return web.Response(
-        body=text + b"".join(blobs),
-        headers={HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"},
+        return Reply(200, text, {"Content-Type": "application/json"})
+    return Reply(
+        200,
+        text + b"".join(blobs),
+        {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"},
     )
 
 
