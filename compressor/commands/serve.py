@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..runtime.runtimes import ONNX_RUNTIMES
 from .common import add_batching, check_positive
 
@@ -59,6 +61,26 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         "cores divided by --sessions)"
     )  # fmt: skip
     serve.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: Ray Serve replicas, each a session of "
+        "--threads threads (pip install 'compressor[ray]')",
+    )
+    serve.add_argument(
+        "--replicas", type=int, default=1, metavar="N", help="with --engine ray: replicas"
+    )
+    serve.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        help="with --engine ray: scale between MIN and MAX replicas on concurrent requests",
+    )
+    serve.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --engine ray: an existing Ray cluster (default: start a local one)",
+    )
+    serve.add_argument(
         "--stop-after-requests",
         type=int,
         metavar="N",
@@ -73,8 +95,13 @@ def _serve(args: argparse.Namespace) -> int:
     from ..runtime.measure import default_threads
     from ..runtime.serve import serve
 
-    check_positive(args, "sessions", "threads", "max_batch", "max_queue", "max_rows")
+    check_positive(args, "sessions", "threads", "max_batch", "max_queue", "max_rows", "replicas")
+    if args.engine == "local" and (args.autoscale or args.address or args.replicas != 1):
+        raise UserError("--replicas, --autoscale and --address need --engine ray")
     threads = args.threads or max(1, default_threads() // args.sessions)
+    if args.engine == "ray":
+        replicas = _replicas(args)[0]
+        threads = args.threads or max(1, default_threads() // replicas)
     settings = BatchSettings(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -84,6 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         runtime=args.runtime,
     )
+
+    if args.engine == "ray":
+        return _serve_ray(args, settings)
 
     def ready(url: str) -> None:
         name = args.name or args.model.stem
@@ -104,4 +134,43 @@ def _serve(args: argparse.Namespace) -> int:
         on_ready=ready,
     )
     print(f"compressor: stopped after {answered} infer request(s)", flush=True)
+    return 0
+
+
+def _replicas(args: argparse.Namespace) -> tuple[int, int]:
+    if not args.autoscale:
+        return args.replicas, args.replicas
+    match = re.fullmatch(r"(\d+):(\d+)", args.autoscale)
+    if not match:
+        raise UserError(f"--autoscale must be MIN:MAX, e.g. 1:4 (got: {args.autoscale!r})")
+    return int(match[1]), int(match[2])
+
+
+def _serve_ray(args: argparse.Namespace, settings: Any) -> int:
+    from ..runtime.ray_serve import RayOptions, serve_ray
+
+    if args.stop_after_requests:
+        raise UserError("--stop-after-requests is not available with --engine ray")
+    options = RayOptions(replicas=_replicas(args), address=args.address)
+    name = args.name or args.model.stem
+
+    def ready(url: str) -> None:
+        print(
+            f"compressor: serving {name} at {url}/v2/models/{name} on Ray Serve "
+            f"({options.replicas[0]}-{options.replicas[1]} replicas, {settings.label}); "
+            "Ctrl-C stops",
+            flush=True,
+        )
+
+    serve_ray(
+        args.model,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        settings=settings,
+        options=options,
+        stop_after_s=args.stop_after_s,
+        on_ready=ready,
+    )
+    print("compressor: stopped", flush=True)
     return 0
