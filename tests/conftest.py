@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,14 @@ def two_input_model(path: Path, batch: int | str = "N", width: int = 4, layers: 
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def network_namespace() -> list[str]:
+    """``unshare --net`` (as root), else with a user namespace mapping this user to root."""
+    for prefix in (["unshare", "--net"], ["unshare", "--net", "--map-root-user"]):
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+                return prefix
+        except FileNotFoundError:
+            break
+    pytest.fail("the Ray tests run in a network namespace: util-linux's unshare --net is needed")

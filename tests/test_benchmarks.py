@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import network_namespace
 
 import compressor as cz
 from compressor.pruning.structured import clearly_better
@@ -334,3 +335,22 @@ def test_text_classification_script(tmp_path):
     assert set(found["peers"]) == {"ort_dynamic", "ort_static"}
     assert all(ms > 0 for ms in found["p50_ms"].values())
     assert "| compressor: pruned + INT8 | 1 |" in table
+
+
+def test_ray_replicas_script(tmp_path):
+    """compressor serve, one Ray replica and two, shortened, in a network namespace."""
+    pytest.importorskip("ray.serve", reason="the ray extra: pip install 'compressor[ray]'")
+    args = ["--runs", "1", "--levels", "2", "--requests", "20", "--seconds", "1", "--size", "32"]
+    command = [*network_namespace(), sys.executable, str(BENCHMARKS / "ray_replicas.py")]
+    done = subprocess.run(
+        [*command, *args, "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "ray_replicas.json").read_text())["rows"]
+    assert [r["front"].split()[0] for r in rows] == ["serve", "ray", "ray"]
+    assert all(r["throughput"] > 0 and r["errors"] == 0 for r in rows)
+    assert "| ray 2x" in done.stdout

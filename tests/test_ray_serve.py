@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import two_input_model
+from conftest import network_namespace, two_input_model
 
 from compressor.cli import main
 
@@ -20,20 +20,9 @@ pytest.importorskip("tritonclient.http", reason="the test extra installs tritonc
 ROOT = Path(__file__).parent.parent
 
 
-def _network_namespace() -> list[str]:
-    """``unshare --net`` (as root), else with a user namespace mapping this user to root."""
-    for prefix in (["unshare", "--net"], ["unshare", "--net", "--map-root-user"]):
-        try:
-            if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
-                return prefix
-        except FileNotFoundError:
-            break
-    pytest.fail("the Ray tests run in a network namespace: util-linux's unshare --net is needed")
-
-
 def test_replicas_answer_right_under_load_and_survive_a_killed_one(tmp_path):
     out = tmp_path / "ray.json"
-    command = [*_network_namespace(), sys.executable, "tests/ray_run.py", str(out)]
+    command = [*network_namespace(), sys.executable, "tests/ray_run.py", str(out)]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stderr[-4000:]
     found = json.loads(out.read_text())
