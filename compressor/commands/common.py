@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from ..errors import UserError
@@ -64,3 +65,13 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
         if value is not None and value < 1:
             msg = f"--{name.replace('_', '-')} must be >= 1 (got: {value})"
             raise UserError(msg)
+
+
+def replicas_range(replicas: int, autoscale: str | None) -> tuple[int, int]:
+    """(min, max) replicas: ``--autoscale MIN:MAX`` when given, else ``--replicas`` both."""
+    if not autoscale:
+        return replicas, replicas
+    match = re.fullmatch(r"(\d+):(\d+)", autoscale)
+    if not match:
+        raise UserError(f"--autoscale must be MIN:MAX, e.g. 1:4 (got: {autoscale!r})")
+    return int(match[1]), int(match[2])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .common import check_positive
+from .common import check_positive, replicas_range
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -115,9 +115,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
         for key in ("max_batch", "max_wait_ms", "max_queue", "sessions", "threads")
         if getattr(args, key) is not None
     }
-    if args.max_wait_ms is not None and not 0 <= args.max_wait_ms <= 10_000:
-        raise UserError(f"--max-wait-ms must be from 0 to 10000 (got: {args.max_wait_ms})")
-    return dataclasses.replace(settings, **given), best
+    return dataclasses.replace(settings, **given), best  # BatchSettings checks each value
 
 
 def _triton(args: argparse.Namespace) -> int:
@@ -138,12 +136,7 @@ def _kserve(args: argparse.Namespace) -> int:
 
     settings, best = _settings(args)
     check_positive(args, "replicas")
-    replicas = (args.replicas, args.replicas)
-    if args.autoscale:
-        match = re.fullmatch(r"(\d+):(\d+)", args.autoscale)
-        if not match:
-            raise UserError(f"--autoscale must be MIN:MAX, e.g. 1:4 (got: {args.autoscale!r})")
-        replicas = (int(match[1]), int(match[2]))
+    replicas = replicas_range(args.replicas, args.autoscale)
     name = args.name or re.sub(r"[^a-z0-9-]+", "-", args.model.stem.lower()).strip("-")
     target = best["concurrency"] if (best and args.autoscale) else None
     manifest = inference_service(name, args.storage_uri, settings, replicas, target)

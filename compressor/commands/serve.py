@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..runtime.runtimes import ONNX_RUNTIMES
-from .common import add_batching, check_positive
+from .common import add_batching, check_positive, replicas_range
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -98,10 +97,11 @@ def _serve(args: argparse.Namespace) -> int:
     check_positive(args, "sessions", "threads", "max_batch", "max_queue", "max_rows", "replicas")
     if args.engine == "local" and (args.autoscale or args.address or args.replicas != 1):
         raise UserError("--replicas, --autoscale and --address need --engine ray")
-    threads = args.threads or max(1, default_threads() // args.sessions)
+    # the cores are shared by the sessions here, by the (first) replicas on Ray
+    sharing = args.sessions
     if args.engine == "ray":
-        replicas = _replicas(args)[0]
-        threads = args.threads or max(1, default_threads() // replicas)
+        sharing = replicas_range(args.replicas, args.autoscale)[0]
+    threads = args.threads or max(1, default_threads() // sharing)
     settings = BatchSettings(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -137,21 +137,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replicas(args: argparse.Namespace) -> tuple[int, int]:
-    if not args.autoscale:
-        return args.replicas, args.replicas
-    match = re.fullmatch(r"(\d+):(\d+)", args.autoscale)
-    if not match:
-        raise UserError(f"--autoscale must be MIN:MAX, e.g. 1:4 (got: {args.autoscale!r})")
-    return int(match[1]), int(match[2])
-
-
 def _serve_ray(args: argparse.Namespace, settings: Any) -> int:
     from ..runtime.ray_serve import RayOptions, serve_ray
 
     if args.stop_after_requests:
         raise UserError("--stop-after-requests is not available with --engine ray")
-    options = RayOptions(replicas=_replicas(args), address=args.address)
+    options = RayOptions(
+        replicas=replicas_range(args.replicas, args.autoscale), address=args.address
+    )
     name = args.name or args.model.stem
 
     def ready(url: str) -> None:
