@@ -50,6 +50,7 @@ def train(
     after_step: AfterStep | None = None,
     optimizer_kind: str = "auto",
     record: dict[str, Any] | None = None,
+    single_process: bool = False,
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``ctx.train_data``; return the mean loss per epoch.
 
@@ -74,14 +75,15 @@ def train(
     the same number of steps, and the losses are averaged over all ranks.
 
     ``record``, when given, receives ``optimizer``: the kind used and, for ``probe``, the
-    trial's losses.
+    trial's losses. ``single_process``: train in this process alone even under torchrun
+    (a stage only rank 0 runs).
 
     Raises:
         DataError: the training data yields no batch.
         UserError: the loss stops being finite (lower the learning rate).
     """
     device = ctx.device
-    parallel = distributed.active()
+    parallel = distributed.active() and not single_process
     kind, probe = optimizer_kind, None
     if kind == "probe":
         kind, probe = probe_optimizer(model, ctx, compute_loss, lr)
@@ -165,7 +167,8 @@ def train(
             if pending:  # the epoch's last batches (a data set of unknown length)
                 optimizer_step()
             # over every rank's batches (a no-op in one process)
-            loss_sum, batches, correct, seen = distributed.all_sum(tally.tolist())
+            totals = tally.tolist()
+            loss_sum, batches, correct, seen = distributed.all_sum(totals) if parallel else totals
             _check_finite(tally, desc, epoch, lr)
             if batches == 0:
                 msg = f"{desc}: the training data yielded no batch in epoch {epoch + 1}"
@@ -339,10 +342,21 @@ def optimizer_for(model: nn.Module, lr: float, kind: str = "auto") -> torch.opti
     """``sgd``: SGD with Nesterov momentum 0.9 at ``lr``; ``adamw``: AdamW at
     ``lr * ADAMW_LR_SCALE`` (0.05 -> 1e-3, 0.01 -> 2e-4), so one ``lr`` suits both;
     ``auto`` (one of `OPTIMIZERS`): AdamW for a model `uses_adamw` says is a transformer
-    (``probe`` is resolved by `train`, see `probe_optimizer`)."""
-    if kind == "adamw" or (kind == "auto" and uses_adamw(model)):
-        return torch.optim.AdamW(model.parameters(), lr=lr * ADAMW_LR_SCALE, weight_decay=0.0)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    (``probe`` is resolved by `train`, see `probe_optimizer`).
+
+    A model with an ``optimizer_groups()`` method (`compressor.quantization.qdq_module`)
+    gives its parameters in groups, each ``{"params": [...], "lr_scale": k}``: that group
+    learns at ``k`` times the rate."""
+    adamw = kind == "adamw" or (kind == "auto" and uses_adamw(model))
+    base = lr * ADAMW_LR_SCALE if adamw else lr
+    groups_of = getattr(model, "optimizer_groups", None)
+    if callable(groups_of):
+        groups = [{"params": g["params"], "lr": base * g.get("lr_scale", 1.0)} for g in groups_of()]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": base}]
+    if adamw:
+        return torch.optim.AdamW(groups, lr=base, weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=base, momentum=0.9, nesterov=True)
 
 
 def fit_baseline(
