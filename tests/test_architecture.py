@@ -31,7 +31,7 @@ ALLOWED = {
     "report": CONTRACTS | {"models", "runtime"},
     "sources": CONTRACTS | {"models"},
     "training": CONTRACTS | {"models", "runtime", "stage"},
-    "quantization": CONTRACTS | {"models", "runtime", "stage"},
+    "quantization": CONTRACTS | {"models", "runtime", "stage", "training"},
     "pruning": CONTRACTS | {"models", "runtime", "stage", "training"},
     "pipeline": CONTRACTS
     | {"models", "runtime", "stage", "report", "training", "pruning", "quantization"},
