@@ -106,7 +106,7 @@ def test_float_inputs_read_the_activation_and_put_back_the_clipped_relu(
 
 
 def test_budget_reverts_a_few_nodes_not_all(outlier_model, data, tmp_path):
-    stage = cz.Int8Quantization(calibration_samples=64, fp32_placement=False)
+    stage = cz.Int8Quantization(calibration_samples=64, fp32_placement=False, qat="never")
     result = cz.Pipeline([stage], max_accuracy_drop=0.02).run(
         outlier_model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
     )
@@ -131,7 +131,7 @@ def test_budget_reverts_a_few_nodes_not_all(outlier_model, data, tmp_path):
 
 def test_stage_budget_without_a_pipeline_budget(outlier_model, data, tmp_path):
     stage = cz.Int8Quantization(
-        calibration_samples=64, fp32_placement=False, max_accuracy_drop=0.02
+        calibration_samples=64, fp32_placement=False, max_accuracy_drop=0.02, qat="never"
     )
     result = cz.Pipeline([stage]).run(
         outlier_model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
@@ -285,7 +285,7 @@ def test_budget_reverts_the_first_layers_together_when_no_single_node_helps(data
     with torch.no_grad():
         model.conv1.weight[:, 0] = 0
     model.add_outlier()
-    stage = cz.Int8Quantization(calibration_samples=64, fp32_placement=False)
+    stage = cz.Int8Quantization(calibration_samples=64, fp32_placement=False, qat="never")
     result = cz.Pipeline([stage], max_accuracy_drop=0.05).run(
         model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8
     )
@@ -364,7 +364,7 @@ def test_the_ratio_search_judges_a_candidate_by_the_int8_file_the_budget_will_sh
     stage's budget reverts, a candidate meets it, and the search keeps that candidate."""
     stages = [
         cz.StructuredPruning(ratio=0.2, round_to=1),
-        cz.Int8Quantization(calibration_samples=64, fp32_placement=False),
+        cz.Int8Quantization(calibration_samples=64, fp32_placement=False, qat="never"),
     ]
     result = cz.Pipeline(stages, max_accuracy_drop=0.03, max_search_minutes=2).run(
         outlier_model, *data, output_dir=tmp_path, progress=False, threads=1, throughput_batch=8

@@ -17,6 +17,7 @@ import onnx
 
 from .._io import atomic_path
 from ..data import DataSpec, data_subset
+from ..errors import RecipeError
 from ..runtime.export import DEFAULT_OPSET, export_onnx, tail_nodes
 from ..runtime.measure import (
     onnx_predictor,
@@ -26,6 +27,7 @@ from ..runtime.measure import (
     timed_runs,
 )
 from ..stage import Stage, check_bool, check_choice, check_float, check_int, register_stage
+from ..training.loop import OPTIMIZERS
 from .budget import revert_to_budget
 from .calibration import CALIBRATION_MEMORY, _CalibrationReader, activation_bytes, graph_inputs
 from .mode import (
@@ -42,12 +44,14 @@ from .onnx_edits import (
     save_single_file,
 )
 from .placement import place_fp32
+from .qat import quantization_aware_training
 from .types import TYPES, choose_types
 
 if TYPE_CHECKING:
     from ..stage import RunContext, State
 
 METHODS = ("minmax", "entropy", "percentile")
+QAT_CHOICES = ("auto", "always", "never")
 
 
 @register_stage("int8_quantization")
@@ -90,6 +94,17 @@ class Int8Quantization(Stage):
             when ``max_accuracy_drop`` is null: INT8 detectors often lose most of their mAP
             in their first layers (a flat background's rounding error, amplified layer by
             layer), and the budget reverts those layers to FP32. ``null``: none.
+        qat: quantization-aware training of the static INT8 file (`compressor.quantization.qat`:
+            the file's own graph fine-tuned with fake quantization against the original
+            model, its weights and scales written back): ``auto`` when the file misses an
+            accuracy budget, before any node is reverted to FP32 for it; ``always``;
+            ``never``.
+        qat_epochs: QAT's passes over the training data.
+        qat_lr: QAT's learning rate (cosine decay to zero, as the other training stages;
+            AdamW runs at ``lr`` x 0.02, so the default 0.02 is AdamW at 4e-4).
+        qat_optimizer: ``adamw`` (default: measured to win back what an outlier activation
+            cost where SGD made it worse, benchmarks/README.md), ``sgd``, ``auto`` or
+            ``probe`` (`compressor.training.loop.train`).
     """
 
     mode: str = "auto"
@@ -106,6 +121,10 @@ class Int8Quantization(Stage):
     sensitivity_samples: int = 256
     head_fp32: bool = True
     detector_max_accuracy_drop: float | None = 0.015
+    qat: str = "auto"
+    qat_epochs: int = 1
+    qat_lr: float = 0.02
+    qat_optimizer: str = "adamw"
 
     name = "int8_quantization"
     phase = "quantization"
@@ -131,6 +150,13 @@ class Int8Quantization(Stage):
         if self.detector_max_accuracy_drop is not None:
             drop = self.detector_max_accuracy_drop
             check_float(self.name, "detector_max_accuracy_drop", drop, low=0, high=1)
+        check_choice(self.name, "qat", self.qat, QAT_CHOICES)
+        check_int(self.name, "qat_epochs", self.qat_epochs, minimum=1)
+        check_float(self.name, "qat_lr", self.qat_lr, low=0.0, low_open=True)
+        check_choice(self.name, "qat_optimizer", self.qat_optimizer, OPTIMIZERS)
+        if self.qat == "always" and self.mode == "dynamic":
+            msg = f"{self.name}: qat 'always' trains a static INT8 file; mode 'dynamic' makes none"
+            raise RecipeError(msg)
 
     def apply(self, state: State, ctx: RunContext) -> State:
         """Export ``state.model``, quantize it and write ``model.int8.onnx``."""
@@ -161,7 +187,7 @@ class Int8Quantization(Stage):
             per_sample = activation_bytes(source)
             max_batch = max(1, CALIBRATION_MEMORY // max(per_sample, 1))
             try_dynamic = self.mode == "dynamic" or (
-                self.mode == "auto" and not has_convolutions(source)
+                self.mode == "auto" and self.qat != "always" and not has_convolutions(source)
             )
             dynamic = Path(tmp) / "dynamic" / "model.int8.onnx"
             if try_dynamic:
@@ -216,7 +242,16 @@ class Int8Quantization(Stage):
             kept = [*head, *(placement["fp32_nodes"] if placement else [])]
             if chosen == "dynamic":
                 kept = activation_matmuls(source)
-            budget = None
+            budget, qat = None, None
+            if chosen == "static" and (self.qat == "always" or floor is not None):
+                if floor is not None and fp32_accuracy is None:
+                    fp32_accuracy = self._accuracy(source, ctx)
+                quantized, source, qat = self._qat(
+                    quantized, source, state, ctx, floor, fp32_accuracy, tmp
+                )
+                if qat is not None:
+                    notes += _qat_notes(qat)
+                    clock.lap("qat")
             if floor is not None and chosen == "dynamic":
                 accuracy = dynamic_accuracy
                 if accuracy is None:
@@ -285,6 +320,7 @@ class Int8Quantization(Stage):
                 "types_reason": types.reason,
                 "speedup_vs_fp32_onnx": round(speedup, 3),
                 "placement": placement,
+                **({"qat": qat} if qat else {}),
                 **({"accuracy_budget": budget} if budget else {}),
                 **graph,
                 "seconds": clock.laps,
@@ -400,6 +436,55 @@ class Int8Quantization(Stage):
             fp32_accuracy=fp32_accuracy,
         )
 
+    def _qat(
+        self,
+        quantized: Path,
+        source: Path,
+        state: State,
+        ctx: RunContext,
+        floor: float | None,
+        fp32_accuracy: float | None,
+        tmp: str,
+    ) -> tuple[Path, Path, dict[str, Any] | None]:
+        """Quantization-aware training of ``quantized`` when ``qat`` asks for it (``auto``:
+        when its accuracy is under ``floor`` and the FP32 model's, ``fp32_accuracy``, is
+        not): the file to go on with, the FP32 file its nodes revert from, and QAT's record
+        (None when it did not run)."""
+        ptq = None
+        if self.qat == "never" or (self.qat == "auto" and floor is None):
+            return quantized, source, None
+        if self.qat == "auto" and fp32_accuracy is not None and fp32_accuracy < floor:
+            return quantized, source, None  # lost before INT8: training INT8 is not the cure
+        if self.qat == "auto":
+            ptq = self._accuracy(quantized, ctx)
+            if ptq >= floor:  # type: ignore[operator]
+                return quantized, source, None
+        if needs_external_data(source):
+            return quantized, source, {"skipped": "over 2 GB: the file is not trained"}
+        ctx.log(f"{ctx.step}: quantization-aware training ({self.qat_epochs} epoch(s))")
+        types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
+        int8, fp32, info = quantization_aware_training(
+            quantized,
+            source,
+            state.teacher,
+            ctx,
+            Path(tmp) / "qat",
+            epochs=self.qat_epochs,
+            lr=self.qat_lr,
+            optimizer=self.qat_optimizer,
+            weight_qmax=64 if types.reduce_range else 127,
+        )
+        ptq = self._accuracy(quantized, ctx) if ptq is None else ptq
+        accuracy = self._accuracy(int8, ctx)
+        info = {"ptq_accuracy": round(ptq, 6), "accuracy": round(accuracy, 6), **info}
+        if floor is not None:
+            info.update(min_accuracy=round(floor, 6), met=accuracy >= floor)
+        if accuracy < ptq:  # training made it worse: the calibrated file goes on
+            info["kept"] = "ptq"
+            return quantized, source, info
+        info["kept"] = "qat"
+        return int8, fp32, info
+
     def _head(self, source: Path, ctx: RunContext) -> list[str]:
         """The detector head's nodes in ``source`` that stay FP32 (``head_fp32``), or none."""
         detector = ctx.io.detection
@@ -426,6 +511,21 @@ class Int8Quantization(Stage):
             measured = self._accuracy(fp32, ctx)
             floors.append(measured - drop)
         return (max(floors) if floors else None), measured
+
+
+def _qat_notes(qat: dict[str, Any]) -> list[str]:
+    """The report notes of quantization-aware training."""
+    if "skipped" in qat:
+        return [f"quantization-aware training skipped: {qat['skipped']}"]
+    text = (
+        f"quantization-aware training ({qat['epochs']} epoch(s)): INT8 accuracy "
+        f"{qat['ptq_accuracy']:.4f} after calibration, {qat['accuracy']:.4f} after QAT"
+    )
+    if "min_accuracy" in qat:
+        text += f" (at least {qat['min_accuracy']:.4f} needed)"
+    if qat["kept"] == "ptq":
+        text += "; QAT did not help, the calibrated file is kept"
+    return [text]
 
 
 def _budget_notes(budget: dict[str, Any]) -> list[str]:
