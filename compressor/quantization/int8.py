@@ -479,7 +479,10 @@ class Int8Quantization(Stage):
         info = {"ptq_accuracy": round(ptq, 6), "accuracy": round(accuracy, 6), **info}
         if floor is not None:
             info.update(min_accuracy=round(floor, 6), met=accuracy >= floor)
-        if accuracy < ptq:  # training made it worse: the calibrated file goes on
+        # the calibrated file goes on when training made it worse, or when the budget's
+        # FP32 fallback must run anyway: reverting nodes of the trained file to its trained
+        # float weights mixes weights tuned for rounding with unrounded ones
+        if accuracy < ptq or not info.get("met", True):
             info["kept"] = "ptq"
             return quantized, source, info
         info["kept"] = "qat"
@@ -523,7 +526,9 @@ def _qat_notes(qat: dict[str, Any]) -> list[str]:
     )
     if "min_accuracy" in qat:
         text += f" (at least {qat['min_accuracy']:.4f} needed)"
-    if qat["kept"] == "ptq":
+    if qat["kept"] == "ptq" and not qat.get("met", True):
+        text += "; under the budget, so the calibrated file goes on to the FP32 fallback"
+    elif qat["kept"] == "ptq":
         text += "; QAT did not help, the calibrated file is kept"
     return [text]
 
