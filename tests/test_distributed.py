@@ -125,6 +125,7 @@ def test_the_cli_under_torchrun_prints_and_writes_once(tmp_path):
         "--throughput-batch", "8",
         "--mixed-precision", "bf16", "--accumulate-grad-batches", "2", "--json",
         "--target-params", "4K",
+        "--set", "int8_quantization.qat=always",  # rank 0 alone trains the INT8 file
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -140,6 +141,8 @@ def test_the_cli_under_torchrun_prints_and_writes_once(tmp_path):
     aimed = rows["sparsity_training"]["sparsity"]["target"]["ratio"]
     assert target["met"] and target["ratio"] == pytest.approx(aimed, abs=1e-4)
     assert rows["sparsity_training"]["data_parallel"] == {"world_size": 2, "in_sync": True}
+    qat = rows["int8_quantization"]["quantization"]["qat"]
+    assert qat["epochs"] == 1 and len(qat["train_loss"]) == 1 and qat["kept"] in ("qat", "ptq")
 
 
 def test_dealt_out_batches_cover_the_data_once():

@@ -326,6 +326,7 @@ class QDQModule(nn.Module):
         if not self.learn_scales:
             scale = scale.detach()
         zero = spec["zero"]
+        x = x.float()  # rounding to 256 levels needs more than bfloat16's 8 bits
         q = torch.clamp(_round_ste(x / scale) + zero, spec["qmin"], spec["qmax"])
         return (q - zero) * scale, scale.detach().reshape(-1)
 
