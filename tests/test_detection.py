@@ -22,6 +22,7 @@ from compressor.cli import main
 from compressor.data import DataSpec
 from compressor.models.detection import DetectionHead, collate, mean_ap, pad_targets
 from compressor.models.model_io import resolve_io
+from compressor.quantization.qdq_module import QDQModule
 from compressor.runtime.export import export_onnx, nodes_of_modules, scope_module
 from compressor.runtime.measure import ort_predictor, ort_session
 from compressor.sources.demo import demo_images
@@ -246,6 +247,10 @@ def test_a_detector_through_all_four_stages(tmp_path, val, monkeypatch):
     assert out.shape == (2, len(io.detection.anchors), 4 + CLASSES)
     found = io.detection.detections(out)
     assert set(found[0]) == {"boxes", "scores", "labels"}
+    # quantization-aware training can train this file: its graph (the heads' FP32 convs,
+    # the reshapes, the concatenation) computes in torch as ONNX Runtime runs it
+    ours = QDQModule(onnx.load(tmp_path / "out" / "model.int8.onnx"))(x[:2]).detach()
+    assert (ours - out).abs().mean() <= 0.05 * out.abs().mean()
     # the folder holds what decodes the file's output: the same boxes from the saved head
     saved = DetectionHead.load(tmp_path / "out" / "detection_head.json")
     assert saved == dataclasses.replace(io.detection, anchors=saved.anchors)
