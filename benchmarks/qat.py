@@ -165,13 +165,14 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.005)
     parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--outlier", type=float, default=100.0)
-    parser.add_argument("--train-images", type=int, default=None, help="default: all")
+    parser.add_argument(
+        "--train-images", type=int, default=None, help="for training and QAT (default: all)"
+    )
     parser.add_argument("--test-images", type=int, default=None, help="default: all")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "qat.json")
     args = parser.parse_args()
     prepare_debian(args.data)
     train_set, test_set = tensors(args.data)
-    full_train = train_set
     if args.train_images:
         train_set = torch.utils.data.Subset(train_set, range(args.train_images))
     if args.test_images:
@@ -180,7 +181,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for name in args.models:
         for seed in args.seeds:
-            model = build(name, seed, full_train, args.cache, args.outlier)
+            model = build(name, seed, train_set, args.cache, args.outlier)
             train = DataLoader(train_set, batch_size=128, shuffle=True,
                                generator=torch.Generator().manual_seed(seed))  # fmt: skip
             test = DataLoader(test_set, batch_size=256)

@@ -209,6 +209,24 @@ def test_int8_budget_script(tmp_path):
     assert "| outlier | 0 |" in table
 
 
+def test_qat_script(tmp_path):
+    """Quantization-aware training against PTQ and FP32 fallback, shortened to one seed."""
+    need_fashion_mnist()
+    out = tmp_path / "qat.json"
+    args = ["--models", "outlier", "--seeds", "0", "--train-images", "4000"]
+    args += ["--test-images", "500", "--data", str(tmp_path / "data"), "--out", str(out)]
+    table = run("qat.py", *args, cwd=tmp_path)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"ptq", "ptq_fp32", "qat", "auto"}
+    assert rows["ptq"]["drop_points"] > 2  # the outlier costs calibrated INT8 points
+    assert rows["qat"]["accuracy"] > rows["ptq"]["accuracy"]  # training wins part back
+    assert rows["qat"]["accuracy"] == pytest.approx(rows["qat"]["qat_torch_accuracy"], abs=0.01)
+    assert rows["qat"]["fp32_nodes"] == 0 and rows["ptq_fp32"]["fp32_nodes"] >= 1
+    assert rows["ptq_fp32"]["budget_met"] and rows["auto"]["budget_met"]
+    assert all(r["onnxruntime_vs_fp32"] > 0 for r in rows.values())
+    assert "| outlier | 0 | qat |" in table
+
+
 def test_pruning_target_script(tmp_path):
     """The latency target on ResNet-18, shortened to one seed at 96x96."""
     out = tmp_path / "pruning_target.json"
