@@ -231,3 +231,17 @@ def test_an_op_it_cannot_compute_is_named():
     )  # fmt: skip
     with pytest.raises(ModelError, match="NonMaxSuppression"):
         QDQModule(helper.make_model(graph))
+
+
+def test_quantize_in_a_users_own_loop_can_train_the_file(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders(n_train=64, n_val=32)
+    model = fit(TinyResNet(), train, epochs=1)
+    common = {"calibration_samples": 16, "fp32_placement": False, "threads": 1}
+    ptq = cz.quantize(model, train, tmp_path / "ptq.onnx", qat="never", **common)
+    qat = cz.quantize(model, train, tmp_path / "qat.onnx", qat="always", **common)
+    names = {t.name for t in onnx.load(ptq).graph.initializer}
+    assert names == {t.name for t in onnx.load(qat).graph.initializer}  # the same graph
+    assert not torch.equal(
+        _outputs(onnx_predictor(ptq, 1), val), _outputs(onnx_predictor(qat, 1), val)
+    )
