@@ -245,3 +245,43 @@ def test_quantize_in_a_users_own_loop_can_train_the_file(tmp_path):
     assert not torch.equal(
         _outputs(onnx_predictor(ptq, 1), val), _outputs(onnx_predictor(qat, 1), val)
     )
+
+
+class CumulativeNet(nn.Module):
+    """A conv net with a running sum (ONNX CumSum), an op QDQModule does not compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc((x + 0.01 * x.cumsum(dim=3)).mean(dim=(2, 3)))
+
+    @torch.no_grad()
+    def add_outlier(self, factor: float = 1000.0) -> None:
+        """Channel 0 ``factor`` times larger, the head's weights on it smaller: the same
+        function in FP32, a range that leaves the other channels no INT8 resolution."""
+        self.conv.weight[0] *= factor
+        self.conv.bias[0] *= factor
+        self.fc.weight[:, 0] /= factor
+
+
+def test_a_graph_qat_cannot_train_is_named_or_skipped(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders(n_train=256, n_val=64)
+    model = fit(CumulativeNet(), train, epochs=3)
+    model.add_outlier()
+    common = {"calibration_samples": 16, "fp32_placement": False}
+    with pytest.raises(ModelError, match=r"CumSum.*\(qat: never skips it\)"):
+        cz.quantize(model, train, tmp_path / "always.onnx", qat="always", threads=1, **common)
+    assert not (tmp_path / "always.onnx").exists()  # nothing half-written
+    result = cz.Pipeline([cz.Int8Quantization(max_accuracy_drop=0.0, **common)]).run(
+        model, train, val, output_dir=tmp_path / "auto", progress=False, threads=1,
+        throughput_batch=8, runtimes=["onnxruntime"],
+    )  # fmt: skip
+    details = result.report.row("int8_quantization").details["quantization"]
+    assert details["accuracy_budget"]["int8_accuracy"] < details["accuracy_budget"]["fp32_accuracy"]
+    assert "CumSum" in details["qat"]["skipped"]  # calibration missed the zero budget
+    assert any("quantization-aware training skipped" in n for n in result.report.notes())

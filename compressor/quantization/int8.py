@@ -17,7 +17,7 @@ import onnx
 
 from .._io import atomic_path
 from ..data import DataSpec, data_subset
-from ..errors import RecipeError
+from ..errors import ModelError, RecipeError
 from ..runtime.export import DEFAULT_OPSET, export_onnx, tail_nodes
 from ..runtime.measure import (
     onnx_predictor,
@@ -463,17 +463,22 @@ class Int8Quantization(Stage):
             return quantized, source, {"skipped": "over 2 GB: the file is not trained"}
         ctx.log(f"{ctx.step}: quantization-aware training ({self.qat_epochs} epoch(s))")
         types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
-        int8, fp32, info = quantization_aware_training(
-            quantized,
-            source,
-            state.teacher,
-            ctx,
-            Path(tmp) / "qat",
-            epochs=self.qat_epochs,
-            lr=self.qat_lr,
-            optimizer=self.qat_optimizer,
-            weight_qmax=64 if types.reduce_range else 127,
-        )
+        try:
+            int8, fp32, info = quantization_aware_training(
+                quantized,
+                source,
+                state.teacher,
+                ctx,
+                Path(tmp) / "qat",
+                epochs=self.qat_epochs,
+                lr=self.qat_lr,
+                optimizer=self.qat_optimizer,
+                weight_qmax=64 if types.reduce_range else 127,
+            )
+        except ModelError as exc:  # a graph QDQModule cannot compute
+            if self.qat == "always":
+                raise ModelError(f"{self.name}: {exc} (qat: never skips it)") from exc
+            return quantized, source, {"skipped": str(exc)}
         ptq = self._accuracy(quantized, ctx) if ptq is None else ptq
         accuracy = self._accuracy(int8, ctx)
         info = {"ptq_accuracy": round(ptq, 6), "accuracy": round(accuracy, 6), **info}

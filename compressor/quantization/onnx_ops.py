@@ -256,6 +256,11 @@ def _batch_norm(inputs: list[Any], attrs: dict[str, Any]) -> torch.Tensor:
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))
 
 
+def _instance_norm(inputs: list[Any], attrs: dict[str, Any]) -> torch.Tensor:
+    x, scale, bias = inputs[:3]
+    return F.instance_norm(x, weight=scale, bias=bias, eps=attrs.get("epsilon", 1e-5))
+
+
 def _resize(inputs: list[Any], attrs: dict[str, Any]) -> torch.Tensor:
     x = inputs[0]
     scales = inputs[2] if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else None
@@ -406,6 +411,7 @@ OPS: dict[str, Op] = {
     "Range": lambda i, a: torch.arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
     "LayerNormalization": _layer_norm,
     "BatchNormalization": _batch_norm,
+    "InstanceNormalization": _instance_norm,
     "Resize": _resize,
     "Pad": _pad,
     "Einsum": _einsum,
