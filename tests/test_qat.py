@@ -139,7 +139,7 @@ def test_training_the_module_lowers_its_distillation_loss(quantized):
             optimizer.zero_grad()
             kd(x, y).backward()
             optimizer.step()
-    assert all(p.grad is not None for p in module.optimizer_groups()[0]["params"])
+    assert all(p.grad is not None for p in module.parameters())  # weights and scales
     assert loss() < 0.97 * before  # 0.93x here; unchanged if no gradient reached the file
 
 

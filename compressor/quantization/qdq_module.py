@@ -220,16 +220,6 @@ class QDQModule(nn.Module):
             "zero_init": node.input[2] if len(node.input) > 2 else None,
         }
 
-    def optimizer_groups(self) -> list[dict[str, Any]]:
-        """The parameters for the train loop's optimizer, in two groups: the weights, and
-        the activation scales (none when they are not learned)."""
-        scales = [self.params[k] for k in self._scale_inits]
-        others = [p for k, p in self.params.items() if k not in self._scale_inits]
-        groups = [{"params": others, "lr_scale": 1.0}]
-        if self.learn_scales and scales:
-            groups.append({"params": scales, "lr_scale": 1.0})
-        return groups
-
     def freeze(self) -> None:
         """Stop changing the scales: activation scales stop learning and each weight's
         scale stays what it is now (the last part of QAT; `files` writes these)."""

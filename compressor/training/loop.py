@@ -342,21 +342,10 @@ def optimizer_for(model: nn.Module, lr: float, kind: str = "auto") -> torch.opti
     """``sgd``: SGD with Nesterov momentum 0.9 at ``lr``; ``adamw``: AdamW at
     ``lr * ADAMW_LR_SCALE`` (0.05 -> 1e-3, 0.01 -> 2e-4), so one ``lr`` suits both;
     ``auto`` (one of `OPTIMIZERS`): AdamW for a model `uses_adamw` says is a transformer
-    (``probe`` is resolved by `train`, see `probe_optimizer`).
-
-    A model with an ``optimizer_groups()`` method (`compressor.quantization.qdq_module`)
-    gives its parameters in groups, each ``{"params": [...], "lr_scale": k}``: that group
-    learns at ``k`` times the rate."""
-    adamw = kind == "adamw" or (kind == "auto" and uses_adamw(model))
-    base = lr * ADAMW_LR_SCALE if adamw else lr
-    groups_of = getattr(model, "optimizer_groups", None)
-    if callable(groups_of):
-        groups = [{"params": g["params"], "lr": base * g.get("lr_scale", 1.0)} for g in groups_of()]
-    else:
-        groups = [{"params": list(model.parameters()), "lr": base}]
-    if adamw:
-        return torch.optim.AdamW(groups, lr=base, weight_decay=0.0)
-    return torch.optim.SGD(groups, lr=base, momentum=0.9, nesterov=True)
+    (``probe`` is resolved by `train`, see `probe_optimizer`)."""
+    if kind == "adamw" or (kind == "auto" and uses_adamw(model)):
+        return torch.optim.AdamW(model.parameters(), lr=lr * ADAMW_LR_SCALE, weight_decay=0.0)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
 
 
 def fit_baseline(
