@@ -112,6 +112,7 @@ def revert_to_budget(
     samples: int,
     exclude: Collection[str] = (),
     fp32_accuracy: float | None = None,
+    int8_accuracy: float | None = None,
     in_prefix: Collection[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
     """Revert the most INT8-sensitive nodes to FP32 until accuracy >= ``min_accuracy``.
@@ -123,7 +124,8 @@ def revert_to_budget(
     back to the fewest that do (`_fewest`). When none does (all reverted included), the
     most accurate file is kept. When the FP32 model is itself under ``min_accuracy``, no
     node is reverted: the accuracy was lost before INT8, and reverting could not win it
-    back. ``fp32_accuracy``: ``fp32``'s, when the caller has measured it already.
+    back. ``fp32_accuracy``, ``int8_accuracy``: ``fp32``'s and ``quantized``'s, when the
+    caller has measured them already.
     ``exclude``: nodes already in FP32, not ranked; those also in ``in_prefix`` (FP32
     placement's, which still read quantized inputs) are reverted again with the prefixes
     they fall in, so that they read float inputs too.
@@ -144,7 +146,7 @@ def revert_to_budget(
     info: dict[str, Any] = {
         "min_accuracy": round(min_accuracy, 6),
         "fp32_accuracy": accuracy(fp32) if fp32_accuracy is None else round(fp32_accuracy, 6),
-        "int8_accuracy": accuracy(quantized),
+        "int8_accuracy": accuracy(quantized) if int8_accuracy is None else round(int8_accuracy, 6),
         "fp32_nodes": [],
         "trials": [],
     }

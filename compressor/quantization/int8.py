@@ -242,11 +242,11 @@ class Int8Quantization(Stage):
             kept = [*head, *(placement["fp32_nodes"] if placement else [])]
             if chosen == "dynamic":
                 kept = activation_matmuls(source)
-            budget, qat = None, None
+            budget, qat, int8_accuracy = None, None, None
             if chosen == "static" and (self.qat == "always" or floor is not None):
                 if floor is not None and fp32_accuracy is None:
                     fp32_accuracy = self._accuracy(source, ctx)
-                quantized, source, qat = self._qat(
+                quantized, source, qat, int8_accuracy = self._qat(
                     quantized, source, state, ctx, floor, fp32_accuracy, tmp
                 )
                 if qat is not None:
@@ -272,6 +272,7 @@ class Int8Quantization(Stage):
                     samples=self.sensitivity_samples,
                     exclude=kept,
                     fp32_accuracy=fp32_accuracy,
+                    int8_accuracy=int8_accuracy,
                     in_prefix=placement["fp32_nodes"] if placement else (),
                 )
                 kept = list(  # a placed node a prefix reverted again is named once
@@ -445,22 +446,24 @@ class Int8Quantization(Stage):
         floor: float | None,
         fp32_accuracy: float | None,
         tmp: str,
-    ) -> tuple[Path, Path, dict[str, Any] | None]:
+    ) -> tuple[Path, Path, dict[str, Any] | None, float | None]:
         """Quantization-aware training of ``quantized`` when ``qat`` asks for it (``auto``:
         when its accuracy is under ``floor`` and the FP32 model's, ``fp32_accuracy``, is
-        not): the file to go on with, the FP32 file its nodes revert from, and QAT's record
-        (None when it did not run)."""
+        not): the file to go on with, the FP32 file its nodes revert from, QAT's record
+        (None when it did not run) and the accuracy of the file it returns when it was
+        measured (None otherwise), so that nothing measures it twice."""
         ptq = None
         if self.qat == "never" or (self.qat == "auto" and floor is None):
-            return quantized, source, None
+            return quantized, source, None, None
         if self.qat == "auto" and fp32_accuracy is not None and fp32_accuracy < floor:
-            return quantized, source, None  # lost before INT8: training INT8 is not the cure
+            return quantized, source, None, None  # lost before INT8: QAT is not the cure
         if self.qat == "auto":
             ptq = self._accuracy(quantized, ctx)
             if ptq >= floor:  # type: ignore[operator]
-                return quantized, source, None
+                return quantized, source, None, ptq
         if needs_external_data(source):
-            return quantized, source, {"skipped": "over 2 GB: the file is not trained"}
+            skipped = {"skipped": "over 2 GB: the file is not trained"}
+            return quantized, source, skipped, ptq
         ctx.log(f"{ctx.step}: quantization-aware training ({self.qat_epochs} epoch(s))")
         types = choose_types(self.activation_type, self.weight_type, self.reduce_range)
         try:
@@ -478,7 +481,7 @@ class Int8Quantization(Stage):
         except ModelError as exc:  # a graph QDQModule cannot compute
             if self.qat == "always":
                 raise ModelError(f"{self.name}: {exc} (qat: never skips it)") from exc
-            return quantized, source, {"skipped": str(exc)}
+            return quantized, source, {"skipped": str(exc)}, ptq
         ptq = self._accuracy(quantized, ctx) if ptq is None else ptq
         accuracy = self._accuracy(int8, ctx)
         info = {"ptq_accuracy": round(ptq, 6), "accuracy": round(accuracy, 6), **info}
@@ -489,9 +492,9 @@ class Int8Quantization(Stage):
         # float weights mixes weights tuned for rounding with unrounded ones
         if accuracy < ptq or not info.get("met", True):
             info["kept"] = "ptq"
-            return quantized, source, info
+            return quantized, source, info, ptq
         info["kept"] = "qat"
-        return int8, fp32, info
+        return int8, fp32, info, accuracy
 
     def _head(self, source: Path, ctx: RunContext) -> list[str]:
         """The detector head's nodes in ``source`` that stay FP32 (``head_fp32``), or none."""
