@@ -217,7 +217,6 @@ class QDQModule(nn.Module):
             "zero": float(zero.reshape(-1)[0]),
             "qmin": int(info.min),
             "qmax": int(info.max),
-            "zero_init": node.input[2] if len(node.input) > 2 else None,
         }
 
     def freeze(self) -> None:
